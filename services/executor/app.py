@@ -1,0 +1,148 @@
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from prometheus_client import CollectorRegistry
+
+from services.executor.code_cache import CodeCache
+from services.executor.instances import InstancePool
+from services.executor.metrics import ExecutorMetrics
+from services.executor.runner import TaskRunner
+from services.executor.settings import ExecutorSettings
+from services.executor.sync_invoke import SyncInvoker
+from shared import wire
+from shared.bus import connect, ensure_consumer
+from shared.catalog import Catalog
+from shared.events import decode_event
+from shared.eventstore import EventStore, ensure_stream
+from shared.service import serve_metrics
+
+log = logging.getLogger(__name__)
+SHUTDOWN_GRACE_S = 5.0
+
+
+async def run(settings: ExecutorSettings, stop: asyncio.Event) -> None:
+    metrics = ExecutorMetrics.build(CollectorRegistry())
+    serve_metrics(metrics.registry, port=settings.common.metrics_port)
+    nc = await connect(settings.common.nats_url, name="taskmode-executor")
+    pool = InstancePool(
+        work_dir=settings.common.data_dir / "instances",
+        max_instances_per_function=settings.max_instances_per_function,
+        idle_timeout_s=settings.idle_timeout_s,
+    )
+    background: set[asyncio.Task[None]] = set()
+    try:
+        js = nc.jetstream()
+        await ensure_stream(js)
+        await ensure_consumer(
+            js,
+            stream=wire.EVENT_STREAM,
+            durable=wire.EXECUTOR_DURABLE,
+            filter_subjects=[wire.status_subjects("Processed"), wire.status_subjects("Retrying")],
+            ack_wait_s=settings.ack_wait_s,
+            max_ack_pending=200_000,
+        )
+        catalog = await Catalog.open(js)
+        code = CodeCache(catalog=catalog, root=settings.common.data_dir / "code")
+        runner = TaskRunner(events=EventStore(js), catalog=catalog, code=code, pool=pool, metrics=metrics,
+                            settings=settings)
+        sync = SyncInvoker(catalog=catalog, code=code, pool=pool)
+
+        def spawn(coro) -> None:  # type: ignore[no-untyped-def]
+            task = asyncio.create_task(coro)
+            background.add(task)
+            task.add_done_callback(background.discard)
+
+        async def on_stopping(msg: Msg) -> None:
+            event = decode_event(msg.data)
+            spawn(runner.stop_requested(event.function, event.task_id))
+
+        async def on_sync(msg: Msg) -> None:
+            spawn(_guarded(sync.handle(msg), "sync invocation"))
+
+        await nc.subscribe(wire.status_subjects("Stopping"), cb=on_stopping)
+        await nc.subscribe(f"{wire.SYNC_INVOKE_PREFIX}.*", queue=wire.EXECUTOR_QUEUE_GROUP, cb=on_sync)
+        usage = asyncio.create_task(_export_usage(pool, metrics, stop))
+        await _dispatch_loop(js, runner, settings, stop, spawn, background)
+        usage.cancel()
+    finally:
+        pending = [t for t in background if not t.done()]
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=SHUTDOWN_GRACE_S)
+            for task in still:  # unacked: another executor picks these up after ack_wait
+                task.cancel()
+            await asyncio.gather(*still, return_exceptions=True)
+        await pool.close()
+        with contextlib.suppress(Exception):
+            await nc.drain()
+
+
+async def _guarded(coro, what: str) -> None:  # type: ignore[no-untyped-def]
+    try:
+        await coro
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # noqa: BLE001 - the message stays unacked and is redelivered
+        log.exception("%s failed", what)
+
+
+async def _dispatch_loop(js: JetStreamContext, runner: TaskRunner, settings: ExecutorSettings,
+                         stop: asyncio.Event, spawn, background: set[asyncio.Task[None]]) -> None:  # type: ignore[no-untyped-def]
+    sub = await js.pull_subscribe_bind(durable=wire.EXECUTOR_DURABLE, stream=wire.EVENT_STREAM)
+    in_flight = 0
+    freed = asyncio.Event()
+
+    async def one(msg: Msg) -> None:
+        nonlocal in_flight
+        try:
+            await _guarded(runner.handle(msg), "dispatch")
+        finally:
+            in_flight -= 1
+            freed.set()
+
+    try:
+        while not stop.is_set():
+            free = settings.concurrency - in_flight
+            if free <= 0:
+                freed.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(freed.wait(), 0.5)
+                continue
+            try:
+                msgs = await sub.fetch(free, timeout=0.5)
+            except (NatsTimeoutError, asyncio.TimeoutError):
+                continue
+            for msg in msgs:
+                in_flight += 1
+                spawn(one(msg))
+    finally:
+        await sub.unsubscribe()
+
+
+async def _export_usage(pool: InstancePool, metrics: ExecutorMetrics, stop: asyncio.Event) -> None:
+    seen: set[tuple[str, str]] = set()
+    while not stop.is_set():
+        live: set[tuple[str, str]] = set()
+        per_function: dict[str, int] = {}
+        for instance in pool.instances():
+            labels = (instance.spec.name, instance.instance_id)
+            live.add(labels)
+            per_function[instance.spec.name] = per_function.get(instance.spec.name, 0) + 1
+            with contextlib.suppress(Exception):  # the process may exit between listing and reading
+                cpu_s, rss = instance.usage()
+                metrics.instance_cpu.labels(*labels).set(cpu_s)
+                metrics.instance_rss.labels(*labels).set(rss)
+        for labels in seen - live:
+            with contextlib.suppress(KeyError):
+                metrics.instance_cpu.remove(*labels)
+                metrics.instance_rss.remove(*labels)
+        for function in {f for f, _ in seen | live}:
+            metrics.instances.labels(function).set(per_function.get(function, 0))
+        seen = live
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), 5)

@@ -1,0 +1,46 @@
+"""Unpacked function code on local disk, one directory per code checksum."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import shutil
+import uuid
+import zipfile
+from pathlib import Path
+
+from shared.catalog import Catalog, FunctionRecord
+
+
+class CodeCache:
+    def __init__(self, *, catalog: Catalog, root: Path) -> None:
+        self._catalog = catalog
+        self._root = root
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def directory(self, function: FunctionRecord) -> Path:
+        """The unpacked code of `function`, fetched from the object store the first time."""
+        target = self._root / function.code_checksum
+        if target.exists():
+            return target
+        lock = self._locks.setdefault(function.code_checksum, asyncio.Lock())
+        async with lock:
+            if not target.exists():
+                archive = await self._catalog.get_code(function.code_checksum)
+                await asyncio.to_thread(_unpack, archive, target)
+        return target
+
+
+def _unpack(archive: bytes, target: Path) -> None:
+    # Unpack beside the target and rename, so a crash never leaves a half-written directory.
+    staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
+    staging.mkdir(parents=True)
+    try:
+        with zipfile.ZipFile(io.BytesIO(archive)) as zf:
+            zf.extractall(staging)
+        staging.rename(target)
+    except FileExistsError:
+        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -1,0 +1,97 @@
+"""Custom-runtime instances: the user's own HTTP server, started from `custom_command`.
+
+As in FC, the server listens on the port in `FC_SERVER_PORT` and each invocation is a
+`POST /invoke` carrying the event as the body. We pick a free port per instance so that several
+instances of one function can run side by side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Final
+
+import httpx
+
+from services.executor.instances import Instance, InvocationResult, InvokeContext, failure
+
+INVOKE_PATH: Final = "/invoke"
+HEADER_REQUEST_ID: Final = "x-fc-request-id"
+HEADER_TASK_ID: Final = "x-fc-async-task-id"
+HEADER_FUNCTION_NAME: Final = "x-fc-function-name"
+HEADER_FUNCTION_HANDLER: Final = "x-fc-function-handler"
+HEADER_FUNCTION_MEMORY: Final = "x-fc-function-memory"
+HEADER_FUNCTION_TIMEOUT: Final = "x-fc-function-timeout"
+READY_POLL_S: Final = 0.02
+ERROR_BODY_CHARS: Final = 1024
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def accepts(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    await writer.wait_closed()
+    return True
+
+
+class CustomRuntimeInstance(Instance):
+    """`spec.custom_command` in `code_dir`, served over HTTP on 127.0.0.1:`port`."""
+
+    port = 0
+    _client: httpx.AsyncClient | None = None
+
+    async def _launch(self) -> InvocationResult | None:
+        if not self.spec.custom_command:
+            return failure("custom runtime needs a command", kind="InitializationError")
+        self.port = free_port()
+        env = {**self._environment(), "FC_SERVER_PORT": str(self.port)}
+        await self._spawn(self.spec.custom_command, env=env, python=False)
+        assert self._exited is not None
+        # Poll until the server accepts; start() bounds the whole launch by the timeout.
+        while not await accepts(self.port):
+            await asyncio.wait({self._exited}, timeout=READY_POLL_S)
+            if self._exited.done():
+                return await self._exited_early(self._exited.result())
+        # trust_env=False: a proxy from the environment must never sit between us and 127.0.0.1.
+        self._client = httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{self.port}", timeout=None, trust_env=False
+        )
+        return None
+
+    async def _exited_early(self, code: int) -> InvocationResult:
+        if self._drain is not None:  # wait for the last output to reach the tail
+            await asyncio.wait({self._drain}, timeout=1.0)
+        tail = self.output_tail().strip()[-ERROR_BODY_CHARS:]
+        return failure(
+            f"Custom runtime exited with code {code} before listening on port {self.port}; output: {tail}",
+            kind="InitializationError",
+        )
+
+    async def _call(self, payload: bytes, context: InvokeContext) -> InvocationResult:
+        assert self._client is not None
+        headers = {
+            HEADER_REQUEST_ID: context.request_id,
+            HEADER_FUNCTION_NAME: self.spec.name,
+            HEADER_FUNCTION_HANDLER: self.spec.handler,
+            HEADER_FUNCTION_MEMORY: str(self.spec.memory_mb),
+            HEADER_FUNCTION_TIMEOUT: f"{self.spec.timeout_s:g}",
+        }
+        if context.task_id:
+            headers[HEADER_TASK_ID] = context.task_id
+        response = await self._client.post(INVOKE_PATH, content=payload, headers=headers)
+        if response.is_success:
+            return InvocationResult(ok=True, payload=response.content)
+        body = response.content.decode(errors="replace")[:ERROR_BODY_CHARS]
+        return failure(f"Custom runtime returned HTTP {response.status_code}: {body}", kind="HTTPError")
+
+    async def _release_resources(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()

@@ -1,0 +1,476 @@
+"""Function instances: the worker processes that run user handlers, and the pool that leases them.
+
+An `Instance` is one OS process (a session leader, so a kill reaches the whole tree) that serves
+one invocation at a time. `InstancePool` keeps warm instances per function, reuses an idle one of
+the same code version, bounds the instances of a function and reaps the idle ones. Nothing here
+knows about NATS or MongoDB; the executor service drives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Final
+
+import msgspec
+import psutil
+
+from services.executor import python_worker as proto
+from shared.errors import InvalidArgument, ServiceUnavailable
+
+logger = logging.getLogger(__name__)
+output_logger = logging.getLogger(f"{__name__}.output")  # what user code prints, per instance
+
+KILL_GRACE_S: Final = 0.3  # SIGTERM -> SIGKILL
+OUTPUT_TAIL_BYTES: Final = 4096
+UNHANDLED: Final = "UnhandledInvocationError"
+_REPO_ROOT: Final = str(Path(__file__).resolve().parents[2])
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    name: str
+    runtime: str  # "python3..." or "custom..."
+    handler: str  # python: "index.handler" -> index.py in code_dir, function handler
+    timeout_s: float  # wall-clock limit of one invocation (and of an instance's start)
+    code_dir: Path
+    code_checksum: str  # identifies the code version; older versions are not reused
+    memory_mb: int = 128
+    environment: Mapping[str, str] = field(default_factory=dict)
+    custom_command: Sequence[str] = ()  # custom runtime: command + args
+
+
+@dataclass(frozen=True)
+class InvokeContext:
+    request_id: str
+    task_id: str  # "" for synchronous invocations
+    attempt: int = 0
+
+
+@dataclass(frozen=True)
+class InvocationResult:
+    ok: bool
+    payload: bytes  # handler return value, or FC error JSON when not ok
+    error_message: str = ""
+    error_type: str = ""  # "" | "UnhandledInvocationError" | "HandledInvocationError"
+    timed_out: bool = False
+    killed: bool = False  # ended by kill() (a stop), not by its own doing
+    duration_ms: float = 0.0
+
+
+def failure(
+    message: str, *, kind: str, error_type: str = UNHANDLED, timed_out: bool = False, killed: bool = False
+) -> InvocationResult:
+    """A failed result whose payload is FC's error JSON; `kind` becomes its errorType."""
+    body = msgspec.json.encode({"errorMessage": message, "errorType": kind})
+    return InvocationResult(
+        ok=False, payload=body, error_message=message, error_type=error_type, timed_out=timed_out, killed=killed
+    )
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "stopped responding"
+    if code < 0:
+        with suppress(ValueError):
+            return f"was killed by signal {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
+class Instance:
+    """One process serving one invocation at a time; subclasses speak the runtime's protocol."""
+
+    def __init__(self, spec: FunctionSpec, *, work_dir: Path) -> None:
+        self.spec = spec
+        self.instance_id = f"{spec.name}-{uuid.uuid4().hex[:8]}"
+        self.idle_since = time.monotonic()  # pool bookkeeping
+        self._tmp_dir = work_dir / self.instance_id
+        self._proc: asyncio.subprocess.Process | None = None
+        self._exited: asyncio.Task[int] | None = None
+        self._drain: asyncio.Task[None] | None = None
+        self._tail = bytearray()
+        self._init_failure: InvocationResult | None = None
+        self._stop_reason = ""  # "killed" | "timeout" | "crashed" | "init"
+        self._stopping: asyncio.Task[None] | None = None
+        self._busy = asyncio.Lock()
+        self._cpu_s = 0.0
+
+    async def _launch(self) -> InvocationResult | None:
+        """Start the process and wait until it serves; return a failure if it cannot."""
+        raise NotImplementedError
+
+    async def _call(self, payload: bytes, context: InvokeContext) -> InvocationResult:
+        raise NotImplementedError
+
+    async def _release_resources(self) -> None:
+        """Close what the subclass opened, after the process is gone."""
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def alive(self) -> bool:
+        """Running, started successfully and not stopped: fit to serve another invocation."""
+        return (
+            self._proc is not None
+            and self._proc.returncode is None
+            and not self._stop_reason
+            and self._init_failure is None
+        )
+
+    def output_tail(self) -> str:
+        """The last few KB the process wrote to stdout/stderr (for error messages and tests)."""
+        return self._tail.decode(errors="replace")
+
+    async def start(self) -> None:
+        """Start the process; a failure to start is kept and returned by every `invoke`."""
+        try:
+            failed = await asyncio.wait_for(self._launch(), timeout=self.spec.timeout_s)
+        except TimeoutError:
+            failed = failure(
+                f"Function instance did not start within {self.spec.timeout_s:g}s",
+                timed_out=True,
+                kind="InitializationTimeout",
+            )
+        except OSError as exc:  # e.g. the custom command does not exist
+            failed = failure(f"Function instance failed to start: {exc}", kind="InitializationError")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            failed = await self._ended("while starting")
+        if failed is not None:
+            self._init_failure = failed
+            await self._stop("init")
+
+    async def invoke(self, payload: bytes, context: InvokeContext) -> InvocationResult:
+        async with self._busy:
+            if self._init_failure is not None:
+                return self._init_failure
+            if not self.alive or self._exited is None:
+                killed = self._stop_reason == "killed"
+                return failure("Function instance is not running", kind="InstanceStopped", killed=killed)
+            started = time.perf_counter()
+            result = await self._invoke_once(payload, context)
+            return replace(result, duration_ms=(time.perf_counter() - started) * 1000)
+
+    async def kill(self) -> None:
+        """Hard stop: SIGTERM to the process group, SIGKILL after a short grace; idempotent."""
+        await self._stop("killed")
+
+    def usage(self) -> tuple[float, int]:
+        """(cpu seconds so far, rss bytes) of the process tree; cpu stays at its last value."""
+        if self._proc is None or self._proc.returncode is not None:
+            return self._cpu_s, 0
+        try:
+            root = psutil.Process(self._proc.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return self._cpu_s, 0
+        cpu_s, rss = 0.0, 0
+        for proc in procs:
+            try:
+                with proc.oneshot():
+                    times = proc.cpu_times()
+                    # children_* only counts reaped children, so adding it never double counts
+                    cpu_s += times.user + times.system + times.children_user + times.children_system
+                    rss += proc.memory_info().rss
+            except psutil.Error:
+                continue
+        self._cpu_s = max(self._cpu_s, cpu_s)
+        return self._cpu_s, rss
+
+    async def _invoke_once(self, payload: bytes, context: InvokeContext) -> InvocationResult:
+        assert self._exited is not None
+        call = asyncio.ensure_future(self._call(payload, context))
+        try:
+            done, _ = await asyncio.wait(
+                {call, self._exited}, timeout=self.spec.timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        except asyncio.CancelledError:
+            call.cancel()
+            self._stop_reason = self._stop_reason or "crashed"  # the protocol is mid-request
+            self._stopping = self._stopping or asyncio.ensure_future(self._terminate())
+            raise
+        if call in done and call.exception() is None:
+            return call.result()
+        call.cancel()
+        if not done:
+            await self._stop("timeout")
+            timeout = f"{self.spec.timeout_s:g}"
+            return failure(f"Function timed out after {timeout}s", timed_out=True, kind="FunctionTimeout")
+        return await self._ended("during the invocation")
+
+    async def _ended(self, when: str) -> InvocationResult:
+        """The process went away (or its channel broke): classify as a stop or a crash."""
+        if self._stop_reason == "killed":
+            return failure("Function instance was stopped", error_type="", kind="InstanceStopped", killed=True)
+        code: int | None = None
+        if self._exited is not None:
+            with suppress(TimeoutError):
+                code = await asyncio.wait_for(asyncio.shield(self._exited), timeout=1.0)
+        await self._stop("crashed")
+        if self._drain is not None:  # let the last words reach the tail
+            with suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._drain), timeout=0.5)
+        tail = self.output_tail().strip()[-1024:]
+        message = f"Function instance {_describe_exit(code)} {when}"
+        return failure(f"{message}; output: {tail}" if tail else message, kind="InstanceExited")
+
+    async def _stop(self, reason: str) -> None:
+        self._stop_reason = self._stop_reason or reason
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._terminate())
+        await asyncio.shield(self._stopping)
+
+    async def _terminate(self) -> None:
+        proc, exited = self._proc, self._exited
+        if proc is not None and exited is not None:
+            tree: list[psutil.Process] = []
+            if proc.returncode is None:
+                with suppress(psutil.Error):
+                    tree = psutil.Process(proc.pid).children(recursive=True)
+                self._signal_group(signal.SIGTERM)
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(exited), timeout=KILL_GRACE_S)
+            # Also after the leader is gone: children left in its group (or that moved out).
+            self._signal_group(signal.SIGKILL)
+            for child in tree:
+                with suppress(psutil.Error):
+                    child.kill()
+            await exited
+            if proc.stdin is not None:
+                proc.stdin.close()
+            if self._drain is not None:
+                with suppress(TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(self._drain, timeout=1.0)
+        await self._release_resources()
+        await asyncio.to_thread(shutil.rmtree, self._tmp_dir, True)
+        logger.info("instance %s stopped (%s)", self.instance_id, self._stop_reason)
+
+    def _signal_group(self, signum: signal.Signals) -> None:
+        assert self._proc is not None
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, signum)  # start_new_session: pgid == pid
+
+    def _environment(self) -> dict[str, str]:
+        self._tmp_dir.mkdir(parents=True, exist_ok=True)
+        return {
+            **os.environ,
+            **self.spec.environment,
+            "FC_FUNCTION_NAME": self.spec.name,
+            "FC_FUNCTION_HANDLER": self.spec.handler,
+            "FC_FUNCTION_MEMORY_SIZE": str(self.spec.memory_mb),
+            "FC_INSTANCE_ID": self.instance_id,
+            "FC_FUNC_CODE_PATH": str(self.spec.code_dir),
+            "TMPDIR": str(self._tmp_dir),
+        }
+
+    async def _spawn(self, argv: Sequence[str], *, env: Mapping[str, str], python: bool) -> None:
+        pipe = asyncio.subprocess.PIPE
+        self._proc = await asyncio.create_subprocess_exec(
+            *argv,
+            cwd=self.spec.code_dir,
+            env=env,
+            stdin=pipe if python else asyncio.subprocess.DEVNULL,
+            stdout=pipe,
+            stderr=pipe if python else asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self._exited = asyncio.ensure_future(self._proc.wait())
+        output = self._proc.stderr if python else self._proc.stdout
+        assert output is not None
+        self._drain = asyncio.ensure_future(self._collect_output(output))
+        logger.info("instance %s started (pid %d)", self.instance_id, self._proc.pid)
+
+    async def _collect_output(self, stream: asyncio.StreamReader) -> None:
+        partial = b""
+        while chunk := await stream.read(65536):
+            self._tail += chunk
+            del self._tail[:-OUTPUT_TAIL_BYTES]
+            *lines, partial = (partial + chunk).split(b"\n")
+            for line in lines:
+                output_logger.info("%s: %s", self.instance_id, line.decode(errors="replace"))
+        if partial:
+            output_logger.info("%s: %s", self.instance_id, partial.decode(errors="replace"))
+
+
+class PythonInstance(Instance):
+    """`python -m services.executor.python_worker` speaking msgpack frames over its stdio."""
+
+    _decode_ready = msgspec.msgpack.Decoder(proto.Ready).decode
+    _decode_response = msgspec.msgpack.Decoder(proto.Response).decode
+
+    async def _launch(self) -> InvocationResult | None:
+        env = self._environment()
+        # The worker module must be importable whatever the cwd (the code dir) is.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO_ROOT, env.get("PYTHONPATH", "")) if p)
+        await self._spawn([sys.executable, "-m", "services.executor.python_worker"], env=env, python=True)
+        init = proto.Init(
+            function_name=self.spec.name,
+            handler=self.spec.handler,
+            memory_mb=self.spec.memory_mb,
+            timeout_s=self.spec.timeout_s,
+            instance_id=self.instance_id,
+            code_dir=str(self.spec.code_dir),
+        )
+        ready = self._decode_ready(await self._exchange(proto.encode_frame(init)))
+        if ready.ok:
+            return None
+        return InvocationResult(
+            ok=False, payload=ready.error_payload, error_message=ready.error_message, error_type=UNHANDLED
+        )
+
+    async def _call(self, payload: bytes, context: InvokeContext) -> InvocationResult:
+        request = proto.Request(
+            request_id=context.request_id, task_id=context.task_id, attempt=context.attempt, payload=payload
+        )
+        response = self._decode_response(await self._exchange(proto.encode_frame(request)))
+        return InvocationResult(
+            ok=response.ok,
+            payload=response.payload,
+            error_message=response.error_message,
+            error_type=response.error_type,
+        )
+
+    async def _exchange(self, frame: bytes) -> bytes:
+        assert self._proc is not None and self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdin.write(frame)
+        await self._proc.stdin.drain()
+        header = await self._proc.stdout.readexactly(proto.FRAME_HEADER.size)
+        (size,) = proto.FRAME_HEADER.unpack(header)
+        return await self._proc.stdout.readexactly(size)
+
+
+def new_instance(spec: FunctionSpec, *, work_dir: Path) -> Instance:
+    if spec.runtime.startswith("python3"):
+        return PythonInstance(spec, work_dir=work_dir)
+    if spec.runtime.startswith("custom"):
+        from services.executor.custom_runtime import CustomRuntimeInstance  # imports this module
+
+        return CustomRuntimeInstance(spec, work_dir=work_dir)
+    raise InvalidArgument(f"unsupported runtime {spec.runtime!r}")
+
+
+@dataclass
+class _Slots:
+    """The instances of one function: idle ones (most recent last), how many are leased."""
+
+    current: FunctionSpec | None = None  # the newest spec leased; other versions are not kept
+    idle: list[Instance] = field(default_factory=list)
+    busy: int = 0
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+
+    def wake(self) -> None:
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self.waiters.clear()
+
+
+class InstancePool:
+    """Warm instances per function, at most `max_instances_per_function` of them at a time."""
+
+    def __init__(
+        self, *, work_dir: Path, max_instances_per_function: int = 4, idle_timeout_s: float = 120.0
+    ) -> None:
+        self._work_dir = work_dir
+        self._max = max_instances_per_function
+        self._idle_timeout_s = idle_timeout_s
+        self._functions: dict[str, _Slots] = {}
+        self._live: set[Instance] = set()  # started (or starting) and not yet discarded
+        self._reaper: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @asynccontextmanager
+    async def lease(self, spec: FunctionSpec) -> AsyncIterator[Instance]:
+        """An instance for `spec`, exclusively; reused when idle and of the same spec."""
+        slots = self._functions.setdefault(spec.name, _Slots())
+        while slots.busy >= self._max and not self._closed:
+            waiter = asyncio.get_running_loop().create_future()
+            slots.waiters.append(waiter)
+            await waiter
+        if self._closed:
+            raise ServiceUnavailable("the instance pool is closed")
+        if self._reaper is None:
+            self._reaper = asyncio.create_task(self._reap_forever())
+        slots.busy += 1
+        try:
+            instance = await self._acquire(slots, spec)
+        except BaseException:
+            slots.busy -= 1
+            slots.wake()
+            raise
+        try:
+            yield instance
+        finally:
+            await self._give_back(slots, instance)
+
+    def instances(self) -> list[Instance]:
+        """Live instances, idle or leased, for metrics."""
+        return [instance for instance in self._live if instance.alive]
+
+    async def close(self) -> None:
+        """Kill every instance; leases in flight see their invocations end as killed."""
+        self._closed = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._reaper
+        for slots in self._functions.values():
+            slots.idle.clear()
+            slots.wake()
+        doomed, self._live = list(self._live), set()
+        await asyncio.gather(*(instance.kill() for instance in doomed))
+
+    async def _acquire(self, slots: _Slots, spec: FunctionSpec) -> Instance:
+        slots.current = spec
+        stale = [i for i in slots.idle if i.spec != spec or not i.alive]
+        slots.idle = [i for i in slots.idle if i not in stale]
+        await asyncio.gather(*(self._discard(instance) for instance in stale))
+        if slots.idle:
+            return slots.idle.pop()
+        instance = new_instance(spec, work_dir=self._work_dir)
+        self._live.add(instance)
+        try:
+            await instance.start()
+        except BaseException:
+            await self._discard(instance)
+            raise
+        return instance
+
+    async def _give_back(self, slots: _Slots, instance: Instance) -> None:
+        try:
+            if instance.alive and not self._closed and instance.spec == slots.current:
+                instance.idle_since = time.monotonic()
+                slots.idle.append(instance)
+            else:
+                await self._discard(instance)
+        finally:
+            slots.busy -= 1
+            slots.wake()
+
+    async def _discard(self, instance: Instance) -> None:
+        self._live.discard(instance)
+        await instance.kill()
+
+    async def _reap_forever(self) -> None:
+        interval_s = min(max(self._idle_timeout_s / 4, 0.05), 5.0)
+        while True:
+            await asyncio.sleep(interval_s)
+            cutoff = time.monotonic() - self._idle_timeout_s
+            expired: list[Instance] = []
+            for slots in self._functions.values():
+                expired += [i for i in slots.idle if i.idle_since <= cutoff or not i.alive]
+                slots.idle = [i for i in slots.idle if i not in expired]
+            for outcome in await asyncio.gather(*map(self._discard, expired), return_exceptions=True):
+                if isinstance(outcome, Exception):
+                    logger.error("reaping an idle instance failed", exc_info=outcome)

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+@dataclass(frozen=True)
+class ExecutorMetrics:
+    registry: CollectorRegistry
+    outcomes: Counter
+    run_seconds: Histogram
+    submit_to_start: Histogram
+    in_process: Gauge
+    instances: Gauge
+    instance_cpu: Gauge
+    instance_rss: Gauge
+
+    @classmethod
+    def build(cls, registry: CollectorRegistry) -> ExecutorMetrics:
+        return cls(
+            registry=registry,
+            outcomes=Counter("taskmode_task_outcomes", "Attempts by outcome", ["function", "status"], registry=registry),
+            run_seconds=Histogram("taskmode_task_run_seconds", "Handler run time", ["function"], registry=registry),
+            submit_to_start=Histogram(
+                "taskmode_task_start_latency_seconds",
+                "From submission (or retry due time) to Running",
+                ["function"],
+                buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+                registry=registry,
+            ),
+            in_process=Gauge("taskmode_async_in_process", "Tasks running now", registry=registry),
+            instances=Gauge("taskmode_instances", "Live instances", ["function"], registry=registry),
+            instance_cpu=Gauge(
+                "taskmode_instance_cpu_seconds", "CPU time of an instance", ["function", "instance_id"], registry=registry
+            ),
+            instance_rss=Gauge(
+                "taskmode_instance_memory_bytes", "Resident memory of an instance", ["function", "instance_id"],
+                registry=registry,
+            ),
+        )

@@ -1,0 +1,211 @@
+"""The process of one Python-runtime function instance: `python -m services.executor.python_worker`.
+
+The parent (`services.executor.instances.PythonInstance`) talks to it over the child's stdin and
+stdout with length-prefixed msgpack frames: first an `Init`, answered by `Ready`, then any number
+of `Request`s, each answered by one `Response`. The user's code must not be able to corrupt that
+channel, so before importing it the worker moves the protocol onto private duplicates of fds 0
+and 1, points fd 1 (and `sys.stdout`) at stderr and fd 0 at /dev/null. Everything the handler
+prints therefore ends up on stderr, which the parent drains into its logs.
+
+The frame structs and helpers live here (not in the parent module) so this process imports
+nothing but the standard library and msgspec before the user's module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import os
+import struct
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any, Final
+
+import msgspec
+
+FRAME_HEADER: Final = struct.Struct(">I")  # body length, big-endian
+
+
+class Init(msgspec.Struct, frozen=True, kw_only=True):
+    function_name: str
+    handler: str
+    memory_mb: int
+    timeout_s: float
+    instance_id: str
+    code_dir: str
+
+
+class Ready(msgspec.Struct, frozen=True, kw_only=True):
+    ok: bool
+    error_message: str = ""
+    error_payload: bytes = b""  # FC error JSON when the handler could not be loaded
+
+
+class Request(msgspec.Struct, frozen=True, kw_only=True):
+    request_id: str
+    task_id: str
+    attempt: int
+    payload: bytes
+
+
+class Response(msgspec.Struct, frozen=True, kw_only=True):
+    ok: bool
+    payload: bytes
+    error_message: str = ""
+    error_type: str = ""
+
+
+def encode_frame(message: msgspec.Struct) -> bytes:
+    body = msgspec.msgpack.encode(message)
+    return FRAME_HEADER.pack(len(body)) + body
+
+
+def error_json(exc: BaseException, *, message: str | None = None) -> bytes:
+    """FC's error body: `{"errorMessage", "errorType", "stackTrace"}`, without our own frame."""
+    tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
+    return msgspec.json.encode(
+        {
+            "errorMessage": str(exc) if message is None else message,
+            "errorType": type(exc).__name__,
+            "stackTrace": traceback.format_tb(tb) if tb is not None else [],
+        }
+    )
+
+
+class InvalidHandler(Exception):
+    """The handler string does not name a callable in an importable module."""
+
+
+class Context:
+    """What the handler gets as its second argument, shaped like FC's Python context."""
+
+    def __init__(self, *, init: Init, request: Request, started: float) -> None:
+        self.request_id = request.request_id
+        self.task_id = request.task_id
+        self.attempt = request.attempt
+        self.retry_count = request.attempt
+        self.function_name = init.function_name
+        self.instance_id = init.instance_id
+        self.credentials = None
+        self.function = SimpleNamespace(
+            name=init.function_name,
+            handler=init.handler,
+            memory=init.memory_mb,
+            timeout=init.timeout_s,
+        )
+        self._deadline = started + init.timeout_s
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self._deadline - time.monotonic()) * 1000))
+
+
+def load_handler(handler: str) -> Callable[..., Any]:
+    module_name, _, attr = handler.rpartition(".")
+    if not module_name or not attr:
+        raise InvalidHandler(f"invalid handler {handler!r}: expected '<module>.<function>'")
+    module = importlib.import_module(module_name)
+    func = getattr(module, attr, None)
+    if not callable(func):
+        raise InvalidHandler(f"module {module_name!r} has no function {attr!r}")
+    return func  # type: ignore[no-any-return]
+
+
+def to_bytes(value: object) -> bytes:
+    """Handler return value to the response body: bytes as is, str UTF-8, None empty, else JSON."""
+    if value is None:
+        return b""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode()
+    return msgspec.json.encode(value)
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
+
+
+def run_request(handler: Callable[..., Any], init: Init, request: Request) -> Response:
+    context = Context(init=init, request=request, started=time.monotonic())
+    try:
+        result = handler(request.payload, context)
+        if inspect.isawaitable(result):
+            result = asyncio.run(_await(result))
+        body = to_bytes(result)
+    except Exception as exc:  # the user's error is the invocation's result, not ours
+        traceback.print_exc()
+        return Response(
+            ok=False,
+            payload=error_json(exc),
+            error_message=f"{type(exc).__name__}: {exc}",
+            error_type="UnhandledInvocationError",
+        )
+    return Response(ok=True, payload=body)
+
+
+def _read_exactly(fd: int, size: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < size:
+        chunk = os.read(fd, size - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def read_frame(fd: int) -> bytes | None:
+    header = _read_exactly(fd, FRAME_HEADER.size)
+    if header is None:
+        return None
+    (size,) = FRAME_HEADER.unpack(header)
+    return _read_exactly(fd, size)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def take_protocol_fds() -> tuple[int, int]:
+    """Keep private copies of stdin/stdout for frames; leave the user /dev/null and stderr."""
+    proto_in, proto_out = os.dup(0), os.dup(1)  # dup() fds are not inherited by children
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    return proto_in, proto_out
+
+
+def main() -> int:
+    proto_in, proto_out = take_protocol_fds()
+    raw = read_frame(proto_in)
+    if raw is None:
+        return 0
+    init = msgspec.msgpack.decode(raw, type=Init)
+    sys.path.insert(0, init.code_dir)
+    try:
+        handler = load_handler(init.handler)
+    except Exception as exc:
+        traceback.print_exc()
+        message = f"failed to load handler {init.handler!r}: {type(exc).__name__}: {exc}"
+        write_all(proto_out, encode_frame(Ready(ok=False, error_message=message, error_payload=error_json(exc))))
+        return 1
+    write_all(proto_out, encode_frame(Ready(ok=True)))
+    decode_request = msgspec.msgpack.Decoder(Request).decode
+    while (raw := read_frame(proto_in)) is not None:
+        response = run_request(handler, init, decode_request(raw))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        write_all(proto_out, encode_frame(response))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""Runs dispatched tasks (Processed, or Retrying once due) on instances and records outcomes.
+
+Every append names the sequence of the event it acted on, so a stop racing a completion, or a
+redelivery racing a slow first delivery, resolves in the stream: the loser reloads and adapts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import msgspec
+from nats.aio.msg import Msg
+
+from services.executor.code_cache import CodeCache
+from services.executor.instances import FunctionSpec, Instance, InstancePool, InvocationResult, InvokeContext
+from services.executor.metrics import ExecutorMetrics
+from services.executor.settings import ExecutorSettings
+from shared.catalog import Catalog, FunctionRecord
+from shared.errors import ConcurrentUpdateError
+from shared.events import (
+    TaskEnqueued,
+    TaskEvent,
+    TaskFailed,
+    TaskInvalid,
+    TaskProcessed,
+    TaskRetrying,
+    TaskStarted,
+    TaskStopped,
+    TaskSucceeded,
+    decode_event,
+)
+from shared.eventstore import EventStore, StoredEvent, follow, now_ms
+from shared.transitions import Status
+
+log = logging.getLogger(__name__)
+
+TaskKey = tuple[str, str]
+
+
+@dataclass
+class RunningTask:
+    instance: Instance
+    stop_requested: bool = False
+
+
+async def function_spec(function: FunctionRecord, code: CodeCache) -> FunctionSpec:
+    """What an instance needs to know about `function`, with its code unpacked locally."""
+    custom = function.custom_runtime_config
+    return FunctionSpec(
+        name=function.function_name,
+        runtime=function.runtime,
+        handler=function.handler,
+        timeout_s=float(function.timeout),
+        code_dir=await code.directory(function),
+        code_checksum=function.code_checksum,
+        memory_mb=function.memory_size,
+        environment=dict(function.environment_variables),
+        custom_command=[*custom.command, *custom.args] if custom else [],
+    )
+
+
+class TaskRunner:
+    def __init__(
+        self,
+        *,
+        events: EventStore,
+        catalog: Catalog,
+        code: CodeCache,
+        pool: InstancePool,
+        metrics: ExecutorMetrics,
+        settings: ExecutorSettings,
+    ) -> None:
+        self._events = events
+        self._catalog = catalog
+        self._code = code
+        self._pool = pool
+        self._metrics = metrics
+        self._settings = settings
+        self._running: dict[TaskKey, RunningTask] = {}
+
+    async def handle(self, msg: Msg) -> None:
+        """Decide the fate of one dispatch message; exactly one of ack / nak / term."""
+        try:
+            event = decode_event(msg.data)
+        except msgspec.DecodeError:
+            log.error("undecodable dispatch dropped", extra={"subject": msg.subject})
+            await msg.term()
+            return
+        if not isinstance(event, TaskProcessed | TaskRetrying):
+            await msg.term()
+            return
+        if isinstance(event, TaskRetrying) and now_ms() < event.retry_at_ms:
+            await msg.nak(delay=(event.retry_at_ms - now_ms()) / 1000)
+            return
+        key = (event.function, event.task_id)
+        if key in self._running:  # redelivered while this executor is still running it
+            await msg.in_progress()
+            return
+        current = StoredEvent(msg.metadata.sequence.stream, event)
+        if msg.metadata.num_delivered > 1:
+            last = await self._events.last(event.function, event.task_id)
+            if last is None or last.seq != current.seq:
+                await self._recover(last, current)
+                await msg.ack()
+                return
+        keep_alive = asyncio.create_task(self._keep_alive(msg, key))
+        try:
+            await self._run(current)
+        finally:
+            keep_alive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keep_alive
+        await msg.ack()
+
+    async def stop_requested(self, function: str, task_id: str) -> None:
+        """A task went Stopping: if it runs here, end its instance now."""
+        running = self._running.get((function, task_id))
+        if running is None or running.stop_requested:
+            return
+        running.stop_requested = True
+        log.info("killing instance for stop", extra={"task_id": task_id, "function": function, "status": "Stopping"})
+        await running.instance.kill()
+
+    @property
+    def running_count(self) -> int:
+        return len(self._running)
+
+    async def _run(self, current: StoredEvent) -> None:
+        event = current.event
+        fields = {"task_id": event.task_id, "function": event.function}
+        function = await self._catalog.find_function(event.function)
+        if function is None:
+            await self._append_or_log(follow(current, TaskInvalid, reason=f"function {event.function} was deleted"),
+                                       expected_seq=current.seq)
+            return
+        enqueued = await self._events.last_with_status(event.function, event.task_id, Status.ENQUEUED)
+        if enqueued is None or not isinstance(enqueued.event, TaskEnqueued):
+            log.error("task has no Enqueued event; dropped", extra=fields)
+            return
+        attempt = event.attempt + 1 if isinstance(event, TaskRetrying) else 0
+        spec = await function_spec(function, self._code)
+        async with self._pool.lease(spec) as instance:
+            started = follow(current, TaskStarted, instance_id=instance.instance_id, attempt=attempt)
+            try:
+                started_seq = await self._events.append(started, expected_seq=current.seq)
+            except ConcurrentUpdateError:
+                await self._recover(await self._events.last(event.function, event.task_id), current)
+                return
+            due_ms = event.retry_at_ms if isinstance(event, TaskRetrying) else enqueued.event.due_at_ms
+            self._metrics.submit_to_start.labels(event.function).observe(max(0, started.at_ms - due_ms) / 1000)
+            log.info("task Running", extra={**fields, "status": "Running", "instance_id": instance.instance_id,
+                                            "attempt": attempt})
+            running = RunningTask(instance)
+            self._running[(event.function, event.task_id)] = running
+            self._metrics.in_process.inc()
+            try:
+                context = InvokeContext(request_id=enqueued.event.request_id, task_id=event.task_id, attempt=attempt)
+                result = await instance.invoke(enqueued.event.payload, context)
+            finally:
+                del self._running[(event.function, event.task_id)]
+                self._metrics.in_process.dec()
+        self._metrics.run_seconds.labels(event.function).observe(result.duration_ms / 1000)
+        await self._finish(StoredEvent(started_seq, started), result, enqueued.event, running)
+
+    async def _finish(
+        self, started: StoredEvent, result: InvocationResult, enqueued: TaskEnqueued, running: RunningTask
+    ) -> None:
+        if running.stop_requested and await self._finish_stopping(started, result):
+            return
+        outcome = self._outcome(started, result, enqueued)
+        try:
+            await self._events.append(outcome, expected_seq=started.seq)
+        except ConcurrentUpdateError:
+            # Only a stop can come between Running and our outcome.
+            if not await self._finish_stopping(started, result):
+                log.warning("outcome superseded", extra={"task_id": outcome.task_id, "function": outcome.function,
+                                                         "status": str(outcome.status)})
+            return
+        self._record(outcome)
+
+    async def _finish_stopping(self, started: StoredEvent, result: InvocationResult) -> bool:
+        last = await self._events.last(started.event.function, started.event.task_id)
+        if last is None or last.event.status != Status.STOPPING:
+            return False
+        outcome: TaskEvent = (
+            follow(last, TaskSucceeded, result=result.payload, instance_id=_instance(started), attempt=_attempt(started))
+            if result.ok
+            else follow(last, TaskStopped, reason="stopped by user while running")
+        )
+        await self._append_or_log(outcome, expected_seq=last.seq)
+        return True
+
+    def _outcome(self, started: StoredEvent, result: InvocationResult, enqueued: TaskEnqueued) -> TaskEvent:
+        attempt = _attempt(started)
+        if result.ok:
+            return follow(started, TaskSucceeded, result=result.payload, instance_id=_instance(started), attempt=attempt)
+        error = result.error_message or "function error"
+        if attempt < enqueued.max_retries:
+            return follow(started, TaskRetrying, error=error, attempt=attempt,
+                          retry_at_ms=now_ms() + self._settings.backoff_ms(attempt))
+        return follow(started, TaskFailed, error=error, instance_id=_instance(started), attempt=attempt)
+
+    async def _recover(self, last: StoredEvent | None, dispatch: StoredEvent) -> None:
+        """The dispatch is not the task's latest event: finish what a dead executor left behind."""
+        if last is None or (last.event.function, last.event.task_id) in self._running:
+            return
+        task = last.event
+        if last.event.status == Status.STOPPING:
+            await self._append_or_log(follow(last, TaskStopped, reason="stopped by user"), expected_seq=last.seq)
+        elif last.event.status == Status.RUNNING and task.version == dispatch.event.version + 1:
+            enqueued = await self._events.last_with_status(task.function, task.task_id, Status.ENQUEUED)
+            if enqueued is None or not isinstance(enqueued.event, TaskEnqueued):
+                return
+            lost = InvocationResult(ok=False, payload=b"", error_message="instance lost: its executor stopped")
+            outcome = self._outcome(last, lost, enqueued.event)
+            if await self._append_or_log(outcome, expected_seq=last.seq):
+                self._record(outcome)
+
+    async def _append_or_log(self, event: TaskEvent, *, expected_seq: int) -> bool:
+        try:
+            await self._events.append(event, expected_seq=expected_seq)
+        except ConcurrentUpdateError:
+            log.info("transition superseded", extra={"task_id": event.task_id, "function": event.function,
+                                                     "status": str(event.status)})
+            return False
+        log.info("task %s", event.status, extra={"task_id": event.task_id, "function": event.function,
+                                                 "status": str(event.status)})
+        return True
+
+    def _record(self, outcome: TaskEvent) -> None:
+        self._metrics.outcomes.labels(outcome.function, str(outcome.status)).inc()
+        log.info("task %s", outcome.status, extra={"task_id": outcome.task_id, "function": outcome.function,
+                                                   "status": str(outcome.status)})
+
+    async def _keep_alive(self, msg: Msg, key: TaskKey) -> None:
+        """Hold the dispatch while the task runs, and notice a stop we were not told about."""
+        interval_s = min(1.0, self._settings.ack_wait_s / 3)
+        while True:
+            await asyncio.sleep(interval_s)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+            running = self._running.get(key)
+            if running is not None and not running.stop_requested:
+                last = await self._events.last(*key)
+                if last is not None and last.event.status == Status.STOPPING:
+                    await self.stop_requested(*key)
+
+
+def _attempt(started: StoredEvent) -> int:
+    return int(getattr(started.event, "attempt", 0))
+
+
+def _instance(started: StoredEvent) -> str:
+    return str(getattr(started.event, "instance_id", ""))

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import msgspec
+
+from shared.settings import CommonSettings, env_float, env_int
+
+
+class ExecutorSettings(msgspec.Struct, frozen=True, kw_only=True):
+    common: CommonSettings
+    concurrency: int  # tasks this executor runs at once, over all functions
+    max_instances_per_function: int
+    idle_timeout_s: float
+    ack_wait_s: float  # a dead executor's tasks are picked up again after this long
+    retry_base_ms: int  # first retry after a handler error; doubles each time (FC: 0.5 s)
+    retry_max_ms: int
+
+    @classmethod
+    def from_env(cls) -> ExecutorSettings:
+        return cls(
+            common=CommonSettings.from_env(metrics_port_var="TASKMODE_EXECUTOR_METRICS_PORT", metrics_port_default=9102),
+            concurrency=env_int("TASKMODE_EXECUTOR_CONCURRENCY", 16),
+            max_instances_per_function=env_int("TASKMODE_EXECUTOR_MAX_INSTANCES", 4),
+            idle_timeout_s=env_float("TASKMODE_EXECUTOR_IDLE_TIMEOUT_S", 120.0),
+            ack_wait_s=env_float("TASKMODE_EXECUTOR_ACK_WAIT_S", 30.0),
+            retry_base_ms=env_int("TASKMODE_RETRY_BASE_MS", 500),
+            retry_max_ms=env_int("TASKMODE_RETRY_MAX_MS", 300_000),
+        )
+
+    def backoff_ms(self, attempt: int) -> int:
+        """Delay before retry number `attempt + 1` (binary exponential, capped)."""
+        return int(min(self.retry_max_ms, self.retry_base_ms * (2**attempt)))

@@ -1,0 +1,39 @@
+"""Synchronous InvokeFunction: the gateway's NATS request is answered with the handler's result."""
+
+from __future__ import annotations
+
+import logging
+
+from nats.aio.msg import Msg
+
+from services.executor.code_cache import CodeCache
+from services.executor.instances import InstancePool, InvokeContext
+from services.executor.runner import function_spec
+from shared import wire
+from shared.catalog import Catalog
+from shared.errors import FunctionNotFound
+
+log = logging.getLogger(__name__)
+
+
+class SyncInvoker:
+    def __init__(self, *, catalog: Catalog, code: CodeCache, pool: InstancePool) -> None:
+        self._catalog = catalog
+        self._code = code
+        self._pool = pool
+
+    async def handle(self, msg: Msg) -> None:
+        function_name = msg.subject.rsplit(".", 1)[-1]
+        request_id = (msg.headers or {}).get(wire.REQUEST_ID_HEADER, "")
+        function = await self._catalog.find_function(function_name)
+        if function is None:
+            await msg.respond(b"", headers={wire.REPLY_SYSTEM_ERROR: FunctionNotFound.code})
+            return
+        spec = await function_spec(function, self._code)
+        async with self._pool.lease(spec) as instance:
+            result = await instance.invoke(msg.data, InvokeContext(request_id=request_id, task_id=""))
+        headers = {wire.REPLY_INSTANCE_ID: instance.instance_id}
+        if not result.ok:
+            headers[wire.REPLY_ERROR_TYPE] = result.error_type or "UnhandledInvocationError"
+        log.info("sync invocation", extra={"function": function_name, "request_id": request_id, "ok": result.ok})
+        await msg.respond(result.payload, headers=headers)

@@ -1,0 +1,58 @@
+"""Gateway settings: the common ones plus where to listen and who may call.
+
+Built once in `__main__` from the environment and passed down; nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+from typing import Self
+
+import msgspec
+
+from shared.errors import InvalidArgument
+from shared.settings import CommonSettings, env_bool, env_int, env_str
+
+PORT_VAR = "TASKMODE_GATEWAY_PORT"
+HOST_VAR = "TASKMODE_GATEWAY_HOST"
+METRICS_PORT_VAR = "TASKMODE_GATEWAY_METRICS_PORT"
+ACCESS_KEYS_VAR = "TASKMODE_ACCESS_KEYS"
+AUTH_DISABLED_VAR = "TASKMODE_AUTH_DISABLED"
+MAX_SKEW_VAR = "TASKMODE_GATEWAY_MAX_CLOCK_SKEW_S"
+
+
+def parse_access_keys(text: str) -> dict[str, str]:
+    """`id:secret[,id:secret...]` as a mapping; raises `InvalidArgument` on a malformed entry."""
+    keys: dict[str, str] = {}
+    for entry in text.split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        key_id, sep, secret = entry.partition(":")
+        if not sep or not key_id.strip() or not secret:
+            # Never echo the entry: it may hold a secret.
+            raise InvalidArgument(f"{ACCESS_KEYS_VAR} entries must look like id:secret")
+        keys[key_id.strip()] = secret
+    return keys
+
+
+class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
+    common: CommonSettings
+    host: str = "127.0.0.1"
+    port: int = 9000
+    access_keys: dict[str, str] = {}
+    auth_disabled: bool = False
+    max_clock_skew_s: int = 900
+    # Generous enough for a 50 MB code zip in base64 plus JSON; each route applies its own limit.
+    max_request_body_bytes: int = 72 * 1024 * 1024
+
+    @classmethod
+    def from_env(cls) -> Self:
+        """Read the common variables plus TASKMODE_GATEWAY_* and TASKMODE_ACCESS_KEYS/AUTH_DISABLED."""
+        return cls(
+            common=CommonSettings.from_env(metrics_port_var=METRICS_PORT_VAR, metrics_port_default=0),
+            host=env_str(HOST_VAR, "127.0.0.1"),
+            port=env_int(PORT_VAR, 9000),
+            access_keys=parse_access_keys(env_str(ACCESS_KEYS_VAR, "")),
+            auth_disabled=env_bool(AUTH_DISABLED_VAR, False),
+            max_clock_skew_s=env_int(MAX_SKEW_VAR, 900),
+        )

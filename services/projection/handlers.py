@@ -1,0 +1,88 @@
+"""Folds batches of task events into read-model documents: one write per task per batch."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from typing import Any
+
+import msgspec
+from nats.aio.msg import Msg
+
+from services.projection.metrics import ProjectionMetrics
+from shared.catalog import function_arn
+from shared.errors import TransitionNotAllowed, VersionGap
+from shared.events import AnyTaskEvent, decode_event
+from shared.eventstore import EventStore
+from shared.settings import CommonSettings
+from shared.taskstore import TaskStore
+from shared.taskview import document_id, evolve, fold
+
+log = logging.getLogger(__name__)
+
+
+class Projector:
+    def __init__(
+        self, *, store: TaskStore, events: EventStore, metrics: ProjectionMetrics, settings: CommonSettings
+    ) -> None:
+        self._store = store
+        self._events = events
+        self._metrics = metrics
+        self._settings = settings
+
+    def _arn(self, function: str) -> str:
+        return function_arn(region=self._settings.region, account_id=self._settings.account_id, function=function)
+
+    async def handle_batch(self, msgs: list[Msg]) -> None:
+        """Apply a batch in stream order, then ack it with one ack (the consumer acks all)."""
+        started = time.perf_counter()
+        by_task: dict[str, list[AnyTaskEvent]] = defaultdict(list)
+        for msg in msgs:
+            try:
+                event = decode_event(msg.data)
+            except msgspec.DecodeError:
+                self._metrics.refused.labels("undecodable").inc()
+                log.error("undecodable event skipped", extra={"subject": msg.subject})
+                continue
+            by_task[document_id(event.function, event.task_id)].append(event)
+        docs = await self._store.load_many(by_task.keys())
+        changed = []
+        for doc_id, events in by_task.items():
+            doc = await self._apply(docs.get(doc_id), events)
+            if doc is not None:
+                changed.append(doc)
+        if changed:
+            await self._store.save_many(changed)
+        await msgs[-1].ack_sync()
+        self._metrics.batch_seconds.observe(time.perf_counter() - started)
+
+    async def _apply(self, doc: dict[str, Any] | None, events: list[AnyTaskEvent]) -> dict[str, Any] | None:
+        original = doc
+        for event in events:
+            if doc is not None and event.version <= doc["version"]:
+                self._metrics.skipped.inc()
+                continue
+            try:
+                doc = evolve(doc, event, arn=self._arn(event.function))
+                self._metrics.applied.inc()
+            except VersionGap:
+                # The document is missing earlier events (it expired, or the read model was
+                # wiped mid-stream): rebuild this task from its full history instead.
+                doc = await self._rebuild(event)
+            except TransitionNotAllowed as err:
+                self._metrics.refused.labels("transition").inc()
+                log.error("event refused", extra={"task_id": event.task_id, "function": event.function,
+                                                  "status": str(event.status), "error": err.message})
+        return doc if doc is not original else None
+
+    async def _rebuild(self, event: AnyTaskEvent) -> dict[str, Any] | None:
+        history = [stored.event for stored in await self._events.history(event.function, event.task_id)]
+        history = [e for e in history if e.version <= event.version]
+        try:
+            return fold(history, arn=self._arn(event.function))
+        except (VersionGap, TransitionNotAllowed) as err:
+            self._metrics.refused.labels("history").inc()
+            log.error("task history cannot be folded", extra={"task_id": event.task_id, "function": event.function,
+                                                              "error": str(err)})
+            return None

@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+import msgspec
+
+from shared.settings import CommonSettings, env_float, env_int
+
+
+class ProjectionSettings(msgspec.Struct, frozen=True, kw_only=True):
+    common: CommonSettings
+    batch_size: int
+    fetch_wait_s: float
+    ack_wait_s: float  # how soon a crashed projection's unfinished batch is redelivered
+
+    @classmethod
+    def from_env(cls) -> ProjectionSettings:
+        return cls(
+            common=CommonSettings.from_env(metrics_port_var="TASKMODE_PROJECTION_METRICS_PORT", metrics_port_default=9103),
+            batch_size=env_int("TASKMODE_PROJECTION_BATCH", 1000),
+            fetch_wait_s=env_float("TASKMODE_PROJECTION_FETCH_WAIT_S", 0.05),
+            ack_wait_s=env_float("TASKMODE_PROJECTION_ACK_WAIT_S", 10.0),
+        )

@@ -1,0 +1,7 @@
+from services.scheduler.app import run
+from services.scheduler.settings import SchedulerSettings
+from shared import service
+
+if __name__ == "__main__":
+    settings = SchedulerSettings.from_env()
+    service.run("scheduler", lambda stop: run(settings, stop))

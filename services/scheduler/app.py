@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from prometheus_client import CollectorRegistry
+
+from services.scheduler.handlers import Dispatcher
+from services.scheduler.metrics import SchedulerMetrics
+from services.scheduler.settings import SchedulerSettings
+from shared import wire
+from shared.bus import connect, consume, ensure_consumer
+from shared.catalog import Catalog
+from shared.eventstore import EventStore, ensure_stream
+from shared.service import serve_metrics
+
+log = logging.getLogger(__name__)
+
+
+async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
+    metrics = SchedulerMetrics.build(CollectorRegistry())
+    serve_metrics(metrics.registry, port=settings.common.metrics_port)
+    nc = await connect(settings.common.nats_url, name="taskmode-scheduler")
+    try:
+        js = nc.jetstream()
+        await ensure_stream(js)
+        await ensure_consumer(
+            js,
+            stream=wire.EVENT_STREAM,
+            durable=wire.SCHEDULER_DURABLE,
+            filter_subjects=[wire.status_subjects("Enqueued")],
+            ack_wait_s=settings.ack_wait_s,
+            max_ack_pending=settings.max_parked,
+        )
+        dispatcher = Dispatcher(events=EventStore(js), catalog=await Catalog.open(js), metrics=metrics)
+        backlog = asyncio.create_task(_track_backlog(js, metrics, stop))
+        try:
+            await consume(
+                js,
+                stream=wire.EVENT_STREAM,
+                durable=wire.SCHEDULER_DURABLE,
+                handle_batch=dispatcher.handle_batch,
+                stop=stop,
+                batch=settings.batch_size,
+            )
+        finally:
+            backlog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await backlog
+    finally:
+        await nc.drain()
+
+
+async def _track_backlog(js, metrics: SchedulerMetrics, stop: asyncio.Event) -> None:  # type: ignore[no-untyped-def]
+    while not stop.is_set():
+        try:
+            info = await js.consumer_info(wire.EVENT_STREAM, wire.SCHEDULER_DURABLE)
+            metrics.backlog.set(info.num_pending + info.num_ack_pending)
+        except Exception as err:  # noqa: BLE001 - a metrics read must never stop scheduling
+            log.warning("backlog read failed", extra={"error": str(err)})
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), 5)

@@ -1,0 +1,227 @@
+"""Functions and their async-invoke configs: JetStream KV buckets, code in the object store.
+
+The catalog is configuration, not task state, so it lives beside the event stream in NATS
+rather than in the read model: every service can read it (and watch it) without MongoDB.
+Records use FC 3.0 JSON names so the gateway can return them as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Final
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, ObjectStoreConfig
+from nats.js.errors import (
+    BucketNotFoundError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoKeysError,
+    ObjectNotFoundError,
+)
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+
+from shared import wire
+from shared.errors import AsyncConfigNotFound, ConcurrentUpdateError, FunctionAlreadyExists, FunctionNotFound
+
+log = logging.getLogger(__name__)
+
+
+class CustomRuntimeConfig(msgspec.Struct, kw_only=True, rename="camel", omit_defaults=True):
+    command: list[str] = []
+    args: list[str] = []
+    port: int = 9000
+
+
+class FunctionRecord(msgspec.Struct, kw_only=True, rename="camel"):
+    """A function as FC 3.0's `Function` model names it (the subset taskmode implements)."""
+
+    function_name: str
+    function_id: str
+    function_arn: str
+    runtime: str
+    handler: str
+    timeout: int = 3
+    memory_size: int = 128
+    cpu: float = 0.35
+    disk_size: int = 512
+    description: str = ""
+    environment_variables: dict[str, str] = {}
+    custom_runtime_config: CustomRuntimeConfig | None = None
+    instance_concurrency: int = 1
+    code_checksum: str = ""
+    code_size: int = 0
+    created_time: str = ""
+    last_modified_time: str = ""
+    state: str = "Active"
+    last_update_status: str = "Successful"
+
+
+class Destination(msgspec.Struct, kw_only=True, omit_defaults=True):
+    destination: str = ""
+
+
+class DestinationConfig(msgspec.Struct, kw_only=True, rename="camel", omit_defaults=True):
+    on_success: Destination | None = None
+    on_failure: Destination | None = None
+
+
+DEFAULT_MAX_EVENT_AGE_S: Final = 86400
+DEFAULT_MAX_RETRIES: Final = 3
+
+
+class AsyncConfigRecord(msgspec.Struct, kw_only=True, rename="camel"):
+    """FC 3.0's `AsyncConfig` for one function (qualifier LATEST)."""
+
+    function_arn: str
+    async_task: bool = False
+    max_async_event_age_in_seconds: int = DEFAULT_MAX_EVENT_AGE_S
+    max_async_retry_attempts: int = DEFAULT_MAX_RETRIES
+    destination_config: DestinationConfig | None = None
+    created_time: str = ""
+    last_modified_time: str = ""
+
+
+def function_arn(*, region: str, account_id: str, function: str) -> str:
+    """The ARN FC would give `function` (`acs:fc:<region>:<account>:functions/<name>`)."""
+    return f"acs:fc:{region}:{account_id}:functions/{function}"
+
+
+_encode = msgspec.json.Encoder().encode
+_decode_function = msgspec.json.Decoder(FunctionRecord).decode
+_decode_async_config = msgspec.json.Decoder(AsyncConfigRecord).decode
+
+
+class Catalog:
+    """Reads and writes function records, async configs and code archives."""
+
+    def __init__(self, *, functions: KeyValue, async_configs: KeyValue, code: ObjectStore) -> None:
+        self._functions = functions
+        self._async_configs = async_configs
+        self._code = code
+
+    @classmethod
+    async def open(cls, js: JetStreamContext) -> Catalog:
+        """Open (creating when missing) the catalog's buckets."""
+        functions = await _key_value(js, wire.FUNCTIONS_BUCKET)
+        async_configs = await _key_value(js, wire.ASYNC_CONFIG_BUCKET)
+        try:
+            code = await js.object_store(wire.CODE_BUCKET)
+        except BucketNotFoundError:
+            code = await js.create_object_store(wire.CODE_BUCKET, config=ObjectStoreConfig(description="function code"))
+        return cls(functions=functions, async_configs=async_configs, code=code)
+
+    async def put_code(self, checksum: str, archive: bytes) -> None:
+        """Store a code zip under its checksum (idempotent: same checksum, same bytes)."""
+        await self._code.put(checksum, archive)
+
+    async def get_code(self, checksum: str) -> bytes:
+        """The code zip with `checksum`; raises `FunctionNotFound` if it was removed."""
+        try:
+            result = await self._code.get(checksum)
+        except ObjectNotFoundError as err:
+            raise FunctionNotFound(f"code {checksum} not found") from err
+        return bytes(result.data or b"")
+
+    async def create_function(self, record: FunctionRecord) -> None:
+        """Add a function; `FunctionAlreadyExists` if the name is taken."""
+        try:
+            await self._functions.create(record.function_name, _encode(record))
+        except KeyWrongLastSequenceError as err:
+            raise FunctionAlreadyExists(f"function {record.function_name} already exists") from err
+
+    async def get_function_versioned(self, name: str) -> tuple[FunctionRecord, int]:
+        """The function and its KV revision (for compare-and-set updates)."""
+        try:
+            entry = await self._functions.get(name)
+        except KeyNotFoundError as err:
+            raise FunctionNotFound(f"function {name} does not exist") from err
+        if entry.value is None:
+            raise FunctionNotFound(f"function {name} does not exist")
+        return _decode_function(entry.value), int(entry.revision or 0)
+
+    async def get_function(self, name: str) -> FunctionRecord:
+        """The function called `name`; `FunctionNotFound` if there is none."""
+        record, _ = await self.get_function_versioned(name)
+        return record
+
+    async def find_function(self, name: str) -> FunctionRecord | None:
+        """Like `get_function`, but None for a missing function."""
+        try:
+            return await self.get_function(name)
+        except FunctionNotFound:
+            return None
+
+    async def replace_function(self, record: FunctionRecord, *, revision: int) -> None:
+        """Overwrite a function read at `revision`; `ConcurrentUpdateError` if it changed since."""
+        try:
+            await self._functions.update(record.function_name, _encode(record), last=revision)
+        except KeyWrongLastSequenceError as err:
+            raise ConcurrentUpdateError(f"function {record.function_name} changed concurrently") from err
+
+    async def delete_function(self, name: str) -> None:
+        """Remove a function and its async config; `FunctionNotFound` if absent."""
+        await self.get_function(name)
+        await self._functions.purge(name)
+        try:
+            await self._async_configs.purge(name)
+        except KeyNotFoundError:
+            pass
+
+    async def list_functions(self) -> list[FunctionRecord]:
+        """Every function, sorted by name."""
+        records = []
+        for name in sorted(await _keys(self._functions)):
+            record = await self.find_function(name)
+            if record is not None:
+                records.append(record)
+        return records
+
+    async def put_async_config(self, name: str, record: AsyncConfigRecord) -> None:
+        """Store the async-invoke config of function `name`."""
+        await self._async_configs.put(name, _encode(record))
+
+    async def find_async_config(self, name: str) -> AsyncConfigRecord | None:
+        """The async config of `name`, or None when it was never put."""
+        try:
+            entry = await self._async_configs.get(name)
+        except KeyNotFoundError:
+            return None
+        return _decode_async_config(entry.value) if entry.value else None
+
+    async def get_async_config(self, name: str) -> AsyncConfigRecord:
+        """The async config of `name`; `AsyncConfigNotFound` if none was put."""
+        record = await self.find_async_config(name)
+        if record is None:
+            raise AsyncConfigNotFound(f"async invoke config of function {name} not found")
+        return record
+
+    async def delete_async_config(self, name: str) -> None:
+        """Remove the async config of `name`; `AsyncConfigNotFound` if none was put."""
+        await self.get_async_config(name)
+        await self._async_configs.purge(name)
+
+    async def list_async_configs(self) -> list[tuple[str, AsyncConfigRecord]]:
+        """Every (function name, async config), sorted by name."""
+        out = []
+        for name in sorted(await _keys(self._async_configs)):
+            record = await self.find_async_config(name)
+            if record is not None:
+                out.append((name, record))
+        return out
+
+
+async def _key_value(js: JetStreamContext, bucket: str) -> KeyValue:
+    try:
+        return await js.key_value(bucket)
+    except BucketNotFoundError:
+        return await js.create_key_value(KeyValueConfig(bucket=bucket, history=1))
+
+
+async def _keys(kv: KeyValue) -> list[str]:
+    try:
+        return list(await kv.keys())
+    except NoKeysError:
+        return []

@@ -1,0 +1,224 @@
+"""Start the real infrastructure servers as child processes on loopback.
+
+Used by `make run` (through `deploy/run.py`) and by the integration tests, so both run the
+same nats-server and MongoDB-wire server the same way. Every server binds to 127.0.0.1; nats
+picks its own port (read back from its log) and the MongoDB-wire server gets a port we reserve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_NATS_LISTEN = re.compile(rb"Listening for client connections on [\d.]+:(\d+)")
+
+
+@dataclass
+class ChildProcess:
+    """A started server or service: its process, where it listens and where it logs."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    url: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def stop(self, *, grace_s: float = 10.0) -> int:
+        """SIGTERM, wait up to `grace_s`, then SIGKILL; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL without grace: what a crash looks like."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def executable(name: str) -> str:
+    """A console script installed next to this interpreter, else one on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} is not installed (run 'make install')")
+    return found
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, *, deadline_s: float, process: subprocess.Popen[bytes]) -> None:
+    """Poll until something accepts on 127.0.0.1:`port`, or fail if the process died."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listened on port {port} within {deadline_s}s")
+
+
+def _spawn(name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None) -> subprocess.Popen[bytes]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "ab")  # noqa: SIM115 - the child owns the descriptor from here on
+    try:
+        return subprocess.Popen(
+            list(argv),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,  # a Ctrl-C in the terminal reaches us, not the children
+        )
+    finally:
+        log.close()
+
+
+def start_nats(data_dir: Path, *, port: int = -1, deadline_s: float = 20.0) -> ChildProcess:
+    """A JetStream-enabled nats-server storing under `data_dir/nats`; port -1 lets it choose."""
+    store = data_dir / "nats"
+    store.mkdir(parents=True, exist_ok=True)
+    log_path = data_dir / "logs" / "nats-server.log"
+    if log_path.exists():
+        log_path.unlink()
+    argv = [executable("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store)]
+    proc = _spawn("nats", argv, log_path, None)
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        match = _NATS_LISTEN.search(log_path.read_bytes()) if log_path.exists() else None
+        if match:
+            chosen = int(match.group(1))
+            wait_for_port(chosen, deadline_s=deadline_s, process=proc)
+            return ChildProcess("nats", proc, log_path, url=f"nats://127.0.0.1:{chosen}")
+        if proc.poll() is not None:
+            raise RuntimeError(f"nats-server exited: {log_path.read_text(errors='replace')}")
+        time.sleep(0.05)
+    proc.kill()
+    raise TimeoutError("nats-server did not report its port")
+
+
+def start_mongo_wire(data_dir: Path, *, port: int | None = None, deadline_s: float = 30.0) -> ChildProcess:
+    """The embedded MongoDB wire-protocol server (nx-27017, SQLite-backed) under `data_dir/mongo`."""
+    store = data_dir / "mongo"
+    store.mkdir(parents=True, exist_ok=True)
+    chosen = port or free_port()
+    log_path = data_dir / "logs" / "mongo-wire.log"
+    argv = [
+        executable("nx-27017"),
+        "--data-dir", str(store),
+        "--host", "127.0.0.1",
+        "-p", str(chosen),
+        "--log-file", str(data_dir / "logs" / "nx-27017.log"),
+        "--pid-file", str(store / "nx-27017.pid"),
+    ]
+    proc = _spawn("mongo", argv, log_path, None)
+    wait_for_port(chosen, deadline_s=deadline_s, process=proc)
+    return ChildProcess("mongo", proc, log_path, url=f"mongodb://127.0.0.1:{chosen}")
+
+
+def start_service(
+    module: str, *, env: dict[str, str], log_path: Path, name: str | None = None
+) -> ChildProcess:
+    """`python -m <module>` with `env` added to this process's environment."""
+    full_env = {**os.environ, **env}
+    proc = _spawn(name or module, [sys.executable, "-m", module], log_path, full_env)
+    return ChildProcess(name or module, proc, log_path)
+
+
+SERVICES: tuple[str, ...] = ("projection", "scheduler", "executor", "gateway")
+
+
+@dataclass
+class Stack:
+    """The whole system as child processes: infrastructure plus the four services.
+
+    `service_env` is added to every service's environment (tests use it for short ack waits).
+    """
+
+    data_dir: Path
+    access_keys: str
+    gateway_port: int
+    nats_url: str = ""
+    mongodb_url: str = ""
+    auth_disabled: bool = False
+    metrics_ports: bool = False
+    service_env: dict[str, str] = field(default_factory=dict)
+    infra: list[ChildProcess] = field(default_factory=list)
+    services: dict[str, ChildProcess] = field(default_factory=dict)
+
+    def start_infra(self, *, nats_port: int = -1, mongo_port: int | None = None) -> None:
+        """Start nats-server (unless `nats_url` is set) and the MongoDB-wire server (unless `mongodb_url` is)."""
+        if not self.nats_url:
+            nats = start_nats(self.data_dir, port=nats_port)
+            self.infra.append(nats)
+            self.nats_url = nats.url
+        if not self.mongodb_url:
+            mongo = start_mongo_wire(self.data_dir, port=mongo_port)
+            self.infra.append(mongo)
+            self.mongodb_url = mongo.url
+
+    def env_for(self, service: str) -> dict[str, str]:
+        env = {
+            "NATS_URL": self.nats_url,
+            "MONGODB_URL": self.mongodb_url,
+            "TASKMODE_DATA_DIR": str(self.data_dir / "services" / service),
+            "TASKMODE_GATEWAY_PORT": str(self.gateway_port),
+            "TASKMODE_ACCESS_KEYS": self.access_keys,
+            "TASKMODE_AUTH_DISABLED": "true" if self.auth_disabled else "false",
+            "PYTHONUNBUFFERED": "1",
+        }
+        if not self.metrics_ports:
+            for name in ("SCHEDULER", "EXECUTOR", "PROJECTION"):
+                env[f"TASKMODE_{name}_METRICS_PORT"] = "0"
+        return {**env, **self.service_env}
+
+    def start_service(self, service: str, *, name: str | None = None) -> ChildProcess:
+        """Start one service (`name` tells apart several of a kind, e.g. two executors)."""
+        label = name or service
+        child = start_service(
+            f"services.{service}", env=self.env_for(service), log_path=self.data_dir / "logs" / f"{label}.log", name=label
+        )
+        self.services[label] = child
+        if service == "gateway":
+            wait_for_port(self.gateway_port, deadline_s=30, process=child.process)
+        return child
+
+    def start_services(self) -> None:
+        for service in SERVICES:
+            self.start_service(service)
+
+    def kill_service(self, name: str) -> None:
+        self.services[name].kill()
+
+    def stop(self) -> None:
+        """Stop services first (they drain the bus), then the infrastructure, newest first."""
+        for child in reversed(list(self.services.values())):
+            child.stop()
+        for child in reversed(self.infra):
+            child.stop()

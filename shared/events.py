@@ -1,0 +1,116 @@
+"""Task events: one frozen msgspec Struct per transition, decoded through one tagged union.
+
+Evolution rules: a new field always has a default, a field never changes type, unknown fields
+are ignored (never `forbid_unknown_fields`), and a real break gets a new tag.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import msgspec
+
+from shared.transitions import Status
+
+
+class TaskEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    task_id: str
+    function: str
+    version: int  # 1 for the task's first event, +1 for each later one
+    at_ms: int
+
+    @property
+    def status(self) -> Status:
+        return EVENT_STATUS[type(self)]
+
+
+class TaskEnqueued(TaskEvent, tag="task.enqueued"):
+    payload: bytes = b""
+    request_id: str = ""
+    qualifier: str = "LATEST"
+    due_at_ms: int = 0  # when the task may be dispatched (submission time plus any delay)
+    max_event_age_s: int = 86400
+    max_retries: int = 3
+
+
+class TaskProcessed(TaskEvent, tag="task.processed"):
+    pass
+
+
+class TaskStarted(TaskEvent, tag="task.started"):
+    instance_id: str
+    attempt: int = 0  # 0 for the first run, n for the n-th retry
+
+
+class TaskSucceeded(TaskEvent, tag="task.succeeded"):
+    result: bytes = b""
+    instance_id: str = ""
+    attempt: int = 0
+
+
+class TaskFailed(TaskEvent, tag="task.failed"):
+    error: str
+    instance_id: str = ""
+    attempt: int = 0
+
+
+class TaskRetrying(TaskEvent, tag="task.retrying"):
+    error: str
+    attempt: int  # the attempt that failed; the next run is attempt + 1
+    retry_at_ms: int
+
+
+class TaskStopping(TaskEvent, tag="task.stopping"):
+    reason: str = "stop requested"
+
+
+class TaskStopped(TaskEvent, tag="task.stopped"):
+    reason: str = "stop requested"
+
+
+class TaskExpired(TaskEvent, tag="task.expired"):
+    reason: str
+
+
+class TaskInvalid(TaskEvent, tag="task.invalid"):
+    reason: str
+
+
+AnyTaskEvent = (
+    TaskEnqueued
+    | TaskProcessed
+    | TaskStarted
+    | TaskSucceeded
+    | TaskFailed
+    | TaskRetrying
+    | TaskStopping
+    | TaskStopped
+    | TaskExpired
+    | TaskInvalid
+)
+
+EVENT_STATUS: Final[dict[type[TaskEvent], Status]] = {
+    TaskEnqueued: Status.ENQUEUED,
+    TaskProcessed: Status.PROCESSED,
+    TaskStarted: Status.RUNNING,
+    TaskSucceeded: Status.SUCCEEDED,
+    TaskFailed: Status.FAILED,
+    TaskRetrying: Status.RETRYING,
+    TaskStopping: Status.STOPPING,
+    TaskStopped: Status.STOPPED,
+    TaskExpired: Status.EXPIRED,
+    TaskInvalid: Status.INVALID,
+}
+
+_encoder: Final = msgspec.json.Encoder()
+_decoder: Final = msgspec.json.Decoder(AnyTaskEvent)
+
+
+def encode_event(event: TaskEvent) -> bytes:
+    """The event's JSON wire form (bytes fields travel as base64)."""
+    return _encoder.encode(event)
+
+
+def decode_event(data: bytes) -> AnyTaskEvent:
+    """Decode any task event from its wire form; raises `msgspec.DecodeError` on garbage."""
+    return _decoder.decode(data)

@@ -1,0 +1,150 @@
+"""The event store: one JetStream stream holding every task transition.
+
+A task's events live on `taskmode.events.<function>.<taskId>.<Status>`. Appends carry
+`Nats-Expected-Last-Subject-Sequence` scoped to the task's wildcard, so the stream itself
+arbitrates races (a stop against a completion) and refuses a second first event for a task id
+for as long as any of its events is retained: that is the task-id deduplication.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, StorageType, StreamConfig
+from nats.js.errors import APIError, NotFoundError
+
+from shared import wire
+from shared.errors import ConcurrentUpdateError, ServiceUnavailable
+from shared.events import AnyTaskEvent, TaskEvent, decode_event, encode_event
+from shared.transitions import check_transition
+
+log = logging.getLogger(__name__)
+
+E = TypeVar("E", bound=TaskEvent)
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """An event with its stream sequence (what the next append must name as expected)."""
+
+    seq: int
+    event: AnyTaskEvent
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def stream_config(*, replicas: int = 1) -> StreamConfig:
+    """The event stream's configuration: 7-day retention, never discard new appends."""
+    return StreamConfig(
+        name=wire.EVENT_STREAM,
+        subjects=[wire.EVENT_SUBJECTS_ALL],
+        max_age=wire.RETENTION_S,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.OLD,
+        duplicate_window=120,
+        allow_direct=True,
+        num_replicas=replicas,
+    )
+
+
+async def ensure_stream(js: JetStreamContext) -> None:
+    """Create the event stream, or bring an existing one to the current configuration."""
+    config = stream_config()
+    try:
+        await js.stream_info(wire.EVENT_STREAM)
+    except NotFoundError:
+        await js.add_stream(config)
+        return
+    await js.update_stream(config)
+
+
+def follow(current: StoredEvent, cls: type[E], **fields: Any) -> E:
+    """The event that moves `current`'s task to `cls`'s status, checked against the table."""
+    event = cls(
+        task_id=current.event.task_id,
+        function=current.event.function,
+        version=current.event.version + 1,
+        at_ms=fields.pop("at_ms", None) or now_ms(),
+        **fields,
+    )
+    check_transition(current.event.status, event.status, task_id=event.task_id)
+    return event
+
+
+class EventStore:
+    """Appends and reads task events."""
+
+    def __init__(self, js: JetStreamContext, *, publish_timeout_s: float = 5.0) -> None:
+        self._js = js
+        self._timeout_s = publish_timeout_s
+
+    async def append(self, event: TaskEvent, *, expected_seq: int) -> int:
+        """Append `event` if the task's last event is still at `expected_seq` (0: no events).
+
+        Returns the new event's stream sequence. Raises `ConcurrentUpdateError` when another
+        writer appended first, `ServiceUnavailable` when the stream cannot be reached. A publish
+        that timed out is retried with the same message id, so it is never applied twice.
+        """
+        headers = {
+            wire.HEADER_MSG_ID: wire.message_id(event.function, event.task_id, event.version),
+            wire.HEADER_EXPECTED_LAST_SUBJECT_SEQ: str(expected_seq),
+            wire.HEADER_EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: wire.task_subjects(event.function, event.task_id),
+        }
+        subject = wire.event_subject(event.function, event.task_id, event.status)
+        data = encode_event(event)
+        for attempt in range(3):
+            try:
+                ack = await self._js.publish(subject, data, headers=headers, timeout=self._timeout_s)
+                return int(ack.seq)
+            except APIError as err:
+                if err.err_code == wire.JS_ERR_WRONG_LAST_SEQUENCE:
+                    if attempt > 0:  # our timed-out first try may be the one that landed
+                        landed = await self.last(event.function, event.task_id)
+                        if landed is not None and landed.event == event:
+                            return landed.seq
+                    raise ConcurrentUpdateError(
+                        f"task {event.task_id}: another transition was recorded first"
+                    ) from err
+                raise
+            except (NatsTimeoutError, asyncio.TimeoutError) as err:
+                log.warning("append timed out", extra={"task_id": event.task_id, "attempt": attempt})
+                last_err: Exception = err
+        raise ServiceUnavailable("event store did not acknowledge the append") from last_err
+
+    async def last(self, function: str, task_id: str) -> StoredEvent | None:
+        """The task's latest event, or None if the task has none in the stream."""
+        return await self._last_on(wire.task_subjects(function, task_id))
+
+    async def last_with_status(self, function: str, task_id: str, status: str) -> StoredEvent | None:
+        """The task's latest event of one status (e.g. its `Enqueued` event, which has the payload)."""
+        return await self._last_on(wire.event_subject(function, task_id, status))
+
+    async def history(self, function: str, task_id: str) -> list[StoredEvent]:
+        """Every retained event of the task, in order (direct gets along the subject index)."""
+        subject = wire.task_subjects(function, task_id)
+        events: list[StoredEvent] = []
+        seq = 1
+        while True:
+            try:
+                msg = await self._js.get_msg(wire.EVENT_STREAM, seq=seq, subject=subject, next=True, direct=True)
+            except NotFoundError:
+                return events
+            assert msg.seq is not None and msg.data is not None
+            events.append(StoredEvent(msg.seq, decode_event(msg.data)))
+            seq = msg.seq + 1
+
+    async def _last_on(self, subject: str) -> StoredEvent | None:
+        try:
+            msg = await self._js.get_last_msg(wire.EVENT_STREAM, subject, direct=True)
+        except NotFoundError:
+            return None
+        assert msg.seq is not None and msg.data is not None
+        return StoredEvent(msg.seq, decode_event(msg.data))

@@ -1,0 +1,68 @@
+"""Configuration read from the environment, shared by every service.
+
+Each service builds its settings once in `__main__` and passes them down; nothing reads the
+environment at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import msgspec
+
+from shared.errors import InvalidArgument
+
+
+def env_str(name: str, default: str) -> str:
+    return os.environ.get(name, default) or default
+
+
+def env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    try:
+        return int(raw) if raw else default
+    except ValueError as err:
+        raise InvalidArgument(f"{name} must be an integer, got {raw!r}") from err
+
+
+def env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "")
+    try:
+        return float(raw) if raw else default
+    except ValueError as err:
+        raise InvalidArgument(f"{name} must be a number, got {raw!r}") from err
+
+
+def env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    raise InvalidArgument(f"{name} must be true or false, got {raw!r}")
+
+
+class CommonSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """What every service needs: where the bus and the read model are, and who we are."""
+
+    nats_url: str
+    mongodb_url: str
+    data_dir: Path
+    region: str
+    account_id: str
+    metrics_port: int  # 0: no metrics endpoint
+
+    @classmethod
+    def from_env(cls, *, metrics_port_var: str, metrics_port_default: int) -> CommonSettings:
+        """Read NATS_URL, MONGODB_URL, TASKMODE_DATA_DIR, TASKMODE_REGION, TASKMODE_ACCOUNT_ID."""
+        return cls(
+            nats_url=env_str("NATS_URL", "nats://127.0.0.1:4222"),
+            mongodb_url=env_str("MONGODB_URL", "mongodb://127.0.0.1:27017"),
+            data_dir=Path(env_str("TASKMODE_DATA_DIR", ".data")).resolve(),
+            region=env_str("TASKMODE_REGION", "local"),
+            account_id=env_str("TASKMODE_ACCOUNT_ID", "0000000000000000"),
+            metrics_port=env_int(metrics_port_var, metrics_port_default),
+        )

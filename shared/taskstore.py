@@ -1,0 +1,349 @@
+"""The task read model in MongoDB: one whole document per task, written by the projection.
+
+The projection folds a task's events into its FC `AsyncTask` JSON (camelCase) plus a few
+internal fields (`_id`, `functionName`, `version`, `expireAt`) and saves whole documents in
+bulk; the gateway serves GetAsyncTask and ListAsyncTasks from here. Every query shape used in
+this module (equality, `$in`, ranges on ints and strings, one `$or` for the keyset, sort + limit,
+exclusion projections) has been checked against the embedded nx-27017 server as well as
+MongoDB. Avoid `$exists` (nx-27017 treats a null-valued field as missing), `$push` and
+aggregation here: the embedded server gets them wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Final, Self
+
+import msgspec
+import pymongo
+from bson.codec_options import CodecOptions
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReplaceOne
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import PyMongoError
+
+from shared.errors import InvalidArgument, InvalidNextToken, ServiceUnavailable
+from shared.wire import MONGO_DATABASE, RETENTION_S, TASKS_COLLECTION
+
+log = logging.getLogger(__name__)
+
+Document = dict[str, Any]
+
+# Stored for the projection and for expiry, never shown to API callers.
+INTERNAL_FIELDS: Final = ("_id", "functionName", "version", "expireAt")
+
+# A ListAsyncTasks token is a few dozen bytes; anything much longer is not one of ours.
+_MAX_TOKEN_CHARS: Final = 1024
+_TOKEN_VERSION: Final = 1
+# Each connect attempt is bounded so a dead server is retried (and logged) instead of hanging.
+_PING_TIMEOUT_S: Final = 2.0
+_MAX_BACKOFF_S: Final = 2.0
+
+
+def task_doc_id(function: str, task_id: str) -> str:
+    """The `_id` of a task's read-model document: task ids are unique per function only."""
+    return f"{function}/{task_id}"
+
+
+def expire_at(started_time_ms: int) -> datetime:
+    """When a task submitted at `started_time_ms` leaves the read model (aware UTC datetime).
+
+    The TTL index on `expireAt` has expireAfterSeconds=0, so this is the deletion time itself:
+    submission time plus the FC retention period. Millisecond precision, like BSON dates.
+    """
+    return datetime.fromtimestamp(started_time_ms / 1000, tz=timezone.utc) + timedelta(seconds=RETENTION_S)
+
+
+def prefix_upper_bound(prefix: str) -> str | None:
+    """The smallest string greater than every string that starts with `prefix`, if any.
+
+    MongoDB orders strings by their UTF-8 bytes, which is code-point order, so incrementing the
+    last code point gives an exclusive upper bound and the prefix filter becomes an index-friendly
+    range (`>= prefix`, `< bound`). Returns None when no bound exists (all maximal code points).
+    """
+    chars = list(prefix)
+    while chars:
+        code = ord(chars.pop()) + 1
+        if 0xD800 <= code <= 0xDFFF:  # surrogates cannot be encoded; skip to the next scalar
+            code = 0xE000
+        if code <= 0x10FFFF:
+            return "".join(chars) + chr(code)
+    return None
+
+
+@dataclass(frozen=True)
+class TaskQuery:
+    """One ListAsyncTasks request, already validated and normalized by the caller.
+
+    `started_time_begin`/`started_time_end` are inclusive epoch milliseconds; `descending` is
+    `sortOrderByTime=desc`. `limit` and `include_payload` may change between pages; every other
+    field is bound into the next token and must stay the same.
+    """
+
+    function: str
+    status: str | None = None
+    prefix: str | None = None
+    started_time_begin: int | None = None
+    started_time_end: int | None = None
+    limit: int = 20
+    descending: bool = False
+    next_token: str | None = None
+    include_payload: bool = False
+
+
+@dataclass(frozen=True)
+class TaskPage:
+    """One page of tasks in FC `AsyncTask` shape; `next_token` is "" on the last page."""
+
+    tasks: list[Document]
+    next_token: str
+
+
+class _Cursor(msgspec.Struct, array_like=True, frozen=True):
+    """The decoded next token: the last task served and the filters it was served for."""
+
+    version: int
+    started_time: int
+    task_id: str
+    fingerprint: str
+
+
+_encode_cursor = msgspec.json.Encoder().encode
+_decode_cursor = msgspec.json.Decoder(_Cursor).decode
+
+
+def _fingerprint(query: TaskQuery) -> str:
+    """A short digest of the filters that define the result set and its order."""
+    key = [
+        query.function,
+        query.status or None,
+        query.prefix or None,
+        query.started_time_begin,
+        query.started_time_end,
+        "desc" if query.descending else "asc",
+    ]
+    return hashlib.sha256(msgspec.json.encode(key)).hexdigest()[:16]
+
+
+def _encode_token(query: TaskQuery, last: Document) -> str:
+    cursor = _Cursor(_TOKEN_VERSION, int(last["startedTime"]), str(last["taskId"]), _fingerprint(query))
+    return base64.urlsafe_b64encode(_encode_cursor(cursor)).rstrip(b"=").decode("ascii")
+
+
+def _decode_token(query: TaskQuery, token: str) -> _Cursor:
+    """The position in `token`, or InvalidNextToken if it is not ours or was made for other filters."""
+    if len(token) > _MAX_TOKEN_CHARS:
+        raise InvalidNextToken("nextToken is malformed")
+    try:
+        raw = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
+        cursor = _decode_cursor(raw)
+    except (binascii.Error, ValueError, msgspec.DecodeError) as exc:
+        raise InvalidNextToken("nextToken is malformed") from exc
+    if cursor.version != _TOKEN_VERSION:
+        raise InvalidNextToken("nextToken is malformed")
+    if cursor.fingerprint != _fingerprint(query):
+        raise InvalidNextToken("nextToken was issued for a different query")
+    return cursor
+
+
+def _list_filter(query: TaskQuery, after: _Cursor | None) -> Document:
+    """The find filter for `query`, continuing strictly after `after` in the requested order."""
+    flt: Document = {"functionName": query.function}
+    if query.status:
+        flt["status"] = query.status
+    if query.prefix:
+        upper = prefix_upper_bound(query.prefix)
+        flt["taskId"] = {"$gte": query.prefix} if upper is None else {"$gte": query.prefix, "$lt": upper}
+    started: Document = {}
+    if query.started_time_begin is not None:
+        started["$gte"] = query.started_time_begin
+    if query.started_time_end is not None:
+        started["$lte"] = query.started_time_end
+    if after is not None:
+        # Keyset on (startedTime, taskId): the top-level bound keeps the index scan tight and the
+        # $or breaks ties among tasks submitted in the same millisecond.
+        at, task_id = after.started_time, after.task_id
+        if query.descending:
+            started["$lte"] = min(at, started.get("$lte", at))
+            flt["$or"] = [{"startedTime": {"$lt": at}}, {"taskId": {"$lt": task_id}}]
+        else:
+            started["$gte"] = max(at, started.get("$gte", at))
+            flt["$or"] = [{"startedTime": {"$gt": at}}, {"taskId": {"$gt": task_id}}]
+    if started:
+        flt["startedTime"] = started
+    return flt
+
+
+def _public_projection(*, include_payload: bool) -> Document:
+    projection: Document = dict.fromkeys(INTERNAL_FIELDS, 0)
+    if not include_payload:
+        projection["taskPayload"] = 0
+    return projection
+
+
+def _redact(url: str) -> str:
+    """`url` without credentials, for logs."""
+    return re.sub(r"//[^@/]*@", "//***@", url)
+
+
+class TaskStore:
+    """Typed access to the task read model (`TASKS_COLLECTION`) over PyMongo's async API.
+
+    The store owns its client: `close()` closes it. Datetimes come back timezone-aware (UTC)
+    whatever the client's own codec options are.
+    """
+
+    def __init__(self, client: AsyncMongoClient[Document], *, database: str = MONGO_DATABASE) -> None:
+        self._client = client
+        codec: CodecOptions[Document] = CodecOptions(document_class=dict, tz_aware=True, tzinfo=timezone.utc)
+        self._tasks: AsyncCollection[Document] = client[database].get_collection(
+            TASKS_COLLECTION, codec_options=codec
+        )
+
+    @property
+    def collection(self) -> AsyncCollection[Document]:
+        """The underlying collection, for diagnostics and tests; writes go through the methods."""
+        return self._tasks
+
+    @classmethod
+    async def connect(cls, url: str, *, database: str = MONGO_DATABASE, timeout_s: float = 10) -> Self:
+        """Open a client on `url` and ping until the server answers, for at most `timeout_s`.
+
+        Each failed attempt is logged with exponential backoff between attempts (capped at 2 s);
+        when the deadline passes the client is closed and ServiceUnavailable is raised. A
+        malformed URL fails at once (pymongo's ConfigurationError).
+        """
+        client: AsyncMongoClient[Document] = AsyncMongoClient(url, tz_aware=True, appname="taskmode")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        backoff_s = 0.1
+        attempt = 0
+        try:
+            while True:
+                attempt += 1
+                remaining_s = deadline - loop.time()
+                try:
+                    with pymongo.timeout(max(0.05, min(_PING_TIMEOUT_S, remaining_s))):
+                        await client.admin.command("ping")
+                except PyMongoError as exc:
+                    remaining_s = deadline - loop.time()
+                    if remaining_s <= 0:
+                        raise ServiceUnavailable(
+                            f"MongoDB at {_redact(url)} did not answer within {timeout_s}s"
+                        ) from exc
+                    delay_s = min(backoff_s, remaining_s)
+                    log.warning(
+                        "MongoDB at %s not answering (attempt %d): %s; retrying in %.2fs",
+                        _redact(url), attempt, exc, delay_s,
+                    )
+                    await asyncio.sleep(delay_s)
+                    backoff_s = min(backoff_s * 2, _MAX_BACKOFF_S)
+                else:
+                    break
+        except BaseException:
+            await client.close()
+            raise
+        log.info("connected to MongoDB at %s (database %s) after %d attempt(s)", _redact(url), database, attempt)
+        return cls(client, database=database)
+
+    async def ensure_indexes(self) -> None:
+        """Create the listing, uniqueness and TTL indexes; a no-op when they already exist.
+
+        (functionName, startedTime, taskId) serves ListAsyncTasks' filter, sort and keyset in
+        both directions; (functionName, taskId) is unique because `_id` is derived from it;
+        `expireAt` with expireAfterSeconds=0 lets MongoDB delete tasks past retention.
+        """
+        await self._tasks.create_indexes(
+            [
+                IndexModel(
+                    [("functionName", ASCENDING), ("startedTime", ASCENDING), ("taskId", ASCENDING)],
+                    name="functionName_startedTime_taskId",
+                ),
+                IndexModel(
+                    [("functionName", ASCENDING), ("taskId", ASCENDING)],
+                    name="functionName_taskId_unique",
+                    unique=True,
+                ),
+                IndexModel([("expireAt", ASCENDING)], name="expireAt_ttl", expireAfterSeconds=0),
+            ]
+        )
+
+    async def load_many(self, ids: Iterable[str]) -> dict[str, Document]:
+        """Whole stored documents (internal fields included) by `_id`, in one `$in` query.
+
+        Ids that are not stored are absent from the result; duplicates are queried once.
+        """
+        wanted = list(dict.fromkeys(ids))
+        if not wanted:
+            return {}
+        found: dict[str, Document] = {}
+        async for doc in self._tasks.find({"_id": {"$in": wanted}}):
+            found[doc["_id"]] = doc
+        return found
+
+    async def save_many(self, docs: Sequence[Document]) -> None:
+        """Replace (or insert) whole documents, in one unordered bulk write.
+
+        Every document needs `_id == task_doc_id(functionName, taskId)`. If a batch holds the same
+        `_id` twice only the last one is written, because an unordered bulk write does not
+        promise to apply operations in order.
+        """
+        latest: dict[str, Document] = {}
+        for doc in docs:
+            try:
+                doc_id = doc["_id"]
+                expected = task_doc_id(doc["functionName"], doc["taskId"])
+            except KeyError as exc:
+                raise ValueError(f"task document lacks {exc.args[0]!r}") from exc
+            if doc_id != expected:
+                raise ValueError(f"task document _id {doc_id!r} should be {expected!r}")
+            latest[doc_id] = doc
+        if not latest:
+            return
+        await self._tasks.bulk_write(
+            [ReplaceOne({"_id": doc_id}, doc, upsert=True) for doc_id, doc in latest.items()],
+            ordered=False,
+        )
+
+    async def get(self, function: str, task_id: str) -> Document | None:
+        """One task in FC `AsyncTask` shape (with `taskPayload`, without internal fields), or None."""
+        return await self._tasks.find_one(
+            {"_id": task_doc_id(function, task_id)}, _public_projection(include_payload=True)
+        )
+
+    async def list_tasks(self, query: TaskQuery) -> TaskPage:
+        """One page of a function's tasks, ordered by (startedTime, taskId), keyset-paginated.
+
+        Raises InvalidNextToken for a token that is not ours or was issued for other filters, and
+        InvalidArgument for a limit below 1. Fetches `limit + 1` documents to learn whether
+        another page exists.
+        """
+        if query.limit < 1:
+            raise InvalidArgument(f"limit must be at least 1, got {query.limit}")
+        after = _decode_token(query, query.next_token) if query.next_token else None
+        direction = DESCENDING if query.descending else ASCENDING
+        cursor = (
+            self._tasks.find(_list_filter(query, after), _public_projection(include_payload=query.include_payload))
+            .sort([("startedTime", direction), ("taskId", direction)])
+            .limit(query.limit + 1)
+        )
+        docs = await cursor.to_list()
+        if len(docs) <= query.limit:
+            return TaskPage(tasks=docs, next_token="")
+        page = docs[: query.limit]
+        return TaskPage(tasks=page, next_token=_encode_token(query, page[-1]))
+
+    async def delete_all(self) -> None:
+        """Remove every task document, keeping the indexes (to rebuild the read model)."""
+        await self._tasks.delete_many({})
+
+    async def close(self) -> None:
+        """Close the underlying client."""
+        await self._client.close()

@@ -1,0 +1,126 @@
+"""The task read model as a pure fold of its events: `evolve(doc, event) -> doc`.
+
+The projection folds events into MongoDB documents with it, and the gateway folds a task's
+stream history with it when the projection lags, so both always agree on what a task looks like.
+Documents carry FC 3.0 `AsyncTask` field names plus `_id`, `functionName`, `version`, `expireAt`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Final
+
+import msgspec
+
+from shared import wire
+from shared.errors import VersionGap
+from shared.events import (
+    AnyTaskEvent,
+    TaskEnqueued,
+    TaskFailed,
+    TaskRetrying,
+    TaskStarted,
+    TaskSucceeded,
+)
+from shared.transitions import TERMINAL, Status, check_transition
+
+RETURN_PAYLOAD_PREVIEW_BYTES: Final = 1024 * 1024
+INTERNAL_FIELDS: Final = ("_id", "functionName", "version", "expireAt")
+_DETAIL_SKIP: Final = {"task_id", "function", "version", "at_ms", "payload", "result"}
+
+
+def document_id(function: str, task_id: str) -> str:
+    return f"{function}/{task_id}"
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace")
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+def event_detail(event: AnyTaskEvent) -> str:
+    """The transition's own details as the JSON string FC puts in `eventDetail`."""
+    fields = {_camel(k): v for k, v in msgspec.structs.asdict(event).items() if k not in _DETAIL_SKIP}
+    return msgspec.json.encode(fields).decode() if fields else ""
+
+
+def evolve(doc: dict[str, Any] | None, event: AnyTaskEvent, *, arn: str = "") -> dict[str, Any]:
+    """Apply one event to a task document (None: the task has no document yet).
+
+    Pure: returns a new dict, never mutates `doc`. Raises `VersionGap` unless the event is the
+    task's next version and `TransitionNotAllowed` for an edge the transition table lacks;
+    callers skip events whose version is already applied (replays are normal).
+    """
+    expected = 1 if doc is None else doc["version"] + 1
+    if event.version != expected:
+        raise VersionGap(f"task {event.task_id}: event version {event.version}, expected {expected}")
+    current = None if doc is None else Status(doc["status"])
+    check_transition(current, event.status, task_id=event.task_id)
+    new = _first(event, arn) if doc is None else {**doc, "events": list(doc["events"])}
+    new["version"] = event.version
+    new["status"] = str(event.status)
+    new["events"].append(
+        {"eventId": event.version, "status": str(event.status), "timestamp": event.at_ms, "eventDetail": event_detail(event)}
+    )
+    match event:
+        case TaskStarted(instance_id=instance_id, attempt=attempt):
+            new["instanceId"] = instance_id
+            new["alreadyRetriedTimes"] = attempt
+        case TaskSucceeded(result=result):
+            new["returnPayload"] = _text(result[:RETURN_PAYLOAD_PREVIEW_BYTES])
+            new["taskErrorMessage"] = None
+        case TaskFailed(error=error) | TaskRetrying(error=error):
+            new["taskErrorMessage"] = error
+        case _:
+            if event.status in TERMINAL and hasattr(event, "reason"):
+                new["taskErrorMessage"] = getattr(event, "reason")
+    if event.status in TERMINAL:
+        new["endTime"] = event.at_ms
+        new["durationMs"] = event.at_ms - new["startedTime"]
+    return new
+
+
+def _first(event: AnyTaskEvent, arn: str) -> dict[str, Any]:
+    enqueued = event if isinstance(event, TaskEnqueued) else None
+    started = event.at_ms
+    return {
+        "_id": document_id(event.function, event.task_id),
+        "functionName": event.function,
+        "taskId": event.task_id,
+        "version": 0,
+        "status": "",
+        "events": [],
+        "taskPayload": _text(enqueued.payload) if enqueued else None,
+        "returnPayload": None,
+        "taskErrorMessage": None,
+        "alreadyRetriedTimes": 0,
+        "startedTime": started,
+        "endTime": None,
+        "durationMs": None,
+        "requestId": enqueued.request_id if enqueued else "",
+        "instanceId": None,
+        "functionArn": arn,
+        "qualifier": enqueued.qualifier if enqueued else "LATEST",
+        "destinationStatus": None,
+        "expireAt": dt.datetime.fromtimestamp(started / 1000 + wire.RETENTION_S, tz=dt.UTC),
+    }
+
+
+def fold(events: list[AnyTaskEvent], *, arn: str = "") -> dict[str, Any] | None:
+    """The document of a task from its whole history (None for no events)."""
+    doc: dict[str, Any] | None = None
+    for event in events:
+        doc = evolve(doc, event, arn=arn)
+    return doc
+
+
+def public_view(doc: dict[str, Any], *, include_payload: bool = True) -> dict[str, Any]:
+    """The AsyncTask JSON a client sees: internal fields dropped, payload on request."""
+    view = {k: v for k, v in doc.items() if k not in INTERNAL_FIELDS}
+    if not include_payload:
+        view.pop("taskPayload", None)
+    return view

@@ -1,0 +1,110 @@
+"""Fixtures that run the whole system as real processes on loopback ports."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.devstack import Stack, free_port
+from tests.fc_client import FcClient
+
+ACCESS_KEY_ID = "testkey"
+ACCESS_KEY_SECRET = "testsecret"
+
+# Short waits so crash recovery and retries happen within a test's time.
+FAST_ENV = {
+    "TASKMODE_EXECUTOR_ACK_WAIT_S": "3",
+    "TASKMODE_PROJECTION_ACK_WAIT_S": "2",
+    "TASKMODE_SCHEDULER_ACK_WAIT_S": "3",
+    "TASKMODE_RETRY_BASE_MS": "100",
+    "TASKMODE_EXECUTOR_IDLE_TIMEOUT_S": "30",
+}
+
+HANDLERS = '''
+import json, os, signal, time
+
+CALLS = {"n": 0}
+
+def handler(event, context):
+    return event
+
+def info(event, context):
+    CALLS["n"] += 1
+    return {"request_id": context.request_id, "task_id": context.task_id,
+            "function_name": context.function_name, "attempt": context.attempt, "calls": CALLS["n"]}
+
+def fail(event, context):
+    raise ValueError("boom: " + event.decode())
+
+def fail_then_succeed(event, context):
+    if context.attempt < int(event.decode() or "1"):
+        raise RuntimeError("attempt %d failed" % context.attempt)
+    return "ok after %d" % context.attempt
+
+def sleep(event, context):
+    time.sleep(float(event.decode() or "1"))
+    return "slept"
+
+def stubborn(event, context):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with open(os.environ["PIDFILE_DIR"] + "/" + context.task_id, "w") as f:
+        f.write(str(os.getpid()))
+    while True:
+        time.sleep(0.05)
+'''
+
+
+def new_stack(tmp: Path, **overrides: object) -> Stack:
+    stack = Stack(
+        data_dir=tmp,
+        access_keys=f"{ACCESS_KEY_ID}:{ACCESS_KEY_SECRET}",
+        gateway_port=free_port(),
+        service_env=dict(FAST_ENV),
+        **overrides,  # type: ignore[arg-type]
+    )
+    stack.start_infra()
+    stack.start_services()
+    return stack
+
+
+def client_for(stack: Stack) -> FcClient:
+    return FcClient(f"http://127.0.0.1:{stack.gateway_port}", access_key_id=ACCESS_KEY_ID,
+                    access_key_secret=ACCESS_KEY_SECRET)
+
+
+@pytest.fixture(scope="module")
+def shared_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One running system for a whole test module; tests isolate themselves by function name."""
+    stack = new_stack(tmp_path_factory.mktemp("stack"))
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture
+def own_stack(tmp_path: Path) -> Iterator[Stack]:
+    """A system of its own, for tests that kill or restart services."""
+    stack = new_stack(tmp_path)
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture
+async def fc(shared_stack: Stack) -> AsyncIterator[FcClient]:
+    client = client_for(shared_stack)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+def fn_name() -> str:
+    """A function name no other test uses."""
+    return f"fn_{uuid.uuid4().hex[:12]}"

@@ -1,0 +1,85 @@
+"""The event store against a real nats-server: ordering, optimistic concurrency, dedup."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import nats
+import pytest
+from nats.js import JetStreamContext
+
+from shared.devstack import ChildProcess, start_nats
+from shared.errors import ConcurrentUpdateError, TransitionNotAllowed
+from shared.events import TaskEnqueued, TaskProcessed, TaskStarted, TaskStopped, TaskSucceeded
+from shared.eventstore import EventStore, ensure_stream, follow, now_ms
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture(scope="module")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChildProcess]:
+    server = start_nats(Path(tmp_path_factory.mktemp("nats")))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def js(nats_server: ChildProcess) -> AsyncIterator[JetStreamContext]:
+    nc = await nats.connect(nats_server.url)
+    context = nc.jetstream()
+    await ensure_stream(context)
+    yield context
+    await nc.close()
+
+
+def enqueued(task_id: str) -> TaskEnqueued:
+    return TaskEnqueued(task_id=task_id, function="f", version=1, at_ms=now_ms(), payload=b"p")
+
+
+async def test_first_event_is_unique_per_task(js: JetStreamContext) -> None:
+    store = EventStore(js)
+    await store.append(enqueued("a"), expected_seq=0)
+    with pytest.raises(ConcurrentUpdateError):
+        await store.append(enqueued("a"), expected_seq=0)
+    await store.append(enqueued("b"), expected_seq=0)  # another task id is independent
+
+
+async def test_racing_writers_on_one_task_exactly_one_wins(js: JetStreamContext) -> None:
+    store = EventStore(js)
+    await store.append(enqueued("race"), expected_seq=0)
+    current = await store.last("f", "race")
+    assert current is not None
+    results = await asyncio.gather(
+        store.append(follow(current, TaskProcessed), expected_seq=current.seq),
+        store.append(follow(current, TaskStopped), expected_seq=current.seq),
+        return_exceptions=True,
+    )
+    assert sum(isinstance(r, int) for r in results) == 1
+    assert sum(isinstance(r, ConcurrentUpdateError) for r in results) == 1
+
+
+async def test_history_is_in_order_and_last_sees_the_newest(js: JetStreamContext) -> None:
+    store = EventStore(js)
+    seq = await store.append(enqueued("h"), expected_seq=0)
+    current = await store.last("f", "h")
+    assert current is not None and current.seq == seq
+    for cls, fields in ((TaskProcessed, {}), (TaskStarted, {"instance_id": "i"}), (TaskSucceeded, {})):
+        event = follow(current, cls, **fields)
+        current = type(current)(await store.append(event, expected_seq=current.seq), event)
+    history = await store.history("f", "h")
+    assert [s.event.status for s in history] == ["Enqueued", "Processed", "Running", "Succeeded"]
+    assert [s.event.version for s in history] == [1, 2, 3, 4]
+    enq = await store.last_with_status("f", "h", "Enqueued")
+    assert enq is not None and enq.event.payload == b"p"
+    assert await store.last("f", "missing") is None
+
+
+async def test_follow_refuses_an_edge_outside_the_table(js: JetStreamContext) -> None:
+    store = EventStore(js)
+    await store.append(enqueued("edge"), expected_seq=0)
+    current = await store.last("f", "edge")
+    assert current is not None
+    with pytest.raises(TransitionNotAllowed):
+        follow(current, TaskSucceeded)

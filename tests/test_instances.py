@@ -1,0 +1,454 @@
+"""Function instances and their pool, against real worker processes (no mocks)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from services.executor.instances import FunctionSpec, Instance, InstancePool, InvokeContext
+
+pytestmark = pytest.mark.timeout(20)
+
+CTX = InvokeContext(request_id="req-1", task_id="task-1", attempt=2)
+
+HANDLER = '''
+import json, os, signal, subprocess, sys, time
+
+calls = 0
+
+def handler(event, context):
+    global calls
+    calls += 1
+    if event == b"bytes":
+        return b"\\x00raw"
+    if event == b"str":
+        return "h\\u00e9llo"
+    if event == b"dict":
+        return {"a": [1, 2]}
+    if event == b"none":
+        return None
+    if event == b"calls":
+        return str(calls)
+    if event == b"pid":
+        return str(os.getpid())
+    if event == b"context":
+        return {
+            "request_id": context.request_id,
+            "task_id": context.task_id,
+            "function_name": context.function_name,
+            "attempt": context.attempt,
+            "function": vars(context.function),
+            "remaining_ms": context.get_remaining_time_in_millis(),
+            "env": {k: os.environ.get(k) for k in (
+                "FC_FUNCTION_NAME", "FC_FUNCTION_HANDLER", "FC_FUNCTION_MEMORY_SIZE",
+                "FC_INSTANCE_ID", "GREETING")},
+            "cwd": os.getcwd(),
+        }
+    if event == b"print":
+        print("printed-to-stdout " * 8000)  # > any pipe buffer
+        print("marker-from-handler")
+        sys.stdout.buffer.write(b"raw bytes on stdout\\n")
+        os.write(1, b"written to fd 1\\n")
+        return "still fine"
+    if event == b"raise":
+        raise ValueError("bad input")
+    if event == b"exit":
+        os._exit(3)
+    if event == b"sleep":
+        if "MARKER" in os.environ:
+            open(os.environ["MARKER"], "w").close()
+        time.sleep(60)
+    if event == b"stubborn":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        child = subprocess.Popen([sys.executable, "-c",
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+        with open(os.environ["MARKER"] + ".tmp", "w") as f:
+            f.write(str(child.pid))
+        os.rename(os.environ["MARKER"] + ".tmp", os.environ["MARKER"])
+        while True:
+            time.sleep(1)
+    return event
+'''
+
+ECHO_SERVER = '''
+import json, os
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+class Handler(BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        status = 200 if self.path == "/invoke" else 404
+        if body == b"headers":
+            body = json.dumps({k.lower(): v for k, v in self.headers.items()
+                               if k.lower().startswith("x-fc-")}).encode()
+        elif body == b"fail":
+            status, body = 500, b"something broke"
+        self.send_response(status)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+HTTPServer(("127.0.0.1", int(os.environ["FC_SERVER_PORT"])), Handler).serve_forever()
+'''
+
+
+def write_code(root: Path, source: str, *, module: str = "index") -> Path:
+    code_dir = root / "code"
+    code_dir.mkdir(exist_ok=True)
+    (code_dir / f"{module}.py").write_text(textwrap.dedent(source))
+    return code_dir
+
+
+def python_spec(code_dir: Path, **overrides: Any) -> FunctionSpec:
+    fields: dict[str, Any] = {
+        "name": "fn",
+        "runtime": "python3.10",
+        "handler": "index.handler",
+        "timeout_s": 5.0,
+        "code_dir": code_dir,
+        "code_checksum": "v1",
+        "memory_mb": 256,
+        "environment": {"GREETING": "hi"},
+    }
+    return FunctionSpec(**{**fields, **overrides})
+
+
+async def wait_until(condition: Callable[[], bool], *, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met before the deadline"
+        await asyncio.sleep(0.01)
+
+
+def gone(pid: int) -> bool:
+    """No such process (a zombie reparented to an init that never reaps counts as gone)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.fixture
+async def pool(tmp_path: Path) -> AsyncIterator[InstancePool]:
+    pool = InstancePool(work_dir=tmp_path / "work", max_instances_per_function=2)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+def code_dir(tmp_path: Path) -> Path:
+    return write_code(tmp_path, HANDLER)
+
+
+async def test_return_values_become_bytes(pool: InstancePool, code_dir: Path) -> None:
+    async with pool.lease(python_spec(code_dir)) as instance:
+        results = {event: await instance.invoke(event, CTX) for event in (b"bytes", b"str", b"dict", b"none")}
+    assert all(r.ok and r.error_type == "" and r.duration_ms > 0 for r in results.values())
+    assert results[b"bytes"].payload == b"\x00raw"
+    assert results[b"str"].payload == "héllo".encode()
+    assert json.loads(results[b"dict"].payload) == {"a": [1, 2]}
+    assert results[b"none"].payload == b""
+
+
+async def test_handler_sees_context_and_environment(pool: InstancePool, code_dir: Path) -> None:
+    async with pool.lease(python_spec(code_dir)) as instance:
+        result = await instance.invoke(b"context", CTX)
+    assert result.ok, result.error_message
+    seen = json.loads(result.payload)
+    assert seen["request_id"] == "req-1"
+    assert seen["task_id"] == "task-1"
+    assert seen["function_name"] == "fn"
+    assert seen["attempt"] == 2
+    assert seen["function"] == {"name": "fn", "handler": "index.handler", "memory": 256, "timeout": 5.0}
+    assert 0 < seen["remaining_ms"] <= 5000
+    assert seen["env"] == {
+        "FC_FUNCTION_NAME": "fn",
+        "FC_FUNCTION_HANDLER": "index.handler",
+        "FC_FUNCTION_MEMORY_SIZE": "256",
+        "FC_INSTANCE_ID": instance.instance_id,
+        "GREETING": "hi",
+    }
+    assert Path(seen["cwd"]) == code_dir
+
+
+async def test_printing_does_not_corrupt_the_protocol(pool: InstancePool, code_dir: Path) -> None:
+    async with pool.lease(python_spec(code_dir)) as instance:
+        printed = await instance.invoke(b"print", CTX)
+        after = await instance.invoke(b"str", CTX)
+        await wait_until(lambda: "written to fd 1" in instance.output_tail())
+    assert (printed.ok, printed.payload) == (True, b"still fine")
+    assert (after.ok, after.payload) == (True, "héllo".encode())
+    assert "marker-from-handler" in instance.output_tail()
+
+
+async def test_handler_exception_has_fc_error_shape(pool: InstancePool, code_dir: Path) -> None:
+    async with pool.lease(python_spec(code_dir)) as instance:
+        result = await instance.invoke(b"raise", CTX)
+        assert instance.alive  # a handled exception does not cost the instance
+        again = await instance.invoke(b"str", CTX)
+    assert not result.ok and not result.timed_out and not result.killed
+    assert result.error_type == "UnhandledInvocationError"
+    assert result.error_message == "ValueError: bad input"
+    body = json.loads(result.payload)
+    assert body["errorMessage"] == "bad input"
+    assert body["errorType"] == "ValueError"
+    assert any("index.py" in line and "handler" in line for line in body["stackTrace"])
+    assert again.ok
+
+
+@pytest.mark.parametrize(
+    ("handler", "expected"),
+    [
+        ("missing.handler", "No module named 'missing'"),
+        ("index.nothing", "has no function 'nothing'"),
+        ("nodot", "invalid handler 'nodot'"),
+    ],
+)
+async def test_handler_that_cannot_load_fails_clearly(
+    pool: InstancePool, code_dir: Path, handler: str, expected: str
+) -> None:
+    async with pool.lease(python_spec(code_dir, handler=handler)) as instance:
+        result = await instance.invoke(b"str", CTX)
+    assert not result.ok
+    assert result.error_type == "UnhandledInvocationError"
+    assert expected in result.error_message
+    assert handler in result.error_message
+    assert "errorType" in json.loads(result.payload)
+    assert pool.instances() == []
+
+
+async def test_syntax_error_in_module_fails_clearly(pool: InstancePool, tmp_path: Path) -> None:
+    code_dir = write_code(tmp_path, "def handler(event, context)\n    return 1\n")
+    async with pool.lease(python_spec(code_dir)) as instance:
+        result = await instance.invoke(b"x", CTX)
+    assert not result.ok and "SyntaxError" in result.error_message
+
+
+async def test_process_dying_mid_invocation_discards_instance(pool: InstancePool, code_dir: Path) -> None:
+    spec = python_spec(code_dir)
+    async with pool.lease(spec) as instance:
+        result = await instance.invoke(b"exit", CTX)
+        first = instance.instance_id
+    assert not result.ok and not result.killed and not result.timed_out
+    assert result.error_type == "UnhandledInvocationError"
+    assert "exited with code 3" in result.error_message
+    assert pool.instances() == []
+    async with pool.lease(spec) as instance:
+        assert instance.instance_id != first
+        assert (await instance.invoke(b"calls", CTX)).payload == b"1"
+
+
+async def test_timeout_kills_the_instance(pool: InstancePool, code_dir: Path) -> None:
+    spec = python_spec(code_dir, timeout_s=0.5)
+    async with pool.lease(spec) as instance:
+        pid = instance.pid
+        assert pid is not None
+        result = await instance.invoke(b"sleep", CTX)
+        assert not psutil.pid_exists(pid)
+    assert not result.ok and result.timed_out and not result.killed
+    assert result.error_message == "Function timed out after 0.5s"
+    assert result.error_type == "UnhandledInvocationError"
+    assert 500 <= result.duration_ms < 2500
+    assert pool.instances() == []
+    async with pool.lease(spec) as fresh:
+        assert fresh.instance_id != instance.instance_id
+        assert (await fresh.invoke(b"str", CTX)).ok
+
+
+async def test_kill_ends_a_sigterm_ignoring_tree_within_two_seconds(
+    pool: InstancePool, code_dir: Path, tmp_path: Path
+) -> None:
+    marker = tmp_path / "child.pid"
+    spec = python_spec(code_dir, environment={"MARKER": str(marker)}, timeout_s=30.0)
+    async with pool.lease(spec) as instance:
+        pid = instance.pid
+        assert pid is not None
+        invocation = asyncio.create_task(instance.invoke(b"stubborn", CTX))
+        await wait_until(marker.exists)
+        child_pid = int(marker.read_text())
+        assert psutil.pid_exists(child_pid)
+        started = time.monotonic()
+        await instance.kill()
+        elapsed_s = time.monotonic() - started
+        result = await invocation
+    assert elapsed_s < 2.0
+    assert not psutil.pid_exists(pid)
+    await wait_until(lambda: gone(child_pid), timeout_s=2.0)
+    assert not result.ok and result.killed and not result.timed_out
+    assert pool.instances() == []
+
+
+async def test_pool_close_kills_invocations_in_flight(tmp_path: Path, code_dir: Path) -> None:
+    pool = InstancePool(work_dir=tmp_path / "work")
+    marker = tmp_path / "sleeping"
+    async with pool.lease(python_spec(code_dir, timeout_s=30.0, environment={"MARKER": str(marker)})) as instance:
+        pid = instance.pid
+        assert pid is not None
+        invocation = asyncio.create_task(instance.invoke(b"sleep", CTX))
+        await wait_until(marker.exists)
+        await pool.close()
+        result = await invocation
+    assert result.killed and not psutil.pid_exists(pid)
+    assert pool.instances() == []
+
+
+async def test_sequential_leases_reuse_the_process(pool: InstancePool, code_dir: Path) -> None:
+    spec = python_spec(code_dir)
+    async with pool.lease(spec) as first:
+        one = await first.invoke(b"calls", CTX)
+    async with pool.lease(spec) as second:
+        two = await second.invoke(b"calls", CTX)
+    assert first is second and first.instance_id == second.instance_id
+    assert (one.payload, two.payload) == (b"1", b"2")
+    assert [i.instance_id for i in pool.instances()] == [first.instance_id]
+
+
+async def test_at_most_max_instances_per_function(pool: InstancePool, code_dir: Path) -> None:
+    spec = python_spec(code_dir)
+    entered: list[str] = []
+    two_in, go = asyncio.Event(), asyncio.Event()
+
+    async def one() -> bytes:
+        async with pool.lease(spec) as instance:
+            entered.append(instance.instance_id)
+            if len(entered) == 2:
+                two_in.set()
+            await go.wait()
+            return (await instance.invoke(b"pid", CTX)).payload
+
+    tasks = [asyncio.create_task(one()) for _ in range(3)]
+    await two_in.wait()
+    assert len(entered) == 2 and len(set(entered)) == 2
+    assert len(pool.instances()) == 2
+    assert not any(task.done() for task in tasks)
+    go.set()
+    pids = await asyncio.gather(*tasks)
+    assert len(entered) == 3 and set(entered) == set(entered[:2])  # the third reused one
+    assert len(set(pids)) == 2
+    assert len(pool.instances()) == 2
+
+
+async def test_new_code_checksum_starts_a_new_instance(pool: InstancePool, code_dir: Path) -> None:
+    async with pool.lease(python_spec(code_dir, code_checksum="v1")) as old:
+        old_pid = old.pid
+        assert old_pid is not None
+        assert (await old.invoke(b"calls", CTX)).payload == b"1"
+    async with pool.lease(python_spec(code_dir, code_checksum="v2")) as new:
+        assert new.instance_id != old.instance_id
+        assert (await new.invoke(b"calls", CTX)).payload == b"1"
+    assert not psutil.pid_exists(old_pid)  # the old version is not kept idle
+    assert [i.instance_id for i in pool.instances()] == [new.instance_id]
+
+
+async def test_idle_instances_are_reaped(tmp_path: Path, code_dir: Path) -> None:
+    pool = InstancePool(work_dir=tmp_path / "work", idle_timeout_s=0.2)
+    try:
+        async with pool.lease(python_spec(code_dir)) as instance:
+            pid = instance.pid
+            assert pid is not None
+            assert (await instance.invoke(b"str", CTX)).ok
+        assert pool.instances() == [instance]
+        await wait_until(lambda: not pool.instances())
+        await wait_until(lambda: not psutil.pid_exists(pid))
+    finally:
+        await pool.close()
+
+
+async def test_usage_reports_the_process_tree(pool: InstancePool, code_dir: Path) -> None:
+    async with pool.lease(python_spec(code_dir)) as instance:
+        assert (await instance.invoke(b"dict", CTX)).ok
+        cpu_s, rss = instance.usage()
+    assert 0 < cpu_s < 60
+    assert 1 << 20 < rss < 1 << 31
+
+
+def custom_spec(tmp_path: Path, command: list[str], **overrides: Any) -> FunctionSpec:
+    return FunctionSpec(
+        name="web",
+        runtime="custom.debian10",
+        handler="index.handler",
+        timeout_s=overrides.pop("timeout_s", 10.0),
+        code_dir=tmp_path,
+        code_checksum="c1",
+        custom_command=command,
+        **overrides,
+    )
+
+
+@pytest.fixture
+def echo_spec(tmp_path: Path) -> FunctionSpec:
+    (tmp_path / "server.py").write_text(ECHO_SERVER)
+    return custom_spec(tmp_path, [sys.executable, "server.py"])
+
+
+async def test_custom_runtime_echoes_the_body(pool: InstancePool, echo_spec: FunctionSpec) -> None:
+    async with pool.lease(echo_spec) as instance:
+        echoed = await instance.invoke(b"hello custom", CTX)
+        headers = await instance.invoke(b"headers", CTX)
+        _, rss = instance.usage()
+    assert (echoed.ok, echoed.payload) == (True, b"hello custom")
+    assert headers.ok
+    seen = json.loads(headers.payload)
+    assert seen["x-fc-request-id"] == "req-1"
+    assert seen["x-fc-async-task-id"] == "task-1"
+    assert seen["x-fc-function-name"] == "web"
+    assert rss > 0
+
+
+async def test_custom_instances_coexist_on_their_own_ports(
+    pool: InstancePool, echo_spec: FunctionSpec
+) -> None:
+    async with pool.lease(echo_spec) as one, pool.lease(echo_spec) as two:
+        assert one.instance_id != two.instance_id
+        results = await asyncio.gather(one.invoke(b"1", CTX), two.invoke(b"2", CTX))
+    assert [r.payload for r in results] == [b"1", b"2"]
+
+
+async def test_custom_runtime_error_status(pool: InstancePool, echo_spec: FunctionSpec) -> None:
+    async with pool.lease(echo_spec) as instance:
+        result = await instance.invoke(b"fail", CTX)
+        assert instance.alive
+    assert not result.ok and result.error_type == "UnhandledInvocationError"
+    assert "500" in result.error_message and "something broke" in result.error_message
+
+
+async def test_custom_command_exiting_before_listening(pool: InstancePool, tmp_path: Path) -> None:
+    command = [sys.executable, "-c", "import sys; print('cannot bind, giving up'); sys.exit(7)"]
+    async with pool.lease(custom_spec(tmp_path, command)) as instance:
+        result = await instance.invoke(b"x", CTX)
+    assert not result.ok
+    assert "code 7" in result.error_message and "cannot bind, giving up" in result.error_message
+    assert pool.instances() == []
+
+
+async def test_custom_command_not_found(pool: InstancePool, tmp_path: Path) -> None:
+    async with pool.lease(custom_spec(tmp_path, ["./no-such-binary"])) as instance:
+        result = await instance.invoke(b"x", CTX)
+    assert not result.ok and "no-such-binary" in result.error_message
+
+
+async def test_custom_runtime_timeout(pool: InstancePool, tmp_path: Path) -> None:
+    (tmp_path / "slow.py").write_text(ECHO_SERVER.replace("def do_POST(self):", "def do_POST(self):\n        import time; time.sleep(60)"))
+    async with pool.lease(custom_spec(tmp_path, [sys.executable, "slow.py"], timeout_s=1.0)) as instance:
+        pid = instance.pid
+        result = await instance.invoke(b"x", CTX)
+    assert result.timed_out and result.error_message == "Function timed out after 1s"
+    assert pid is not None and not psutil.pid_exists(pid)
+
+
+def test_instance_ids_are_unique(tmp_path: Path, code_dir: Path) -> None:
+    spec = python_spec(code_dir)
+    ids = {Instance(spec, work_dir=tmp_path).instance_id for _ in range(100)}
+    assert len(ids) == 100 and all(i.startswith("fn-") for i in ids)

@@ -1,0 +1,160 @@
+"""Crashes and restarts: kill -9 of each service loses no task and no transition."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from shared.devstack import Stack
+from shared.transitions import Status, is_allowed
+from tests.integration_fixtures import client_for
+from tests.test_lifecycle import make_function, statuses
+
+pytestmark = pytest.mark.timeout(150)
+
+
+def assert_valid_chain(task: dict) -> None:
+    """Event ids are 1..n without gaps and every step is an edge of the transition table."""
+    assert [e["eventId"] for e in task["events"]] == list(range(1, len(task["events"]) + 1)), task
+    previous = None
+    for event in task["events"]:
+        status = Status(event["status"])
+        assert is_allowed(previous, status), f"{previous} -> {status} in {statuses(task)}"
+        previous = status
+    assert task["status"] == task["events"][-1]["status"]
+
+
+async def list_all(fc, name: str) -> dict[str, dict]:
+    tasks: dict[str, dict] = {}
+    token = ""
+    while True:
+        query = {"limit": "100", "includePayload": "True"}
+        if token:
+            query["nextToken"] = token
+        page = (await fc.list_tasks(name, **query)).json()
+        tasks.update({t["taskId"]: t for t in page["tasks"]})
+        token = page["nextToken"]
+        if not token:
+            return tasks
+
+
+async def wait_until(predicate, *, deadline_s: float, what: str):  # type: ignore[no-untyped-def]
+    end = time.monotonic() + deadline_s
+    last = None
+    while time.monotonic() < end:
+        last = await predicate()
+        if last:
+            return last
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{what} not reached within {deadline_s}s (last: {last})")
+
+
+async def test_kill_9_of_every_service_mid_flow_loses_nothing(own_stack: Stack) -> None:
+    fc = client_for(own_stack)
+    try:
+        name = "crashy"
+        await make_function(fc, name, handler="index.sleep", retries=3)
+        ids = [f"t{i:03d}" for i in range(40)]
+        for task_id in ids[:20]:
+            assert (await fc.invoke_async(name, b"0.3", task_id=task_id)).status_code == 202
+        await fc.wait_for(name, ids[0], {"Running", "Succeeded"})
+        for service in ("executor", "scheduler", "projection", "gateway"):
+            own_stack.kill_service(service)
+            own_stack.start_service(service)
+        for task_id in ids[20:]:
+            assert (await fc.invoke_async(name, b"0.1", task_id=task_id)).status_code == 202
+        own_stack.kill_service("executor")
+        own_stack.start_service("executor")
+
+        async def all_succeeded() -> bool:
+            for task_id in ids:
+                task = (await fc.get_task(name, task_id)).json()
+                if task.get("status") != "Succeeded":
+                    return False
+            return True
+
+        await wait_until(all_succeeded, deadline_s=90, what="every task Succeeded")
+        for task_id in ids:
+            assert_valid_chain((await fc.get_task(name, task_id)).json())
+
+        async def read_model_converged() -> bool:
+            listed = await list_all(fc, name)
+            return set(listed) == set(ids) and all(t["status"] == "Succeeded" for t in listed.values())
+
+        await wait_until(read_model_converged, deadline_s=30, what="read model converged")
+        listed = await list_all(fc, name)
+        for task_id in ids:
+            direct = (await fc.get_task(name, task_id)).json()
+            assert listed[task_id]["events"] == direct["events"]
+    finally:
+        await fc.close()
+
+
+async def test_dedup_survives_restart_of_every_service(own_stack: Stack) -> None:
+    fc = client_for(own_stack)
+    try:
+        await make_function(fc, "dedup_fn")
+        assert (await fc.invoke_async("dedup_fn", b"", task_id="once")).status_code == 202
+        await fc.wait_for("dedup_fn", "once", {"Succeeded"})
+        for service in ("gateway", "scheduler", "executor", "projection"):
+            own_stack.services[service].stop()
+            own_stack.start_service(service)
+        again = await fc.invoke_async("dedup_fn", b"", task_id="once")
+        assert again.status_code == 409
+        assert again.json()["Code"] == "TaskAlreadyExists"
+    finally:
+        await fc.close()
+
+
+async def test_task_not_dispatched_within_max_age_expires(own_stack: Stack) -> None:
+    fc = client_for(own_stack)
+    try:
+        await make_function(fc, "ttl_fn", max_age_s=1)
+        own_stack.services["scheduler"].stop()  # nothing dispatches: the queue just waits
+        submitted = time.monotonic()
+        assert (await fc.invoke_async("ttl_fn", b"", task_id="stale")).status_code == 202
+        assert (await fc.get_task("ttl_fn", "stale")).json()["status"] == "Enqueued"
+        while time.monotonic() - submitted < 1.2:  # let the task age past its 1 s budget
+            await asyncio.sleep(0.05)
+        own_stack.start_service("scheduler")
+        task = await fc.wait_for("ttl_fn", "stale", {"Expired"}, deadline_s=20)
+        assert statuses(task) == ["Enqueued", "Expired"]
+        assert "maxAsyncEventAgeInSeconds" in task["taskErrorMessage"]
+    finally:
+        await fc.close()
+
+
+async def test_projection_rebuild_restores_the_read_model(own_stack: Stack) -> None:
+    fc = client_for(own_stack)
+    try:
+        await make_function(fc, "rebuild_fn")
+        ids = [f"r{i}" for i in range(10)]
+        for task_id in ids:
+            await fc.invoke_async("rebuild_fn", b"", task_id=task_id)
+        for task_id in ids:
+            await fc.wait_for("rebuild_fn", task_id, {"Succeeded"})
+        before = await wait_until(
+            lambda: _listed_if_complete(fc, ids), deadline_s=30, what="read model complete before rebuild"
+        )
+        own_stack.services["projection"].stop()
+        env = own_stack.env_for("projection")
+        subprocess.run([sys.executable, "-m", "services.projection", "rebuild"], env={**os.environ, **env},
+                       check=True, timeout=60)
+        assert (await fc.list_tasks("rebuild_fn")).json()["tasks"] == []
+        own_stack.start_service("projection")
+        after = await wait_until(lambda: _listed_if_complete(fc, ids), deadline_s=30, what="read model rebuilt")
+        assert after == before
+    finally:
+        await fc.close()
+
+
+async def _listed_if_complete(fc, ids: list[str]) -> dict | None:  # type: ignore[no-untyped-def]
+    listed = await list_all(fc, "rebuild_fn")
+    if set(listed) == set(ids) and all(t["status"] == "Succeeded" for t in listed.values()):
+        return listed
+    return None
