@@ -79,6 +79,7 @@ async def consume(
                 msgs = await sub.fetch(batch, timeout=wait_s)
             except (NatsTimeoutError, asyncio.TimeoutError):
                 continue
-            await handle_batch(msgs)
+            if msgs:
+                await handle_batch(msgs)
     finally:
         await sub.unsubscribe()

@@ -3,10 +3,10 @@
 The projection folds a task's events into its FC `AsyncTask` JSON (camelCase) plus a few
 internal fields (`_id`, `functionName`, `version`, `expireAt`) and saves whole documents in
 bulk; the gateway serves GetAsyncTask and ListAsyncTasks from here. Every query shape used in
-this module (equality, `$in`, ranges on ints and strings, one `$or` for the keyset, sort + limit,
-exclusion projections) has been checked against the embedded nx-27017 server as well as
-MongoDB. Avoid `$exists` (nx-27017 treats a null-valued field as missing), `$push` and
-aggregation here: the embedded server gets them wrong.
+this module (equality, `$in`, ranges on ints and strings, several range operators on one field,
+sort + limit, exclusion projections) has been checked against the embedded nx-27017 server as
+well as MongoDB. Avoid `$exists` (nx-27017 treats a null-valued field as missing), `$push` and
+aggregation here: the embedded server gets them wrong; `$or` works there but is slow.
 """
 
 from __future__ import annotations
@@ -153,32 +153,50 @@ def _decode_token(query: TaskQuery, token: str) -> _Cursor:
     return cursor
 
 
-def _list_filter(query: TaskQuery, after: _Cursor | None) -> Document:
-    """The find filter for `query`, continuing strictly after `after` in the requested order."""
-    flt: Document = {"functionName": query.function}
+def _list_filters(query: TaskQuery, after: _Cursor | None) -> list[Document]:
+    """The find filters whose concatenated results, in order, are `query`'s next tasks.
+
+    Without a token that is one filter. After a token at (startedTime s, taskId t) it is two,
+    both plain index range scans: the rest of the tie at s (taskId beyond t), then every later
+    startedTime. This replaces the textbook `$or` keyset, which nx-27017 evaluates about three
+    times slower than the two range queries together; MongoDB serves both from the listing
+    index either way. A token's position outside the time range yields no tie query.
+    """
+    base: Document = {"functionName": query.function}
     if query.status:
-        flt["status"] = query.status
+        base["status"] = query.status
+    task_range: Document = {}
     if query.prefix:
+        task_range["$gte"] = query.prefix
         upper = prefix_upper_bound(query.prefix)
-        flt["taskId"] = {"$gte": query.prefix} if upper is None else {"$gte": query.prefix, "$lt": upper}
-    started: Document = {}
+        if upper is not None:
+            task_range["$lt"] = upper
+    started_range: Document = {}
     if query.started_time_begin is not None:
-        started["$gte"] = query.started_time_begin
+        started_range["$gte"] = query.started_time_begin
     if query.started_time_end is not None:
-        started["$lte"] = query.started_time_end
-    if after is not None:
-        # Keyset on (startedTime, taskId): the top-level bound keeps the index scan tight and the
-        # $or breaks ties among tasks submitted in the same millisecond.
-        at, task_id = after.started_time, after.task_id
-        if query.descending:
-            started["$lte"] = min(at, started.get("$lte", at))
-            flt["$or"] = [{"startedTime": {"$lt": at}}, {"taskId": {"$lt": task_id}}]
-        else:
-            started["$gte"] = max(at, started.get("$gte", at))
-            flt["$or"] = [{"startedTime": {"$gt": at}}, {"taskId": {"$gt": task_id}}]
-    if started:
-        flt["startedTime"] = started
-    return flt
+        started_range["$lte"] = query.started_time_end
+
+    def with_ranges(task_extra: Document, started: Document | int) -> Document:
+        flt = dict(base)
+        if task_range or task_extra:
+            flt["taskId"] = {**task_range, **task_extra}
+        if started or isinstance(started, int):
+            flt["startedTime"] = started
+        return flt
+
+    if after is None:
+        return [with_ranges({}, started_range)]
+    at, task_id = after.started_time, after.task_id
+    # Several operators on one field AND together (MongoDB semantics, verified on nx-27017).
+    beyond = "$lt" if query.descending else "$gt"
+    rest = with_ranges({}, {**started_range, beyond: at})
+    in_range = (query.started_time_begin is None or at >= query.started_time_begin) and (
+        query.started_time_end is None or at <= query.started_time_end
+    )
+    if not in_range:
+        return [rest]
+    return [with_ranges({beyond: task_id}, at), rest]
 
 
 def _public_projection(*, include_payload: bool) -> Document:
@@ -329,12 +347,15 @@ class TaskStore:
             raise InvalidArgument(f"limit must be at least 1, got {query.limit}")
         after = _decode_token(query, query.next_token) if query.next_token else None
         direction = DESCENDING if query.descending else ASCENDING
-        cursor = (
-            self._tasks.find(_list_filter(query, after), _public_projection(include_payload=query.include_payload))
-            .sort([("startedTime", direction), ("taskId", direction)])
-            .limit(query.limit + 1)
-        )
-        docs = await cursor.to_list()
+        projection = _public_projection(include_payload=query.include_payload)
+        sort = [("startedTime", direction), ("taskId", direction)]
+        fetch = query.limit + 1
+        async with asyncio.TaskGroup() as group:  # the parts run concurrently
+            parts = [
+                group.create_task(self._tasks.find(flt, projection).sort(sort).limit(fetch).to_list())
+                for flt in _list_filters(query, after)
+            ]
+        docs = [doc for part in parts for doc in part.result()][:fetch]
         if len(docs) <= query.limit:
             return TaskPage(tasks=docs, next_token="")
         page = docs[: query.limit]

@@ -46,3 +46,5 @@ async def task_store(mongo_url: str) -> AsyncIterator[TaskStore]:
             await client.drop_database(database)
         finally:
             await store.close()
+
+pytest_plugins = ["tests.integration_fixtures"]

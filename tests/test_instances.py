@@ -14,7 +14,8 @@ from typing import Any
 import psutil
 import pytest
 
-from services.executor.instances import FunctionSpec, Instance, InstancePool, InvokeContext
+from services.executor.instances import FunctionSpec, InstancePool, InvokeContext
+from shared.errors import ServiceUnavailable
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -135,7 +136,7 @@ async def wait_until(condition: Callable[[], bool], *, timeout_s: float = 5.0) -
 def gone(pid: int) -> bool:
     """No such process (a zombie reparented to an init that never reaps counts as gone)."""
     try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return True
 
@@ -149,6 +150,7 @@ async def pool(tmp_path: Path) -> AsyncIterator[InstancePool]:
 
 @pytest.fixture
 def code_dir(tmp_path: Path) -> Path:
+    write_code(tmp_path, "def handler(event, context)\n    return 1\n", module="broken")
     return write_code(tmp_path, HANDLER)
 
 
@@ -214,6 +216,7 @@ async def test_handler_exception_has_fc_error_shape(pool: InstancePool, code_dir
         ("missing.handler", "No module named 'missing'"),
         ("index.nothing", "has no function 'nothing'"),
         ("nodot", "invalid handler 'nodot'"),
+        ("broken.handler", "SyntaxError"),
     ],
 )
 async def test_handler_that_cannot_load_fails_clearly(
@@ -227,13 +230,6 @@ async def test_handler_that_cannot_load_fails_clearly(
     assert handler in result.error_message
     assert "errorType" in json.loads(result.payload)
     assert pool.instances() == []
-
-
-async def test_syntax_error_in_module_fails_clearly(pool: InstancePool, tmp_path: Path) -> None:
-    code_dir = write_code(tmp_path, "def handler(event, context)\n    return 1\n")
-    async with pool.lease(python_spec(code_dir)) as instance:
-        result = await instance.invoke(b"x", CTX)
-    assert not result.ok and "SyntaxError" in result.error_message
 
 
 async def test_process_dying_mid_invocation_discards_instance(pool: InstancePool, code_dir: Path) -> None:
@@ -302,6 +298,9 @@ async def test_pool_close_kills_invocations_in_flight(tmp_path: Path, code_dir: 
         result = await invocation
     assert result.killed and not psutil.pid_exists(pid)
     assert pool.instances() == []
+    with pytest.raises(ServiceUnavailable):
+        async with pool.lease(python_spec(code_dir)):
+            pass
 
 
 async def test_sequential_leases_reuse_the_process(pool: InstancePool, code_dir: Path) -> None:
@@ -353,7 +352,7 @@ async def test_new_code_checksum_starts_a_new_instance(pool: InstancePool, code_
 
 
 async def test_idle_instances_are_reaped(tmp_path: Path, code_dir: Path) -> None:
-    pool = InstancePool(work_dir=tmp_path / "work", idle_timeout_s=0.2)
+    pool = InstancePool(work_dir=tmp_path / "work", idle_timeout_s=0.5)
     try:
         async with pool.lease(python_spec(code_dir)) as instance:
             pid = instance.pid
@@ -433,6 +432,20 @@ async def test_custom_command_exiting_before_listening(pool: InstancePool, tmp_p
     assert pool.instances() == []
 
 
+async def test_custom_command_that_never_listens(tmp_path: Path) -> None:
+    pool = InstancePool(work_dir=tmp_path / "work", start_timeout_s=0.5)
+    command = [sys.executable, "-c", "import time; time.sleep(60)"]
+    try:
+        async with pool.lease(custom_spec(tmp_path, command, timeout_s=0.2)) as instance:
+            pid = instance.pid
+            result = await instance.invoke(b"x", CTX)
+    finally:
+        await pool.close()
+    assert not result.ok and result.timed_out
+    assert result.error_message == "Function instance did not start within 0.5s"
+    assert pid is not None and not psutil.pid_exists(pid)
+
+
 async def test_custom_command_not_found(pool: InstancePool, tmp_path: Path) -> None:
     async with pool.lease(custom_spec(tmp_path, ["./no-such-binary"])) as instance:
         result = await instance.invoke(b"x", CTX)
@@ -440,15 +453,10 @@ async def test_custom_command_not_found(pool: InstancePool, tmp_path: Path) -> N
 
 
 async def test_custom_runtime_timeout(pool: InstancePool, tmp_path: Path) -> None:
-    (tmp_path / "slow.py").write_text(ECHO_SERVER.replace("def do_POST(self):", "def do_POST(self):\n        import time; time.sleep(60)"))
+    slow = ECHO_SERVER.replace("def do_POST(self):", "def do_POST(self):\n        __import__('time').sleep(60)")
+    (tmp_path / "slow.py").write_text(slow)
     async with pool.lease(custom_spec(tmp_path, [sys.executable, "slow.py"], timeout_s=1.0)) as instance:
         pid = instance.pid
         result = await instance.invoke(b"x", CTX)
     assert result.timed_out and result.error_message == "Function timed out after 1s"
     assert pid is not None and not psutil.pid_exists(pid)
-
-
-def test_instance_ids_are_unique(tmp_path: Path, code_dir: Path) -> None:
-    spec = python_spec(code_dir)
-    ids = {Instance(spec, work_dir=tmp_path).instance_id for _ in range(100)}
-    assert len(ids) == 100 and all(i.startswith("fn-") for i in ids)

@@ -51,7 +51,7 @@ async def run(settings: ExecutorSettings, stop: asyncio.Event) -> None:
         code = CodeCache(catalog=catalog, root=settings.common.data_dir / "code")
         runner = TaskRunner(events=EventStore(js), catalog=catalog, code=code, pool=pool, metrics=metrics,
                             settings=settings)
-        sync = SyncInvoker(catalog=catalog, code=code, pool=pool)
+        sync = SyncInvoker(nc=nc, catalog=catalog, code=code, pool=pool)
 
         def spawn(coro) -> None:  # type: ignore[no-untyped-def]
             task = asyncio.create_task(coro)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Final
+from typing import ClassVar, Final
 
 import httpx
 
@@ -26,10 +26,14 @@ READY_POLL_S: Final = 0.02
 ERROR_BODY_CHARS: Final = 1024
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_port(taken: set[int]) -> int:
+    """A port nobody listens on now and that no instance of ours holds (it may not have bound yet)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in taken:
+            return port
 
 
 async def accepts(port: int) -> bool:
@@ -47,11 +51,15 @@ class CustomRuntimeInstance(Instance):
 
     port = 0
     _client: httpx.AsyncClient | None = None
+    # Ports are a process-wide resource: two instances starting at once must not get the same one,
+    # or the second could mistake the first's server for its own.
+    _ports_taken: ClassVar[set[int]] = set()
 
     async def _launch(self) -> InvocationResult | None:
         if not self.spec.custom_command:
             return failure("custom runtime needs a command", kind="InitializationError")
-        self.port = free_port()
+        self.port = free_port(self._ports_taken)
+        self._ports_taken.add(self.port)
         env = {**self._environment(), "FC_SERVER_PORT": str(self.port)}
         await self._spawn(self.spec.custom_command, env=env, python=False)
         assert self._exited is not None
@@ -93,5 +101,6 @@ class CustomRuntimeInstance(Instance):
         return failure(f"Custom runtime returned HTTP {response.status_code}: {body}", kind="HTTPError")
 
     async def _release_resources(self) -> None:
+        self._ports_taken.discard(self.port)
         if self._client is not None:
             await self._client.aclose()

@@ -9,6 +9,7 @@ knows about NATS or MongoDB; the executor service drives it.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import shutil
@@ -73,9 +74,8 @@ def failure(
 ) -> InvocationResult:
     """A failed result whose payload is FC's error JSON; `kind` becomes its errorType."""
     body = msgspec.json.encode({"errorMessage": message, "errorType": kind})
-    return InvocationResult(
-        ok=False, payload=body, error_message=message, error_type=error_type, timed_out=timed_out, killed=killed
-    )
+    return InvocationResult(ok=False, payload=body, error_message=message, error_type=error_type,
+                            timed_out=timed_out, killed=killed)
 
 
 def _describe_exit(code: int | None) -> str:
@@ -122,27 +122,22 @@ class Instance:
     @property
     def alive(self) -> bool:
         """Running, started successfully and not stopped: fit to serve another invocation."""
-        return (
-            self._proc is not None
-            and self._proc.returncode is None
-            and not self._stop_reason
-            and self._init_failure is None
-        )
+        running = self._proc is not None and self._proc.returncode is None
+        return running and not self._stop_reason and self._init_failure is None
 
     def output_tail(self) -> str:
         """The last few KB the process wrote to stdout/stderr (for error messages and tests)."""
         return self._tail.decode(errors="replace")
 
-    async def start(self) -> None:
-        """Start the process; a failure to start is kept and returned by every `invoke`."""
+    async def start(self, *, timeout_s: float | None = None) -> None:
+        """Start the process and wait until it serves, for at most `timeout_s` (default: the function's
+        timeout); a failure to start is kept and returned by every `invoke`."""
+        bound_s = self.spec.timeout_s if timeout_s is None else timeout_s
         try:
-            failed = await asyncio.wait_for(self._launch(), timeout=self.spec.timeout_s)
+            failed = await asyncio.wait_for(self._launch(), timeout=bound_s)
         except TimeoutError:
-            failed = failure(
-                f"Function instance did not start within {self.spec.timeout_s:g}s",
-                timed_out=True,
-                kind="InitializationTimeout",
-            )
+            message = f"Function instance did not start within {bound_s:g}s"
+            failed = failure(message, kind="InitializationTimeout", timed_out=True)
         except OSError as exc:  # e.g. the custom command does not exist
             failed = failure(f"Function instance failed to start: {exc}", kind="InitializationError")
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -192,9 +187,8 @@ class Instance:
         assert self._exited is not None
         call = asyncio.ensure_future(self._call(payload, context))
         try:
-            done, _ = await asyncio.wait(
-                {call, self._exited}, timeout=self.spec.timeout_s, return_when=asyncio.FIRST_COMPLETED
-            )
+            either = {call, self._exited}
+            done, _ = await asyncio.wait(either, timeout=self.spec.timeout_s, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             call.cancel()
             self._stop_reason = self._stop_reason or "crashed"  # the protocol is mid-request
@@ -205,8 +199,7 @@ class Instance:
         call.cancel()
         if not done:
             await self._stop("timeout")
-            timeout = f"{self.spec.timeout_s:g}"
-            return failure(f"Function timed out after {timeout}s", timed_out=True, kind="FunctionTimeout")
+            return failure(f"Function timed out after {self.spec.timeout_s:g}s", kind="FunctionTimeout", timed_out=True)
         return await self._ended("during the invocation")
 
     async def _ended(self, when: str) -> InvocationResult:
@@ -217,10 +210,7 @@ class Instance:
         if self._exited is not None:
             with suppress(TimeoutError):
                 code = await asyncio.wait_for(asyncio.shield(self._exited), timeout=1.0)
-        await self._stop("crashed")
-        if self._drain is not None:  # let the last words reach the tail
-            with suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(self._drain), timeout=0.5)
+        await self._stop("crashed")  # also drains the last of its output into the tail
         tail = self.output_tail().strip()[-1024:]
         message = f"Function instance {_describe_exit(code)} {when}"
         return failure(f"{message}; output: {tail}" if tail else message, kind="InstanceExited")
@@ -263,27 +253,21 @@ class Instance:
 
     def _environment(self) -> dict[str, str]:
         self._tmp_dir.mkdir(parents=True, exist_ok=True)
-        return {
-            **os.environ,
-            **self.spec.environment,
-            "FC_FUNCTION_NAME": self.spec.name,
-            "FC_FUNCTION_HANDLER": self.spec.handler,
-            "FC_FUNCTION_MEMORY_SIZE": str(self.spec.memory_mb),
-            "FC_INSTANCE_ID": self.instance_id,
-            "FC_FUNC_CODE_PATH": str(self.spec.code_dir),
-            "TMPDIR": str(self._tmp_dir),
+        spec = self.spec
+        return {  # FC's variables win over the function's own
+            **os.environ, **spec.environment,
+            "FC_FUNCTION_NAME": spec.name, "FC_FUNCTION_HANDLER": spec.handler,
+            "FC_FUNCTION_MEMORY_SIZE": str(spec.memory_mb), "FC_INSTANCE_ID": self.instance_id,
+            "FC_FUNC_CODE_PATH": str(spec.code_dir), "TMPDIR": str(self._tmp_dir),
         }
 
     async def _spawn(self, argv: Sequence[str], *, env: Mapping[str, str], python: bool) -> None:
         pipe = asyncio.subprocess.PIPE
         self._proc = await asyncio.create_subprocess_exec(
-            *argv,
-            cwd=self.spec.code_dir,
-            env=env,
-            stdin=pipe if python else asyncio.subprocess.DEVNULL,
-            stdout=pipe,
+            *argv, cwd=self.spec.code_dir, env=env, start_new_session=True,  # own group: kill reaches the tree
+            preexec_fn=_die_with_parent,
+            stdin=pipe if python else asyncio.subprocess.DEVNULL, stdout=pipe,
             stderr=pipe if python else asyncio.subprocess.STDOUT,
-            start_new_session=True,
         )
         self._exited = asyncio.ensure_future(self._proc.wait())
         output = self._proc.stderr if python else self._proc.stdout
@@ -311,43 +295,29 @@ class PythonInstance(Instance):
 
     async def _launch(self) -> InvocationResult | None:
         env = self._environment()
-        # The worker module must be importable whatever the cwd (the code dir) is.
+        # The worker must import whatever the cwd is; -P keeps the code dir from shadowing it (the
+        # worker puts the code dir first on sys.path itself, after it has started).
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO_ROOT, env.get("PYTHONPATH", "")) if p)
-        await self._spawn([sys.executable, "-m", "services.executor.python_worker"], env=env, python=True)
-        init = proto.Init(
-            function_name=self.spec.name,
-            handler=self.spec.handler,
-            memory_mb=self.spec.memory_mb,
-            timeout_s=self.spec.timeout_s,
-            instance_id=self.instance_id,
-            code_dir=str(self.spec.code_dir),
-        )
-        ready = self._decode_ready(await self._exchange(proto.encode_frame(init)))
+        await self._spawn([sys.executable, "-P", "-m", "services.executor.python_worker"], env=env, python=True)
+        spec = self.spec
+        init = proto.Init(function_name=spec.name, handler=spec.handler, memory_mb=spec.memory_mb,
+                          timeout_s=spec.timeout_s, instance_id=self.instance_id, code_dir=str(spec.code_dir))
+        ready = self._decode_ready(await self._exchange(init))
         if ready.ok:
             return None
-        return InvocationResult(
-            ok=False, payload=ready.error_payload, error_message=ready.error_message, error_type=UNHANDLED
-        )
+        return InvocationResult(ok=False, payload=ready.error_payload, error_message=ready.error_message,
+                                error_type=UNHANDLED)
 
     async def _call(self, payload: bytes, context: InvokeContext) -> InvocationResult:
-        request = proto.Request(
-            request_id=context.request_id, task_id=context.task_id, attempt=context.attempt, payload=payload
-        )
-        response = self._decode_response(await self._exchange(proto.encode_frame(request)))
-        return InvocationResult(
-            ok=response.ok,
-            payload=response.payload,
-            error_message=response.error_message,
-            error_type=response.error_type,
-        )
+        request = proto.Request(request_id=context.request_id, task_id=context.task_id, attempt=context.attempt,
+                                payload=payload)
+        response = self._decode_response(await self._exchange(request))
+        return InvocationResult(ok=response.ok, payload=response.payload, error_message=response.error_message,
+                                error_type=response.error_type)
 
-    async def _exchange(self, frame: bytes) -> bytes:
+    async def _exchange(self, message: msgspec.Struct) -> bytes:
         assert self._proc is not None and self._proc.stdin is not None and self._proc.stdout is not None
-        self._proc.stdin.write(frame)
-        await self._proc.stdin.drain()
-        header = await self._proc.stdout.readexactly(proto.FRAME_HEADER.size)
-        (size,) = proto.FRAME_HEADER.unpack(header)
-        return await self._proc.stdout.readexactly(size)
+        return await proto.exchange(self._proc.stdin, self._proc.stdout, message)
 
 
 def new_instance(spec: FunctionSpec, *, work_dir: Path) -> Instance:
@@ -380,9 +350,13 @@ class InstancePool:
     """Warm instances per function, at most `max_instances_per_function` of them at a time."""
 
     def __init__(
-        self, *, work_dir: Path, max_instances_per_function: int = 4, idle_timeout_s: float = 120.0
+        self, *, work_dir: Path, max_instances_per_function: int = 4, idle_timeout_s: float = 120.0,
+        start_timeout_s: float = 30.0,
     ) -> None:
         self._work_dir = work_dir
+        # A cold start is bounded by max(function timeout, start_timeout_s): like FC, a short invocation
+        # timeout must not make a slow-booting runtime unusable.
+        self._start_timeout_s = start_timeout_s
         self._max = max_instances_per_function
         self._idle_timeout_s = idle_timeout_s
         self._functions: dict[str, _Slots] = {}
@@ -441,7 +415,7 @@ class InstancePool:
         instance = new_instance(spec, work_dir=self._work_dir)
         self._live.add(instance)
         try:
-            await instance.start()
+            await instance.start(timeout_s=max(spec.timeout_s, self._start_timeout_s))
         except BaseException:
             await self._discard(instance)
             raise
@@ -459,8 +433,9 @@ class InstancePool:
             slots.wake()
 
     async def _discard(self, instance: Instance) -> None:
-        self._live.discard(instance)
+        # Forgotten only once gone, so that close() still awaits a discard it interrupted.
         await instance.kill()
+        self._live.discard(instance)
 
     async def _reap_forever(self) -> None:
         interval_s = min(max(self._idle_timeout_s / 4, 0.05), 5.0)
@@ -474,3 +449,13 @@ class InstancePool:
             for outcome in await asyncio.gather(*map(self._discard, expired), return_exceptions=True):
                 if isinstance(outcome, Exception):
                     logger.error("reaping an idle instance failed", exc_info=outcome)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: if the executor dies (even by SIGKILL), so does the
+    instance, so a crashed executor leaves no orphaned handler running a task twice."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -7,8 +7,8 @@ channel, so before importing it the worker moves the protocol onto private dupli
 and 1, points fd 1 (and `sys.stdout`) at stderr and fd 0 at /dev/null. Everything the handler
 prints therefore ends up on stderr, which the parent drains into its logs.
 
-The frame structs and helpers live here (not in the parent module) so this process imports
-nothing but the standard library and msgspec before the user's module.
+Both ends of that protocol (structs, framing, the parent's `exchange`) live here, so this process
+imports nothing but the standard library and msgspec before the user's module.
 """
 
 from __future__ import annotations
@@ -62,6 +62,14 @@ class Response(msgspec.Struct, frozen=True, kw_only=True):
 def encode_frame(message: msgspec.Struct) -> bytes:
     body = msgspec.msgpack.encode(message)
     return FRAME_HEADER.pack(len(body)) + body
+
+
+async def exchange(stdin: asyncio.StreamWriter, stdout: asyncio.StreamReader, message: msgspec.Struct) -> bytes:
+    """The parent's side: send one frame to the worker and read the body of its answer."""
+    stdin.write(encode_frame(message))
+    await stdin.drain()
+    (size,) = FRAME_HEADER.unpack(await stdout.readexactly(FRAME_HEADER.size))
+    return await stdout.readexactly(size)
 
 
 def error_json(exc: BaseException, *, message: str | None = None) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from services.executor.code_cache import CodeCache
@@ -17,7 +18,8 @@ log = logging.getLogger(__name__)
 
 
 class SyncInvoker:
-    def __init__(self, *, catalog: Catalog, code: CodeCache, pool: InstancePool) -> None:
+    def __init__(self, *, nc: Client, catalog: Catalog, code: CodeCache, pool: InstancePool) -> None:
+        self._nc = nc
         self._catalog = catalog
         self._code = code
         self._pool = pool
@@ -27,7 +29,7 @@ class SyncInvoker:
         request_id = (msg.headers or {}).get(wire.REQUEST_ID_HEADER, "")
         function = await self._catalog.find_function(function_name)
         if function is None:
-            await msg.respond(b"", headers={wire.REPLY_SYSTEM_ERROR: FunctionNotFound.code})
+            await self._reply(msg, b"", {wire.REPLY_SYSTEM_ERROR: FunctionNotFound.code})
             return
         spec = await function_spec(function, self._code)
         async with self._pool.lease(spec) as instance:
@@ -36,4 +38,9 @@ class SyncInvoker:
         if not result.ok:
             headers[wire.REPLY_ERROR_TYPE] = result.error_type or "UnhandledInvocationError"
         log.info("sync invocation", extra={"function": function_name, "request_id": request_id, "ok": result.ok})
-        await msg.respond(result.payload, headers=headers)
+        await self._reply(msg, result.payload, headers)
+
+    async def _reply(self, msg: Msg, data: bytes, headers: dict[str, str]) -> None:
+        # Msg.respond cannot carry headers; the reply subject takes a plain publish.
+        if msg.reply:
+            await self._nc.publish(msg.reply, data, headers=headers)

@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -26,7 +27,19 @@ from services.gateway.validation import accepted_request_id, new_request_id
 log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER: Final = "x-fc-request-id"
-_encode = msgspec.json.Encoder().encode
+CLIENT_CLOSED_REQUEST: Final = 499  # FC's status for a request the client abandoned
+
+
+def _enc_hook(obj: Any) -> Any:
+    # Documents read from MongoDB may hold BSON's int subclasses (Int64) and similar wrappers.
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj)
+    raise NotImplementedError(f"cannot encode {type(obj).__name__} as JSON")
+
+
+_encode = msgspec.json.Encoder(enc_hook=_enc_hook).encode
 
 
 class InternalServerError(TaskmodeError):
@@ -129,6 +142,10 @@ class RequestContextMiddleware:
         began = time.perf_counter()
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            # The caller went away mid-request: nothing to answer and nothing went wrong here.
+            status = CLIENT_CLOSED_REQUEST
+            log.info("client disconnected", extra={"path": scope.get("path", ""), "request_id": request_id})
         except Exception:
             log.exception(
                 "unhandled error", extra={"path": scope.get("path", ""), "method": scope.get("method", "")}

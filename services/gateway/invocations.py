@@ -87,7 +87,10 @@ async def _submit(request: Request, function: FunctionRecord, *, qualifier: str)
         await resources.events.append(event, expected_seq=0)
     except ConcurrentUpdateError as err:
         metrics.submissions.labels(outcome="duplicate").inc()
-        log.info("task submission refused: duplicate id", extra={"task_id": task_id, "function": name, "status": "Duplicate"})
+        log.info(
+            "task submission refused: duplicate task id",
+            extra={"task_id": task_id, "function": name, "status": "Rejected", "request_id": request_id},
+        )
         raise TaskAlreadyExists(
             f"task {task_id} already exists for function {name}; task ids are unique for the retention period",
             existing_task_id=task_id,

@@ -1,0 +1,183 @@
+"""Full-stack benchmark: no-op tasks through HTTP, every transition projected, vs raw JetStream.
+
+Prints figures; asserts nothing about speed. Run: `make bench` (or `python -m bench.full_stack
+--tasks 2000 --rate 50 --paced 300`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import nats
+import psutil
+from nats.js.api import StreamConfig
+
+from shared.devstack import Stack, free_port
+from tests.fc_client import FcClient
+
+KEY_ID, SECRET = "benchkey", "benchsecret"
+NOOP = "def handler(event, context):\n    return event\n"
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def fmt_ms(values: list[float]) -> str:
+    return f"p50 {pct(values, 50):7.1f} ms   p90 {pct(values, 90):7.1f} ms   p99 {pct(values, 99):7.1f} ms"
+
+
+async def submit_many(fc: FcClient, name: str, ids: list[str], *, concurrency: int) -> float:
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for task_id in ids:
+        queue.put_nowait(task_id)
+
+    async def worker() -> None:
+        while not queue.empty():
+            task_id = queue.get_nowait()
+            response = await fc.invoke_async(name, b"{}", task_id=task_id)
+            if response.status_code != 202:
+                raise RuntimeError(f"submit failed: {response.status_code} {response.text}")
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - started
+
+
+async def count_succeeded(fc: FcClient, name: str) -> int:
+    total, token = 0, ""
+    while True:
+        query = {"limit": "100", "status": "Succeeded"}
+        if token:
+            query["nextToken"] = token
+        page = (await fc.list_tasks(name, **query)).json()
+        total += len(page["tasks"])
+        token = page["nextToken"]
+        if not token:
+            return total
+
+
+async def throughput_phase(fc: FcClient, n: int) -> dict[str, float]:
+    name = "bench_throughput"
+    await fc.create_function(name, code={"index.py": NOOP})
+    ids = [f"tp{i:06d}" for i in range(n)]
+    started = time.perf_counter()
+    submit_s = await submit_many(fc, name, ids, concurrency=32)
+    deadline = started + 600
+    while time.perf_counter() < deadline:
+        if await count_succeeded(fc, name) >= n:
+            break
+        await asyncio.sleep(0.25)
+    done_s = time.perf_counter() - started
+    return {"submit_per_s": n / submit_s, "complete_per_s": n / done_s, "total_s": done_s}
+
+
+async def paced_phase(fc: FcClient, n: int, rate: float) -> dict[str, list[float]]:
+    name = "bench_latency"
+    await fc.create_function(name, code={"index.py": NOOP})
+    submitted: dict[str, float] = {}
+    t0 = time.perf_counter()
+    for i in range(n):
+        target = t0 + i / rate
+        delay = target - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)  # pacing the load generator, not synchronization
+        task_id = f"lat{i:05d}"
+        submitted[task_id] = time.time() * 1000
+        response = await fc.invoke_async(name, b"{}", task_id=task_id)
+        assert response.status_code == 202, response.text
+    to_running, to_succeeded = [], []
+    for task_id, at_ms in submitted.items():
+        task = await fc.wait_for(name, task_id, {"Succeeded"}, deadline_s=60)
+        events = {e["status"]: e["timestamp"] for e in task["events"]}
+        to_running.append(events["Running"] - at_ms)
+        to_succeeded.append(events["Succeeded"] - at_ms)
+    get_ms = []
+    for task_id in list(submitted)[:500]:
+        started = time.perf_counter()
+        await fc.get_task(name, task_id)
+        get_ms.append((time.perf_counter() - started) * 1000)
+    return {"to_running": to_running, "to_succeeded": to_succeeded, "get": get_ms}
+
+
+async def jetstream_baseline(url: str, n: int) -> dict[str, float]:
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    await js.add_stream(StreamConfig(name="BENCH_BASELINE", subjects=["bench.baseline.>"]))
+    payload = b'{"payload":"{}"}'
+    started = time.perf_counter()
+    acks = [js.publish(f"bench.baseline.{i}", payload) for i in range(n)]
+    for chunk in range(0, n, 500):
+        await asyncio.gather(*acks[chunk:chunk + 500])
+    published = time.perf_counter() - started
+    sub = await js.pull_subscribe("bench.baseline.>", durable="bench")
+    got = 0
+    consume_started = time.perf_counter()
+    while got < n:
+        msgs = await sub.fetch(min(500, n - got), timeout=5)
+        for msg in msgs:
+            await msg.ack()
+        got += len(msgs)
+    consumed = time.perf_counter() - consume_started
+    await js.delete_stream("BENCH_BASELINE")
+    await nc.close()
+    return {"publish_per_s": n / published, "consume_per_s": n / consumed, "roundtrip_per_s": n / (published + consumed)}
+
+
+def rss_mb(stack: Stack) -> dict[str, float]:
+    out = {}
+    for name, child in {**{c.name: c for c in stack.infra}, **stack.services}.items():
+        proc = psutil.Process(child.process.pid)
+        out[name] = proc.memory_info().rss / 2**20
+        if name == "executor":
+            out["executor instances"] = sum(c.memory_info().rss for c in proc.children(recursive=True)) / 2**20
+    return out
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tasks", type=int, default=2000)
+    parser.add_argument("--paced", type=int, default=300)
+    parser.add_argument("--rate", type=float, default=50.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        stack = Stack(data_dir=Path(tmp), access_keys=f"{KEY_ID}:{SECRET}", gateway_port=free_port())
+        stack.start_infra()
+        stack.start_services()
+        fc = FcClient(f"http://127.0.0.1:{stack.gateway_port}", access_key_id=KEY_ID, access_key_secret=SECRET)
+        try:
+            baseline = await jetstream_baseline(stack.nats_url, args.tasks)
+            tp = await throughput_phase(fc, args.tasks)
+            lat = await paced_phase(fc, args.paced, args.rate)
+            memory = rss_mb(stack)
+        finally:
+            await fc.close()
+            stack.stop()
+    print(f"\n== taskmode full stack, {args.tasks} no-op tasks (HTTP, signed, 32 concurrent clients) ==")
+    print(f"submission rate            {tp['submit_per_s']:8.0f} tasks/s")
+    print(f"completion throughput      {tp['complete_per_s']:8.0f} tasks/s  (all {args.tasks} Succeeded in the read model after {tp['total_s']:.1f} s)")
+    print(f"\n== latency at {args.rate:.0f} tasks/s, {args.paced} tasks ==")
+    print(f"submit -> Running          {fmt_ms(lat['to_running'])}")
+    print(f"submit -> Succeeded        {fmt_ms(lat['to_succeeded'])}")
+    print(f"GetAsyncTask               {fmt_ms(lat['get'])}   mean {statistics.mean(lat['get']):.1f} ms")
+    print("\n== resident memory after the run ==")
+    for name, mb in memory.items():
+        print(f"{name:26s} {mb:8.1f} MiB")
+    print(f"\n== baseline: raw JetStream, same N={args.tasks}, same server ==")
+    print(f"publish (acked)            {baseline['publish_per_s']:8.0f} msg/s")
+    print(f"consume (pull + ack)       {baseline['consume_per_s']:8.0f} msg/s")
+    print(f"publish+consume            {baseline['roundtrip_per_s']:8.0f} msg/s")
+    print(f"\nratio completion / raw publish+consume: {tp['complete_per_s'] / baseline['roundtrip_per_s']:.3f}")
+    print(f"(each task appends 4 events and is projected; raw JetStream moves 1 message per task)")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,119 @@
+"""The gateway's FastAPI app: routers, error handling, metrics, and the resources' lifetime.
+
+`create_app(settings)` opens NATS and MongoDB in its lifespan (closing them in reverse order on
+shutdown); a test may hand in ready `resources` instead, which the app then neither opens nor
+closes. Nothing is built at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from nats.aio.client import Client
+from prometheus_client import start_http_server
+
+from shared import bus, eventstore, wire
+from shared.catalog import Catalog
+from shared.eventstore import EventStore
+from shared.taskstore import TaskStore
+from services.gateway import async_configs, functions, invocations, tasks
+from services.gateway.auth import Resources, guard_request
+from services.gateway.errors import RequestContextMiddleware, install_exception_handlers, json_response
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+NATS_CLIENT_NAME = "taskmode-gateway"
+_DRAIN_TIMEOUT_S = 5.0
+
+
+async def _close_nats(nc: Client) -> None:
+    try:
+        await asyncio.wait_for(nc.drain(), timeout=_DRAIN_TIMEOUT_S)
+    except Exception as err:  # noqa: BLE001 - closing anyway is the only thing left to do
+        log.warning("nats drain failed; closing", extra={"error": str(err)})
+        await nc.close()
+
+
+async def open_resources(settings: GatewaySettings, stack: AsyncExitStack) -> Resources:
+    """Connect to NATS (ensuring the event stream and catalog buckets) and MongoDB.
+
+    Each close is registered on `stack` as soon as its resource is open, so a failure halfway
+    still closes what was opened, in reverse order.
+    """
+    nc = await bus.connect(settings.common.nats_url, name=NATS_CLIENT_NAME)
+    stack.push_async_callback(_close_nats, nc)
+    js = nc.jetstream()
+    await eventstore.ensure_stream(js)
+    catalog = await Catalog.open(js)
+    log.info("nats ready", extra={"stream": wire.EVENT_STREAM})
+    task_store = await TaskStore.connect(settings.common.mongodb_url)
+    stack.push_async_callback(task_store.close)
+    return Resources(nc=nc, catalog=catalog, events=EventStore(js), tasks=task_store)
+
+
+def _serve_metrics_port(metrics: GatewayMetrics, settings: GatewaySettings, stack: AsyncExitStack) -> None:
+    """Also expose the registry on its own port when TASKMODE_GATEWAY_METRICS_PORT asks for one."""
+    port = settings.common.metrics_port
+    if not port:
+        return
+    server, thread = start_http_server(port, addr=settings.host, registry=metrics.registry)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+    stack.callback(stop)
+    log.info("metrics port open", extra={"port": port})
+
+
+def create_app(
+    settings: GatewaySettings, *, resources: Resources | None = None, metrics: GatewayMetrics | None = None
+) -> FastAPI:
+    """The gateway app; with `resources` given, the lifespan uses them as they are."""
+    gateway_metrics = metrics or GatewayMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            app.state.resources = resources if resources is not None else await open_resources(settings, stack)
+            _serve_metrics_port(gateway_metrics, settings, stack)
+            log.info(
+                "gateway ready",
+                extra={"host": settings.host, "port": settings.port, "auth_disabled": settings.auth_disabled},
+            )
+            yield
+            log.info("gateway shutting down")
+
+    # No trailing-slash redirects: a redirected signed request would not verify anyway.
+    app = FastAPI(lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None, redirect_slashes=False)
+    app.state.settings = settings
+    app.state.metrics = gateway_metrics
+    if resources is not None:  # usable at once, even by a test transport that skips the lifespan
+        app.state.resources = resources
+    install_exception_handlers(app)
+    app.add_middleware(RequestContextMiddleware, observe=gateway_metrics.observe_request)
+
+    api = APIRouter(prefix=f"/{wire.API_VERSION}", dependencies=[Depends(guard_request)])
+    for module in (functions, async_configs, invocations, tasks):
+        api.include_router(module.router)
+    app.include_router(api)
+
+    @app.get("/healthz")
+    async def healthz(request: Request) -> Response:
+        opened: Resources | None = getattr(request.app.state, "resources", None)
+        if opened is None or not opened.nc.is_connected:
+            return json_response({"status": "unavailable"}, status_code=503)
+        return json_response({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        return Response(gateway_metrics.render(), media_type=gateway_metrics.content_type)
+
+    return app

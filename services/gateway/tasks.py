@@ -1,0 +1,161 @@
+"""GetAsyncTask, ListAsyncTasks and StopAsyncTask.
+
+Reads come from the MongoDB read model, except that GetAsyncTask folds the task's own event
+history when the projection has not caught up yet (read-your-writes right after a 202). A stop
+is an append to the event store guarded by the sequence of the event it acted on, so it cannot
+overwrite a completion that won the race.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Final
+
+from fastapi import APIRouter, Request, Response
+
+from shared import taskview
+from shared.catalog import function_arn
+from shared.errors import AsyncTaskNotFound, ConcurrentUpdateError, ServiceUnavailable, TaskAlreadyFinished, TaskmodeError
+from shared.events import TaskStopped, TaskStopping
+from shared.eventstore import EventStore, StoredEvent, follow
+from shared.taskstore import TaskQuery, task_doc_id
+from shared.transitions import TERMINAL, Status
+from services.gateway import validation
+from services.gateway.auth import Resources, metrics_of, resources_of, settings_of
+from services.gateway.errors import json_response
+
+log = logging.getLogger(__name__)
+
+router = APIRouter()
+
+_STOP_ATTEMPTS: Final = 5
+STOP_REASON: Final = "stopped by user"
+
+
+def _check_ids(function_name: str, task_id: str) -> None:
+    # Both become NATS subject tokens: anything outside the id alphabets (`*`, `>`, `.`) could
+    # widen a subject into a wildcard, so such a task simply cannot exist.
+    validation.check_function_name(function_name)
+    if not validation.TASK_ID_RE.fullmatch(task_id):
+        raise AsyncTaskNotFound(f"task {task_id[:140]!r} of function {function_name} does not exist")
+
+
+def _stored_version(doc: dict[str, Any]) -> int:
+    if isinstance(doc.get("version"), int):
+        return int(doc["version"])
+    return max((int(e.get("eventId", 0)) for e in doc.get("events") or []), default=0)
+
+
+async def _task_document(request: Request, resources: Resources, function_name: str, task_id: str) -> dict[str, Any]:
+    docs = await resources.tasks.load_many([task_doc_id(function_name, task_id)])
+    doc = docs.get(task_doc_id(function_name, task_id))
+    last = await resources.events.last(function_name, task_id)
+    if doc is None and last is None:
+        raise AsyncTaskNotFound(f"task {task_id} of function {function_name} does not exist")
+    if last is None or (doc is not None and _stored_version(doc) >= last.event.version):
+        assert doc is not None
+        return doc
+    # The projection lags behind the stream: answer from the task's own history.
+    metrics_of(request).read_fallbacks.inc()
+    settings = settings_of(request)
+    arn = function_arn(region=settings.common.region, account_id=settings.common.account_id, function=function_name)
+    history = await resources.events.history(function_name, task_id)
+    try:
+        folded = taskview.fold([stored.event for stored in history], arn=arn)
+    except TaskmodeError as err:
+        # Early events already aged out of the stream: the stored document is the best we have.
+        log.warning("task history does not fold", extra={"task_id": task_id, "function": function_name, "error": str(err)})
+        folded = None
+    if folded is None:
+        if doc is None:
+            raise ServiceUnavailable(f"task {task_id} of function {function_name} cannot be read right now")
+        return doc
+    return folded
+
+
+@router.get("/functions/{function_name}/async-tasks/{task_id}")
+async def get_async_task(function_name: str, task_id: str, request: Request, qualifier: str | None = None) -> Response:
+    _check_ids(function_name, task_id)
+    validation.check_qualifier(qualifier)
+    doc = await _task_document(request, resources_of(request), function_name, task_id)
+    return json_response(taskview.public_view(doc))
+
+
+@router.get("/functions/{function_name}/async-tasks")
+async def list_async_tasks(
+    function_name: str,
+    request: Request,
+    status: str | None = None,
+    prefix: str | None = None,
+    startedTimeBegin: str | None = None,
+    startedTimeEnd: str | None = None,
+    limit: str | None = None,
+    sortOrderByTime: str | None = None,
+    includePayload: str | None = None,
+    nextToken: str | None = None,
+    qualifier: str | None = None,
+) -> Response:
+    validation.check_function_name(function_name)
+    validation.check_qualifier(qualifier)
+    status_filter = validation.parse_status_filter(status)
+    query = TaskQuery(
+        function=function_name,
+        status=str(status_filter) if status_filter is not None else None,
+        prefix=prefix or None,
+        started_time_begin=validation.parse_time_ms("startedTimeBegin", startedTimeBegin),
+        started_time_end=validation.parse_time_ms("startedTimeEnd", startedTimeEnd),
+        limit=validation.parse_limit(limit),
+        descending=validation.parse_sort_order(sortOrderByTime),
+        next_token=nextToken or None,
+        include_payload=validation.parse_bool("includePayload", includePayload, default=False),
+    )
+    page = await resources_of(request).tasks.list_tasks(query)
+    tasks = [taskview.public_view(doc, include_payload=query.include_payload) for doc in page.tasks]
+    return json_response({"nextToken": page.next_token, "tasks": tasks})
+
+
+@router.put("/functions/{function_name}/async-tasks/{task_id}/stop")
+async def stop_async_task(function_name: str, task_id: str, request: Request, qualifier: str | None = None) -> Response:
+    _check_ids(function_name, task_id)
+    validation.check_qualifier(qualifier)
+    events = resources_of(request).events
+    stops = metrics_of(request).stops
+    last = await events.last(function_name, task_id)
+    if last is None:
+        raise AsyncTaskNotFound(f"task {task_id} of function {function_name} does not exist")
+    for _ in range(_STOP_ATTEMPTS):
+        try:
+            outcome = await _try_stop(events, last)
+        except TaskAlreadyFinished:
+            stops.labels(outcome="finished").inc()
+            raise
+        if outcome is not None:
+            stops.labels(outcome=outcome).inc()
+            status = Status.STOPPED if outcome == "stopped" else Status.STOPPING
+            log.info("task stop requested", extra={"task_id": task_id, "function": function_name, "status": str(status), "outcome": outcome})
+            return json_response({})
+        # Another service appended first (the task moved on): decide again from where it is now.
+        reloaded = await events.last(function_name, task_id)
+        assert reloaded is not None  # a task's events never vanish while it is being stopped
+        last = reloaded
+    raise ServiceUnavailable(f"task {task_id} kept changing; try stopping it again")
+
+
+async def _try_stop(events: EventStore, last: StoredEvent) -> str | None:
+    """Stop the task from `last`; the outcome, or None when another writer got there first."""
+    status = last.event.status
+    if status in TERMINAL:
+        raise TaskAlreadyFinished(f"task {last.event.task_id} already finished with status {status}")
+    if status == Status.STOPPING:
+        return "already_stopping"
+    if status == Status.RUNNING:
+        event: TaskStopping | TaskStopped = follow(last, TaskStopping, reason=STOP_REASON)
+        outcome = "stopping"
+    else:  # Enqueued, Processed, Retrying: nothing runs, so the stop is immediate
+        event = follow(last, TaskStopped, reason=STOP_REASON)
+        outcome = "stopped"
+    try:
+        await events.append(event, expected_seq=last.seq)
+    except ConcurrentUpdateError:
+        return None
+    return outcome

@@ -1,0 +1,565 @@
+"""Gateway request validation, plus the app's error shapes and auth against in-memory fakes.
+
+Nothing here needs a server: the helpers are pure, and the app tests drive the ASGI app through
+httpx with a fake catalog and event store standing in for NATS.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import zipfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+
+from services.gateway import validation as v
+from services.gateway.app import create_app
+from services.gateway.auth import Resources
+from services.gateway.settings import GatewaySettings, parse_access_keys
+from shared.acs3 import sign_request
+from shared.catalog import AsyncConfigRecord, CustomRuntimeConfig, FunctionRecord
+from shared.errors import (
+    ConcurrentUpdateError,
+    EntityTooLarge,
+    FunctionNotFound,
+    InvalidArgument,
+    InvalidNextToken,
+)
+from shared.events import TaskEvent
+from shared.settings import CommonSettings
+from shared.transitions import Status
+
+
+def zip_b64(files: dict[str, str] | None = None) -> str:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        for name, text in (files or {"index.py": "def handler(event, context):\n    return event\n"}).items():
+            archive.writestr(name, text)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+# --- names, ids, headers ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["f", "_f", "my-func_1", "A" * 64])
+def test_function_name_accepted(name: str) -> None:
+    assert v.check_function_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "1abc", "-a", "a b", "a.b", "a*", "a>", "A" * 65, "é"])
+def test_function_name_refused(name: str) -> None:
+    with pytest.raises(InvalidArgument):
+        v.check_function_name(name)
+
+
+def test_task_id_from_header_wins_over_request_id() -> None:
+    assert v.choose_task_id(task_id_header="job-1", request_id_header="req_1") == "job-1"
+
+
+def test_task_id_falls_back_to_request_id() -> None:
+    assert v.choose_task_id(task_id_header=None, request_id_header="req_1") == "req_1"
+    assert v.choose_task_id(task_id_header="", request_id_header="req_2") == "req_2"
+
+
+def test_request_id_used_as_task_id_must_follow_the_rule() -> None:
+    with pytest.raises(InvalidArgument, match="x-fc-request-id"):
+        v.choose_task_id(task_id_header=None, request_id_header="1-abc")
+
+
+@pytest.mark.parametrize("task_id", ["1abc", "a.b", "a b", "a" * 129, "-x", "a*"])
+def test_bad_task_ids_refused(task_id: str) -> None:
+    with pytest.raises(InvalidArgument):
+        v.choose_task_id(task_id_header=task_id, request_id_header=None)
+
+
+def test_generated_task_ids_follow_the_rule_and_differ() -> None:
+    ids = {v.choose_task_id(task_id_header=None, request_id_header=None) for _ in range(50)}
+    assert len(ids) == 50
+    assert all(v.TASK_ID_RE.fullmatch(task_id) for task_id in ids)
+
+
+def test_longest_task_id_accepted() -> None:
+    task_id = "a" + "b" * 127
+    assert v.check_task_id(task_id) == task_id
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "Sync"), ("", "Sync"), ("sync", "Sync"), ("ASYNC", "Async"), ("Async", "Async")])
+def test_invocation_type(given: str | None, expected: str) -> None:
+    assert v.parse_invocation_type(given) == expected
+
+
+def test_invocation_type_refused() -> None:
+    with pytest.raises(InvalidArgument):
+        v.parse_invocation_type("Later")
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, 0), ("", 0), ("0", 0), ("5", 5), (" 3600 ", 3600)])
+def test_delay_accepted(given: str | None, expected: int) -> None:
+    assert v.parse_delay(given) == expected
+
+
+@pytest.mark.parametrize("given", ["3601", "-1", "1.5", "abc", "١٢"])
+def test_delay_refused(given: str) -> None:
+    with pytest.raises(InvalidArgument):
+        v.parse_delay(given)
+
+
+def test_payload_limit() -> None:
+    v.check_payload_size(b"x" * v.MAX_ASYNC_PAYLOAD_BYTES, limit=v.MAX_ASYNC_PAYLOAD_BYTES)
+    with pytest.raises(EntityTooLarge):
+        v.check_payload_size(b"x" * (v.MAX_ASYNC_PAYLOAD_BYTES + 1), limit=v.MAX_ASYNC_PAYLOAD_BYTES)
+
+
+def test_qualifier_defaults_to_latest() -> None:
+    assert v.check_qualifier(None) == "LATEST"
+    assert v.check_qualifier("") == "LATEST"
+    assert v.check_qualifier("prod") == "prod"
+    with pytest.raises(InvalidArgument):
+        v.check_qualifier("a b")
+
+
+# --- query parameters -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, False), ("True", True), ("true", True), ("FALSE", False)])
+def test_bool_query_is_case_insensitive(given: str | None, expected: bool) -> None:
+    assert v.parse_bool("includePayload", given, default=False) is expected
+
+
+@pytest.mark.parametrize("given", ["yes", "1", "on", "t"])
+def test_bool_query_refuses_anything_else(given: str) -> None:
+    with pytest.raises(InvalidArgument):
+        v.parse_bool("includePayload", given, default=False)
+
+
+def test_limit() -> None:
+    assert v.parse_limit(None) == 20
+    assert v.parse_limit("1") == 1
+    assert v.parse_limit("100") == 100
+    for bad in ("0", "101", "x", "-5", "2.5"):
+        with pytest.raises(InvalidArgument):
+            v.parse_limit(bad)
+
+
+def test_time_bounds() -> None:
+    assert v.parse_time_ms("startedTimeBegin", None) is None
+    assert v.parse_time_ms("startedTimeBegin", "1700000000000") == 1700000000000
+    with pytest.raises(InvalidArgument):
+        v.parse_time_ms("startedTimeBegin", "yesterday")
+
+
+def test_sort_order() -> None:
+    assert v.parse_sort_order(None) is False
+    assert v.parse_sort_order("asc") is False
+    assert v.parse_sort_order("desc") is True
+    with pytest.raises(InvalidArgument):
+        v.parse_sort_order("random")
+
+
+def test_status_filter_accepts_dequeued_for_processed() -> None:
+    assert v.parse_status_filter("Dequeued") is Status.PROCESSED
+    assert v.parse_status_filter("Processed") is Status.PROCESSED
+    assert v.parse_status_filter("Running") is Status.RUNNING
+    assert v.parse_status_filter(None) is None
+    with pytest.raises(InvalidArgument):
+        v.parse_status_filter("Bogus")
+
+
+def test_name_pagination_round_trip() -> None:
+    names = [f"f{i}" for i in range(5)]
+    page, token = v.paginate(names, after=None, limit=2)
+    assert page == ["f0", "f1"] and token
+    page, token = v.paginate(names, after=v.decode_token(token), limit=2)
+    assert page == ["f2", "f3"] and token
+    page, token = v.paginate(names, after=v.decode_token(token), limit=2)
+    assert page == ["f4"] and token == ""
+    assert v.paginate(names, after=None, limit=5) == (names, "")
+
+
+@pytest.mark.parametrize("token", ["%%%", "!!", base64.urlsafe_b64encode(b"a b").decode()])
+def test_bad_name_token(token: str) -> None:
+    with pytest.raises(InvalidNextToken):
+        v.decode_token(token)
+
+
+# --- bodies -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "runtime", ["python3", "python3.9", "python3.10", "python3.12", "custom", "custom.debian10", "custom.debian12"]
+)
+def test_runtimes_accepted(runtime: str) -> None:
+    assert v.check_runtime(runtime) == runtime
+
+
+@pytest.mark.parametrize("runtime", ["python2.7", "python3.", "nodejs18", "custom.debian9", "custom-container", "", "python3.x"])
+def test_runtimes_refused(runtime: str) -> None:
+    with pytest.raises(InvalidArgument):
+        v.check_runtime(runtime)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"   ", b"{not json", b"[]", b'{"functionName": 5}', b'{"runtime": "python3"}'],
+)
+def test_create_function_body_refused(body: bytes) -> None:
+    with pytest.raises(InvalidArgument):
+        v.decode_json(body, v.CreateFunctionInput)
+
+
+@pytest.mark.parametrize(
+    "field",
+    [{"timeout": 0}, {"timeout": 86401}, {"timeout": "3"}, {"memorySize": 64}, {"memorySize": 32769},
+     {"instanceConcurrency": 0}, {"instanceConcurrency": 201}, {"environmentVariables": {"A": 1}}],
+)
+def test_function_field_ranges(field: dict[str, Any]) -> None:
+    body = msgspec.json.encode({"functionName": "f", "runtime": "python3", "handler": "index.handler", **field})
+    with pytest.raises(InvalidArgument):
+        v.decode_json(body, v.CreateFunctionInput)
+
+
+def test_unknown_fields_ignored() -> None:
+    body = v.decode_json(b'{"functionName": "f", "vpcConfig": {"vpcId": "x"}}', v.CreateFunctionInput)
+    assert body.function_name == "f"
+
+
+def test_code_decoding() -> None:
+    archive = v.decode_code(v.InputCode(zip_file=zip_b64()), required=True)
+    assert archive is not None and len(archive.checksum) == 64 and archive.data[:2] == b"PK"
+    assert v.decode_code(None, required=False) is None
+    for bad in (v.InputCode(zip_file="not base64!"), v.InputCode(zip_file=base64.b64encode(b"hello").decode())):
+        with pytest.raises(InvalidArgument):
+            v.decode_code(bad, required=True)
+    with pytest.raises(InvalidArgument, match="required"):
+        v.decode_code(None, required=True)
+    with pytest.raises(InvalidArgument, match="OSS"):
+        v.decode_code(v.InputCode(oss_bucket_name="b", oss_object_name="o"), required=True)
+
+
+def _create(**fields: Any) -> v.CreateFunctionInput:
+    body = {"functionName": "f", "runtime": "python3.10", "handler": "index.handler", "code": {"zipFile": zip_b64()}, **fields}
+    return v.decode_json(msgspec.json.encode(body), v.CreateFunctionInput)
+
+
+def _build(body: v.CreateFunctionInput) -> FunctionRecord:
+    code = v.decode_code(body.code, required=True)
+    assert code is not None
+    return v.build_function(body, function_id="id", arn="arn", code=code, now="2024-01-01T00:00:00Z")
+
+
+def test_build_function_defaults() -> None:
+    record = _build(_create())
+    assert (record.timeout, record.memory_size, record.instance_concurrency) == (3, 128, 1)
+    assert record.created_time == record.last_modified_time == "2024-01-01T00:00:00Z"
+    assert record.code_size > 0 and len(record.code_checksum) == 64
+
+
+def test_custom_runtime_needs_a_command() -> None:
+    with pytest.raises(InvalidArgument, match="command"):
+        _build(_create(runtime="custom.debian11"))
+    with pytest.raises(InvalidArgument, match="command"):
+        _build(_create(runtime="custom", customRuntimeConfig={"command": []}))
+    record = _build(_create(runtime="custom", customRuntimeConfig={"command": ["./server"], "port": 8080}))
+    assert record.custom_runtime_config == CustomRuntimeConfig(command=["./server"], args=[], port=8080)
+
+
+def test_apply_update_is_partial_and_pure() -> None:
+    record = _build(_create(description="old", environmentVariables={"A": "1"}))
+    body = v.decode_json(b'{"timeout": 60, "description": "new"}', v.UpdateFunctionInput)
+    updated = v.apply_update(record, body, code=None, now="2024-02-02T00:00:00Z")
+    assert (updated.timeout, updated.description, updated.environment_variables) == (60, "new", {"A": "1"})
+    assert updated.last_modified_time == "2024-02-02T00:00:00Z"
+    assert updated.created_time == record.created_time
+    assert (record.timeout, record.description) == (3, "old")
+
+
+def test_apply_update_checks_the_result_as_a_whole() -> None:
+    record = _build(_create())
+    with pytest.raises(InvalidArgument, match="command"):
+        v.apply_update(record, v.UpdateFunctionInput(runtime="custom"), code=None, now="t")
+
+
+@pytest.mark.parametrize(
+    "body", [b'{"maxAsyncRetryAttempts": 9}', b'{"maxAsyncRetryAttempts": -1}', b'{"maxAsyncEventAgeInSeconds": 0}',
+             b'{"maxAsyncEventAgeInSeconds": 604801}', b'{"asyncTask": "yes"}']
+)
+def test_async_config_ranges(body: bytes) -> None:
+    with pytest.raises(InvalidArgument):
+        v.decode_json(body, v.PutAsyncInvokeConfigInput)
+
+
+def test_access_keys() -> None:
+    assert parse_access_keys("a:b, c:d:e ,") == {"a": "b", "c": "d:e"}
+    assert parse_access_keys("") == {}
+    with pytest.raises(InvalidArgument):
+        parse_access_keys("nocolon")
+
+
+# --- the app against in-memory fakes ----------------------------------------------------------
+
+
+class FakeCatalog:
+    def __init__(self) -> None:
+        self.functions: dict[str, FunctionRecord] = {}
+
+    async def find_function(self, name: str) -> FunctionRecord | None:
+        return self.functions.get(name)
+
+    async def get_function(self, name: str) -> FunctionRecord:
+        if name not in self.functions:
+            raise FunctionNotFound(f"function {name} does not exist")
+        return self.functions[name]
+
+    async def find_async_config(self, name: str) -> AsyncConfigRecord | None:
+        return None
+
+
+class FakeEvents:
+    def __init__(self) -> None:
+        self.appended: list[TaskEvent] = []
+
+    async def append(self, event: TaskEvent, *, expected_seq: int) -> int:
+        if expected_seq == 0 and any(e.task_id == event.task_id for e in self.appended):
+            raise ConcurrentUpdateError("taken")
+        self.appended.append(event)
+        return len(self.appended)
+
+
+class FakeNats:
+    is_connected = True
+
+
+KEY_ID, SECRET = "ak", "sk"
+
+
+def _settings(*, auth_disabled: bool) -> GatewaySettings:
+    common = CommonSettings(
+        nats_url="nats://unused", mongodb_url="mongodb://unused", data_dir=Path("."),
+        region="local", account_id="0", metrics_port=0,
+    )
+    return GatewaySettings(common=common, access_keys={KEY_ID: SECRET}, auth_disabled=auth_disabled)
+
+
+@pytest.fixture
+def fakes() -> tuple[FakeCatalog, FakeEvents]:
+    catalog = FakeCatalog()
+    catalog.functions["f"] = _build(_create())
+    return catalog, FakeEvents()
+
+
+async def _client(fakes: tuple[FakeCatalog, FakeEvents], *, auth_disabled: bool) -> httpx.AsyncClient:
+    catalog, events = fakes
+    resources = Resources(nc=FakeNats(), catalog=catalog, events=events, tasks=None)  # type: ignore[arg-type]
+    app = create_app(_settings(auth_disabled=auth_disabled), resources=resources)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
+
+
+@pytest.fixture
+async def open_client(fakes: tuple[FakeCatalog, FakeEvents]) -> AsyncIterator[httpx.AsyncClient]:
+    async with await _client(fakes, auth_disabled=True) as client:
+        yield client
+
+
+@pytest.fixture
+async def signed_client(fakes: tuple[FakeCatalog, FakeEvents]) -> AsyncIterator[httpx.AsyncClient]:
+    async with await _client(fakes, auth_disabled=False) as client:
+        yield client
+
+
+def _signed(method: str, path: str, body: bytes = b"", *, secret: str = SECRET) -> dict[str, str]:
+    headers = {"host": "gw", "x-acs-version": "2023-03-30"}
+    headers.update(sign_request(method=method, path=path, query={}, headers=headers, body=body,
+                                access_key_id=KEY_ID, access_key_secret=secret))
+    return headers
+
+
+async def test_unknown_path_is_fc_error_with_request_id(open_client: httpx.AsyncClient) -> None:
+    response = await open_client.get("/2023-03-30/nowhere", headers={"x-fc-request-id": "my-req"})
+    assert response.status_code == 404
+    assert response.headers["x-fc-request-id"] == "my-req"
+    assert response.json() == {"Code": "PathNotSupported", "Message": "GET /2023-03-30/nowhere is not supported",
+                               "RequestId": "my-req"}
+
+
+async def test_malformed_json_is_invalid_argument(open_client: httpx.AsyncClient) -> None:
+    response = await open_client.post("/2023-03-30/functions", content=b"{oops")
+    assert response.status_code == 400
+    body = response.json()
+    assert body["Code"] == "InvalidArgument" and body["RequestId"] == response.headers["x-fc-request-id"]
+
+
+async def test_async_submit_then_duplicate(open_client: httpx.AsyncClient, fakes: tuple[FakeCatalog, FakeEvents]) -> None:
+    headers = {"x-fc-invocation-type": "Async", "x-fc-async-task-id": "job-1", "x-fc-async-delay": "7"}
+    first = await open_client.post("/2023-03-30/functions/f/invocations", content=b"hi", headers=headers)
+    assert first.status_code == 202 and first.content == b""
+    assert first.headers["x-fc-async-task-id"] == "job-1"
+    (event,) = fakes[1].appended
+    assert event.version == 1 and event.due_at_ms == event.at_ms + 7000  # type: ignore[attr-defined]
+    again = await open_client.post("/2023-03-30/functions/f/invocations", content=b"hi", headers=headers)
+    assert again.status_code == 409
+    assert again.json()["Code"] == "TaskAlreadyExists" and again.json()["TaskId"] == "job-1"
+
+
+async def test_nothing_enqueued_for_bad_or_missing(open_client: httpx.AsyncClient, fakes: tuple[FakeCatalog, FakeEvents]) -> None:
+    cases = [
+        ("/2023-03-30/functions/nope/invocations", {"x-fc-invocation-type": "Async"}, b"", 404, "FunctionNotFound"),
+        ("/2023-03-30/functions/f/invocations", {"x-fc-invocation-type": "Async", "x-fc-async-task-id": "9x"}, b"", 400, "InvalidArgument"),
+        ("/2023-03-30/functions/f/invocations", {"x-fc-invocation-type": "Async", "x-fc-async-delay": "4000"}, b"", 400, "InvalidArgument"),
+        ("/2023-03-30/functions/f/invocations", {"x-fc-invocation-type": "Async"}, b"x" * (128 * 1024 + 1), 400, "EntityTooLarge"),
+    ]
+    for path, headers, body, status, code in cases:
+        response = await open_client.post(path, content=body, headers=headers)
+        assert (response.status_code, response.json()["Code"]) == (status, code)
+    assert fakes[1].appended == []
+
+
+async def test_signature_required(signed_client: httpx.AsyncClient) -> None:
+    unsigned = await signed_client.get("/2023-03-30/functions/f")
+    assert unsigned.status_code == 403 and unsigned.json()["Code"] == "InvalidAccessKeyID"
+    wrong = await signed_client.get("/2023-03-30/functions/f", headers=_signed("GET", "/2023-03-30/functions/f", secret="bad"))
+    assert wrong.status_code == 403 and wrong.json()["Code"] == "SignatureNotMatch"
+    good = await signed_client.get("/2023-03-30/functions/f", headers=_signed("GET", "/2023-03-30/functions/f"))
+    assert good.status_code == 200 and good.json()["functionName"] == "f"
+    missing = await signed_client.get("/2023-03-30/functions/g", headers=_signed("GET", "/2023-03-30/functions/g"))
+    assert missing.status_code == 404 and missing.json()["Code"] == "FunctionNotFound"
+
+
+async def test_health_and_metrics_are_unsigned(signed_client: httpx.AsyncClient) -> None:
+    assert (await signed_client.get("/healthz")).json() == {"status": "ok"}
+    await signed_client.get("/2023-03-30/functions/f")
+    metrics = await signed_client.get("/metrics")
+    assert metrics.status_code == 200
+    assert 'taskmode_gateway_requests_total{method="GET",route="/functions/{function_name}",status="403"} 1.0' in metrics.text
+
+
+class BrokenCatalog(FakeCatalog):
+    async def get_function(self, name: str) -> FunctionRecord:
+        raise RuntimeError("disk on fire")
+
+
+async def test_unexpected_error_is_a_clean_500(fakes: tuple[FakeCatalog, FakeEvents]) -> None:
+    async with await _client((BrokenCatalog(), fakes[1]), auth_disabled=True) as client:
+        response = await client.get("/2023-03-30/functions/f", headers={"x-fc-request-id": "r-500"})
+    assert response.status_code == 500
+    assert response.json() == {"Code": "InternalServerError", "Message": "internal server error", "RequestId": "r-500"}
+
+
+class FakeTaskStore:
+    def __init__(self) -> None:
+        self.queries: list[Any] = []
+
+    async def list_tasks(self, query: Any) -> Any:
+        from shared.taskstore import TaskPage
+
+        self.queries.append(query)
+        return TaskPage(tasks=[{"taskId": "a", "status": "Enqueued", "taskPayload": "p"}], next_token="tok")
+
+
+async def test_list_tasks_query_is_parsed(fakes: tuple[FakeCatalog, FakeEvents]) -> None:
+    store = FakeTaskStore()
+    resources = Resources(nc=FakeNats(), catalog=fakes[0], events=fakes[1], tasks=store)  # type: ignore[arg-type]
+    app = create_app(_settings(auth_disabled=True), resources=resources)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+        response = await client.get(
+            "/2023-03-30/functions/f/async-tasks",
+            params={"status": "Dequeued", "prefix": "jo", "limit": "5", "sortOrderByTime": "desc",
+                    "includePayload": "True", "startedTimeBegin": "10", "startedTimeEnd": "20", "nextToken": "t1"},
+        )
+        assert response.status_code == 200
+        assert response.json() == {"nextToken": "tok", "tasks": [{"taskId": "a", "status": "Enqueued", "taskPayload": "p"}]}
+        (query,) = store.queries
+        assert (query.function, query.status, query.prefix, query.limit, query.descending) == ("f", "Processed", "jo", 5, True)
+        assert (query.include_payload, query.started_time_begin, query.started_time_end, query.next_token) == (True, 10, 20, "t1")
+        for bad in ({"status": "Nope"}, {"includePayload": "yes"}, {"limit": "101"}, {"sortOrderByTime": "up"}):
+            response = await client.get("/2023-03-30/functions/f/async-tasks", params=bad)
+            assert response.status_code == 400 and response.json()["Code"] == "InvalidArgument"
+    assert len(store.queries) == 1
+
+
+class StreamEvents:
+    """A one-task event store with the real store's optimistic check on the last sequence."""
+
+    def __init__(self, events: list[TaskEvent], *, interloper: TaskEvent | None = None) -> None:
+        self.events = list(events)
+        self.interloper = interloper  # appended by "another service" just before our first append
+
+    async def last(self, function: str, task_id: str) -> Any:
+        from shared.eventstore import StoredEvent
+
+        return StoredEvent(len(self.events), self.events[-1]) if self.events else None  # type: ignore[arg-type]
+
+    async def append(self, event: TaskEvent, *, expected_seq: int) -> int:
+        if self.interloper is not None:
+            self.events.append(self.interloper)
+            self.interloper = None
+        if expected_seq != len(self.events):
+            raise ConcurrentUpdateError("moved on")
+        self.events.append(event)
+        return len(self.events)
+
+
+def _chain(*kinds: str) -> list[TaskEvent]:
+    from shared import events as ev
+
+    made: list[TaskEvent] = []
+    for version, kind in enumerate(kinds, start=1):
+        base = {"task_id": "t", "function": "f", "version": version, "at_ms": version}
+        if kind == "Enqueued":
+            made.append(ev.TaskEnqueued(**base))
+        elif kind == "Processed":
+            made.append(ev.TaskProcessed(**base))
+        elif kind == "Running":
+            made.append(ev.TaskStarted(instance_id="i", **base))
+        elif kind == "Stopping":
+            made.append(ev.TaskStopping(**base))
+        elif kind == "Succeeded":
+            made.append(ev.TaskSucceeded(**base))
+    return made
+
+
+async def _stop(events: StreamEvents, fakes: tuple[FakeCatalog, FakeEvents]) -> httpx.Response:
+    resources = Resources(nc=FakeNats(), catalog=fakes[0], events=events, tasks=None)  # type: ignore[arg-type]
+    app = create_app(_settings(auth_disabled=True), resources=resources)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+        return await client.put("/2023-03-30/functions/f/async-tasks/t/stop")
+
+
+@pytest.mark.parametrize(
+    ("chain", "expected"),
+    [
+        (["Enqueued"], "Stopped"),
+        (["Enqueued", "Processed"], "Stopped"),
+        (["Enqueued", "Processed", "Running"], "Stopping"),
+        (["Enqueued", "Processed", "Running", "Stopping"], "Stopping"),
+    ],
+)
+async def test_stop_moves_the_task(chain: list[str], expected: str, fakes: tuple[FakeCatalog, FakeEvents]) -> None:
+    events = StreamEvents(_chain(*chain))
+    response = await _stop(events, fakes)
+    assert (response.status_code, response.json()) == (200, {})
+    assert str(events.events[-1].status) == expected
+    assert [e.version for e in events.events] == list(range(1, len(events.events) + 1))
+
+
+async def test_stop_of_finished_task_is_409(fakes: tuple[FakeCatalog, FakeEvents]) -> None:
+    response = await _stop(StreamEvents(_chain("Enqueued", "Processed", "Running", "Succeeded")), fakes)
+    assert response.status_code == 409
+    assert response.json()["Code"] == "TaskAlreadyFinished" and "Succeeded" in response.json()["Message"]
+
+
+async def test_stop_retries_after_losing_a_race(fakes: tuple[FakeCatalog, FakeEvents]) -> None:
+    started = _chain("Enqueued", "Processed", "Running")[-1]
+    events = StreamEvents(_chain("Enqueued", "Processed"), interloper=started)
+    response = await _stop(events, fakes)
+    assert response.status_code == 200
+    assert [str(e.status) for e in events.events] == ["Enqueued", "Processed", "Running", "Stopping"]
+
+
+async def test_stop_of_unknown_task_is_404(fakes: tuple[FakeCatalog, FakeEvents]) -> None:
+    response = await _stop(StreamEvents([]), fakes)
+    assert response.status_code == 404 and response.json()["Code"] == "AsyncTaskNotFound"
