@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import random
@@ -156,10 +157,20 @@ async def run(url: str, *, n: int, batch: int, calls: int, seed: int) -> list[Ro
         rows.append(await timed("list first page prefix (20)", 20, lambda: store.list_tasks(prefixed)))
 
         depth = int(n * 0.9)
-        for query, label in ((asc, "asc"), (desc, "desc")):
-            token = await deep_token(store, query, depth)
-            deep = replace(query, next_token=token or None)
-            rows.append(await timed(f"list deep page {label} @{depth} (20)", 20, lambda q=deep: store.list_tasks(q)))
+        deep_asc = replace(asc, next_token=await deep_token(store, asc, depth) or None)
+        deep_desc = replace(desc, next_token=await deep_token(store, desc, depth) or None)
+        rows.append(await timed(f"list deep page asc @{depth} (20)", 20, functools.partial(store.list_tasks, deep_asc)))
+        rows.append(await timed(f"list deep page desc @{depth} (20)", 20, functools.partial(store.list_tasks, deep_desc)))
+
+        # nx-27017 purges expired documents on every read when a TTL index exists; show its cost.
+        async for index in await store.collection.list_indexes():
+            if "expireAfterSeconds" in index:
+                await store.collection.drop_index(index["name"])
+        rows.append(await timed("get, no TTL index", calls, lambda: store.get(FUNCTION, rnd.choice(task_ids))))
+        rows.append(await timed("list first page asc, no TTL index", 20, lambda: store.list_tasks(asc)))
+        rows.append(
+            await timed(f"list deep page asc @{depth}, no TTL index", 20, functools.partial(store.list_tasks, deep_asc))
+        )
     finally:
         await store.collection.database.client.drop_database(database)
         await store.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -66,13 +67,16 @@ async def consume(
     stop: asyncio.Event,
     batch: int = 256,
     wait_s: float = 0.5,
+    min_interval_s: float = 0.0,
 ) -> None:
     """Fetch batches from a durable pull consumer and hand them over until `stop` is set.
 
     The handler owns each message's outcome (ack, nak with delay, or term); this loop only
-    fetches, so one place per service decides the fate of every message.
+    fetches, so one place per service decides the fate of every message. With `min_interval_s`
+    a partial batch is followed by a pause, so that under load more work arrives per batch.
     """
     sub = await js.pull_subscribe_bind(durable=durable, stream=stream)
+    loop = asyncio.get_running_loop()
     try:
         while not stop.is_set():
             try:
@@ -80,6 +84,11 @@ async def consume(
             except (NatsTimeoutError, asyncio.TimeoutError):
                 continue
             if msgs:
+                started = loop.time()
                 await handle_batch(msgs)
+                rest = min_interval_s - (loop.time() - started)
+                if len(msgs) < batch and rest > 0:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(stop.wait(), rest)
     finally:
         await sub.unsubscribe()

@@ -7,8 +7,11 @@ Records use FC 3.0 JSON names so the gateway can return them as they are.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from typing import Final
+from collections.abc import Callable
+from typing import Final, Generic, TypeVar
 
 import msgspec
 from nats.js import JetStreamContext
@@ -20,7 +23,8 @@ from nats.js.errors import (
     NoKeysError,
     ObjectNotFoundError,
 )
-from nats.js.kv import KeyValue
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from nats.js.object_store import ObjectStore
 
 from shared import wire
@@ -94,13 +98,75 @@ _decode_function = msgspec.json.Decoder(FunctionRecord).decode
 _decode_async_config = msgspec.json.Decoder(AsyncConfigRecord).decode
 
 
+R = TypeVar("R")
+
+
+class _Mirror(Generic[R]):
+    """A local copy of one KV bucket, kept current by a watch (pushed, not polled)."""
+
+    def __init__(self, kv: KeyValue, decode: Callable[[bytes], R]) -> None:
+        self._kv = kv
+        self._decode = decode
+        self.records: dict[str, R] = {}
+        self.synced = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        watcher = await self._kv.watchall()
+        self._task = asyncio.create_task(self._follow(watcher))
+        await self.synced.wait()
+
+    async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
+        try:
+            while True:
+                try:
+                    entry = await watcher.updates(timeout=60)
+                except (NatsTimeoutError, asyncio.TimeoutError):
+                    continue
+                if entry is None:  # the initial values have all arrived
+                    self.synced.set()
+                elif entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
+                    self.records.pop(entry.key, None)
+                else:
+                    self.records[entry.key] = self._decode(entry.value)
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
 class Catalog:
-    """Reads and writes function records, async configs and code archives."""
+    """Reads and writes function records, async configs and code archives.
+
+    After `watch()`, reads are served from local mirrors the KV buckets push changes into, so
+    the hot paths (every submission, every dispatch) make no round trip. A function missing
+    from the mirror is still looked up in the bucket: it may have been created a moment ago
+    through another process, and refusing its first task would be wrong.
+    """
 
     def __init__(self, *, functions: KeyValue, async_configs: KeyValue, code: ObjectStore) -> None:
         self._functions = functions
         self._async_configs = async_configs
         self._code = code
+        self._function_mirror: _Mirror[FunctionRecord] | None = None
+        self._config_mirror: _Mirror[AsyncConfigRecord] | None = None
+
+    async def watch(self) -> None:
+        """Start mirroring both buckets locally; returns once the mirrors hold every record."""
+        self._function_mirror = _Mirror(self._functions, _decode_function)
+        self._config_mirror = _Mirror(self._async_configs, _decode_async_config)
+        await asyncio.gather(self._function_mirror.start(), self._config_mirror.start())
+
+    async def close(self) -> None:
+        """Stop the mirrors started by `watch`."""
+        for mirror in (self._function_mirror, self._config_mirror):
+            if mirror is not None:
+                await mirror.stop()
 
     @classmethod
     async def open(cls, js: JetStreamContext) -> Catalog:
@@ -131,6 +197,8 @@ class Catalog:
             await self._functions.create(record.function_name, _encode(record))
         except KeyWrongLastSequenceError as err:
             raise FunctionAlreadyExists(f"function {record.function_name} already exists") from err
+        if self._function_mirror is not None:
+            self._function_mirror.records[record.function_name] = record
 
     async def get_function_versioned(self, name: str) -> tuple[FunctionRecord, int]:
         """The function and its KV revision (for compare-and-set updates)."""
@@ -149,6 +217,8 @@ class Catalog:
 
     async def find_function(self, name: str) -> FunctionRecord | None:
         """Like `get_function`, but None for a missing function."""
+        if self._function_mirror is not None and name in self._function_mirror.records:
+            return self._function_mirror.records[name]
         try:
             return await self.get_function(name)
         except FunctionNotFound:
@@ -160,6 +230,8 @@ class Catalog:
             await self._functions.update(record.function_name, _encode(record), last=revision)
         except KeyWrongLastSequenceError as err:
             raise ConcurrentUpdateError(f"function {record.function_name} changed concurrently") from err
+        if self._function_mirror is not None:
+            self._function_mirror.records[record.function_name] = record
 
     async def delete_function(self, name: str) -> None:
         """Remove a function and its async config; `FunctionNotFound` if absent."""
@@ -169,6 +241,9 @@ class Catalog:
             await self._async_configs.purge(name)
         except KeyNotFoundError:
             pass
+        for mirror in (self._function_mirror, self._config_mirror):
+            if mirror is not None:
+                mirror.records.pop(name, None)
 
     async def list_functions(self) -> list[FunctionRecord]:
         """Every function, sorted by name."""
@@ -182,9 +257,15 @@ class Catalog:
     async def put_async_config(self, name: str, record: AsyncConfigRecord) -> None:
         """Store the async-invoke config of function `name`."""
         await self._async_configs.put(name, _encode(record))
+        if self._config_mirror is not None:
+            self._config_mirror.records[name] = record
 
     async def find_async_config(self, name: str) -> AsyncConfigRecord | None:
         """The async config of `name`, or None when it was never put."""
+        if self._config_mirror is not None:
+            # Configs change rarely and a missing one is the common case: trust the mirror
+            # both ways (a put through another gateway shows up within milliseconds).
+            return self._config_mirror.records.get(name)
         try:
             entry = await self._async_configs.get(name)
         except KeyNotFoundError:
@@ -202,6 +283,8 @@ class Catalog:
         """Remove the async config of `name`; `AsyncConfigNotFound` if none was put."""
         await self.get_async_config(name)
         await self._async_configs.purge(name)
+        if self._config_mirror is not None:
+            self._config_mirror.records.pop(name, None)
 
     async def list_async_configs(self) -> list[tuple[str, AsyncConfigRecord]]:
         """Every (function name, async config), sorted by name."""

@@ -8,6 +8,7 @@ picks its own port (read back from its log) and the MongoDB-wire server gets a p
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -100,14 +101,29 @@ def _spawn(name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] |
         log.close()
 
 
+# FC accepts synchronous payloads up to 32 MB; the bus must carry them plus headers.
+NATS_MAX_PAYLOAD_BYTES = 40 * 1024 * 1024
+
+
+def nats_config(*, port: int, store: Path) -> str:
+    """The nats-server configuration taskmode runs with (JetStream on, loopback only)."""
+    return (
+        f"listen: 127.0.0.1:{port}\n"
+        f"max_payload: {NATS_MAX_PAYLOAD_BYTES}\n"
+        f"jetstream {{\n  store_dir: {json.dumps(str(store))}\n}}\n"
+    )
+
+
 def start_nats(data_dir: Path, *, port: int = -1, deadline_s: float = 20.0) -> ChildProcess:
     """A JetStream-enabled nats-server storing under `data_dir/nats`; port -1 lets it choose."""
     store = data_dir / "nats"
     store.mkdir(parents=True, exist_ok=True)
+    config = data_dir / "nats-server.conf"
+    config.write_text(nats_config(port=port, store=store))
     log_path = data_dir / "logs" / "nats-server.log"
     if log_path.exists():
         log_path.unlink()
-    argv = [executable("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store)]
+    argv = [executable("nats-server"), "-c", str(config)]
     proc = _spawn("nats", argv, log_path, None)
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:

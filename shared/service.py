@@ -8,6 +8,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 
+import uvloop
 from prometheus_client import CollectorRegistry, start_http_server
 
 from shared.logs import configure
@@ -34,4 +35,6 @@ def run(service: str, main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
         await main(stop)
         log.info("stopped", extra={"service": service})
 
-    asyncio.run(runner())
+    # uvloop: a faster event loop for every service (the gateway's uvicorn picks it up too).
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as loop_runner:
+        loop_runner.run(runner())

@@ -14,10 +14,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Final, Self
@@ -25,7 +26,7 @@ from typing import Any, Final, Self
 import msgspec
 import pymongo
 from bson.codec_options import CodecOptions
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReplaceOne
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReplaceOne, uri_parser
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import PyMongoError
 
@@ -211,6 +212,63 @@ def _redact(url: str) -> str:
     return re.sub(r"//[^@/]*@", "//***@", url)
 
 
+def _attempt_timeout_s(deadline: float) -> float:
+    """How long one connection attempt may take: 2 s, or what is left before `deadline`."""
+    return max(0.05, min(_PING_TIMEOUT_S, deadline - asyncio.get_running_loop().time()))
+
+
+def _probe_addresses(url: str) -> list[tuple[str, int]]:
+    """The seed (host, port) pairs a plain TCP probe can reach; empty when it cannot help."""
+    if url.startswith("mongodb+srv://"):  # seeds come from DNS; parsing would resolve them
+        return []
+    try:
+        nodes: list[tuple[str, int]] = uri_parser.parse_uri(url)["nodelist"]
+    except PyMongoError:
+        return []  # the client constructor reports the bad URL
+    return [] if any(host.endswith(".sock") for host, _ in nodes) else nodes
+
+
+async def _tcp_probe(seeds: Sequence[tuple[str, int]], *, deadline: float) -> None:
+    """Return once one seed accepts a TCP connection; raise the last OSError otherwise."""
+    error: OSError = ConnectionError("no seed hosts")
+    for host, port in seeds:
+        try:
+            async with asyncio.timeout(_attempt_timeout_s(deadline)):
+                _, writer = await asyncio.open_connection(host, port)
+        except OSError as exc:  # includes TimeoutError
+            error = exc
+            continue
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return
+    raise error
+
+
+async def _retry(attempt: Callable[[], Awaitable[None]], *, deadline: float, what: str) -> int:
+    """Await `attempt()` until it succeeds; returns the number of attempts made.
+
+    Connection failures (OSError, PyMongoError) are logged and retried with exponential backoff
+    until `deadline` (event-loop time), then turned into ServiceUnavailable.
+    """
+    loop = asyncio.get_running_loop()
+    backoff_s = 0.1
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            await attempt()
+            return attempts
+        except (OSError, PyMongoError) as exc:
+            remaining_s = deadline - loop.time()
+            if remaining_s <= 0:
+                raise ServiceUnavailable(f"{what} did not answer after {attempts} attempt(s)") from exc
+            delay_s = min(backoff_s, remaining_s)
+            log.warning("%s not answering (attempt %d): %s; retrying in %.2fs", what, attempts, exc, delay_s)
+            await asyncio.sleep(delay_s)
+            backoff_s = min(backoff_s * 2, _MAX_BACKOFF_S)
+
+
 class TaskStore:
     """Typed access to the task read model (`TASKS_COLLECTION`) over PyMongo's async API.
 
@@ -232,43 +290,34 @@ class TaskStore:
 
     @classmethod
     async def connect(cls, url: str, *, database: str = MONGO_DATABASE, timeout_s: float = 10) -> Self:
-        """Open a client on `url` and ping until the server answers, for at most `timeout_s`.
+        """Connect to `url` once the server answers, retrying for at most `timeout_s`.
 
-        Each failed attempt is logged with exponential backoff between attempts (capped at 2 s);
-        when the deadline passes the client is closed and ServiceUnavailable is raised. A
-        malformed URL fails at once (pymongo's ConfigurationError).
+        First waits for a seed host to accept TCP (skipped for `mongodb+srv` and socket-file
+        URLs), then creates the client and pings it; failed attempts are logged and retried with
+        exponential backoff capped at 2 s. Past the deadline raises ServiceUnavailable. A
+        malformed URL fails at once with pymongo's ConfigurationError. The TCP wait matters:
+        closing an AsyncMongoClient while its monitor is mid-connect leaks a socket (pymongo
+        4.20), so no client is created before the port is known to be open.
         """
-        client: AsyncMongoClient[Document] = AsyncMongoClient(url, tz_aware=True, appname="taskmode")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        backoff_s = 0.1
-        attempt = 0
+        where = f"MongoDB at {_redact(url)}"
+        seeds = _probe_addresses(url)
+        attempts = 0
+        if seeds:
+            attempts += await _retry(lambda: _tcp_probe(seeds, deadline=deadline), deadline=deadline, what=where)
+        client: AsyncMongoClient[Document] = AsyncMongoClient(url, tz_aware=True, appname="taskmode")
+
+        async def ping() -> None:
+            with pymongo.timeout(_attempt_timeout_s(deadline)):
+                await client.admin.command("ping")
+
         try:
-            while True:
-                attempt += 1
-                remaining_s = deadline - loop.time()
-                try:
-                    with pymongo.timeout(max(0.05, min(_PING_TIMEOUT_S, remaining_s))):
-                        await client.admin.command("ping")
-                except PyMongoError as exc:
-                    remaining_s = deadline - loop.time()
-                    if remaining_s <= 0:
-                        raise ServiceUnavailable(
-                            f"MongoDB at {_redact(url)} did not answer within {timeout_s}s"
-                        ) from exc
-                    delay_s = min(backoff_s, remaining_s)
-                    log.warning(
-                        "MongoDB at %s not answering (attempt %d): %s; retrying in %.2fs",
-                        _redact(url), attempt, exc, delay_s,
-                    )
-                    await asyncio.sleep(delay_s)
-                    backoff_s = min(backoff_s * 2, _MAX_BACKOFF_S)
-                else:
-                    break
+            attempts += await _retry(ping, deadline=deadline, what=where)
         except BaseException:
             await client.close()
             raise
-        log.info("connected to MongoDB at %s (database %s) after %d attempt(s)", _redact(url), database, attempt)
+        log.info("connected to %s (database %s) after %d attempt(s)", where, database, attempts)
         return cls(client, database=database)
 
     async def ensure_indexes(self) -> None:

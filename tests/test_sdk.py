@@ -60,8 +60,14 @@ def test_full_flow_through_the_official_sdk(shared_stack: Stack) -> None:
     assert [e.status for e in task.events] == ["Enqueued", "Processed", "Running", "Succeeded"]
     assert task.return_payload == "from sdk"
 
-    page = client.list_async_tasks(name, fc_models.ListAsyncTasksRequest(
-        include_payload=True, limit=10, status="Succeeded", sort_order_by_time="desc")).body
+    # ListAsyncTasks reads the projection, which may trail GetAsyncTask by a batch.
+    end = time.monotonic() + 10
+    while True:
+        page = client.list_async_tasks(name, fc_models.ListAsyncTasksRequest(
+            include_payload=True, limit=10, status="Succeeded", sort_order_by_time="desc")).body
+        if page.tasks or time.monotonic() > end:
+            break
+        time.sleep(0.05)
     assert [t.task_id for t in page.tasks] == ["sdk_task_1"]
     assert page.tasks[0].task_payload == "from sdk"
 

@@ -6,6 +6,7 @@ embedded nx-27017 server and, with `MONGODB_URL` set, against a real MongoDB.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import random
@@ -13,11 +14,12 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from shared.devstack import free_port
+from shared.devstack import free_port, start_mongo_wire
 from shared.errors import InvalidArgument, InvalidNextToken, ServiceUnavailable
 from shared.taskstore import (
     INTERNAL_FIELDS,
@@ -373,6 +375,21 @@ async def test_connect_pings_the_server(mongo_url: str) -> None:
 async def test_connect_gives_up_after_timeout() -> None:
     with pytest.raises(ServiceUnavailable):
         await TaskStore.connect(f"mongodb://127.0.0.1:{free_port()}", timeout_s=0.5)
+
+
+async def test_connect_waits_for_a_late_server(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    port = free_port()
+    connecting = asyncio.create_task(TaskStore.connect(f"mongodb://127.0.0.1:{port}", timeout_s=60))
+    server = await asyncio.to_thread(start_mongo_wire, tmp_path, port=port)
+    try:
+        store = await connecting
+        try:
+            assert await store.get(FN, "absent") is None
+        finally:
+            await store.close()
+    finally:
+        server.stop()
+    assert "not answering" in caplog.text  # the wait was retried and logged
 
 
 @pytest.mark.parametrize(

@@ -48,6 +48,7 @@ async def run(settings: ExecutorSettings, stop: asyncio.Event) -> None:
             max_ack_pending=200_000,
         )
         catalog = await Catalog.open(js)
+        await catalog.watch()
         code = CodeCache(catalog=catalog, root=settings.common.data_dir / "code")
         runner = TaskRunner(events=EventStore(js), catalog=catalog, code=code, pool=pool, metrics=metrics,
                             settings=settings)

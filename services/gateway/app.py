@@ -51,6 +51,8 @@ async def open_resources(settings: GatewaySettings, stack: AsyncExitStack) -> Re
     js = nc.jetstream()
     await eventstore.ensure_stream(js)
     catalog = await Catalog.open(js)
+    await catalog.watch()
+    stack.push_async_callback(catalog.close)
     log.info("nats ready", extra={"stream": wire.EVENT_STREAM})
     task_store = await TaskStore.connect(settings.common.mongodb_url)
     stack.push_async_callback(task_store.close)

@@ -54,6 +54,7 @@ async def run(settings: ProjectionSettings, stop: asyncio.Event) -> None:
                 stop=stop,
                 batch=settings.batch_size,
                 wait_s=settings.fetch_wait_s,
+                min_interval_s=settings.min_batch_interval_s,
             )
         finally:
             lag.cancel()

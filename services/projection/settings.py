@@ -9,6 +9,7 @@ class ProjectionSettings(msgspec.Struct, frozen=True, kw_only=True):
     common: CommonSettings
     batch_size: int
     fetch_wait_s: float
+    min_batch_interval_s: float  # lets events of one task gather into one write under load
     ack_wait_s: float  # how soon a crashed projection's unfinished batch is redelivered
 
     @classmethod
@@ -18,4 +19,5 @@ class ProjectionSettings(msgspec.Struct, frozen=True, kw_only=True):
             batch_size=env_int("TASKMODE_PROJECTION_BATCH", 1000),
             fetch_wait_s=env_float("TASKMODE_PROJECTION_FETCH_WAIT_S", 0.05),
             ack_wait_s=env_float("TASKMODE_PROJECTION_ACK_WAIT_S", 10.0),
+            min_batch_interval_s=env_float("TASKMODE_PROJECTION_MIN_BATCH_INTERVAL_S", 0.1),
         )

@@ -33,7 +33,9 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
             ack_wait_s=settings.ack_wait_s,
             max_ack_pending=settings.max_parked,
         )
-        dispatcher = Dispatcher(events=EventStore(js), catalog=await Catalog.open(js), metrics=metrics)
+        catalog = await Catalog.open(js)
+        await catalog.watch()
+        dispatcher = Dispatcher(events=EventStore(js), catalog=catalog, metrics=metrics)
         backlog = asyncio.create_task(_track_backlog(js, metrics, stop))
         try:
             await consume(
