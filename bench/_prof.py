@@ -6,7 +6,8 @@ from tests.fc_client import FcClient
 from bench.full_stack import submit_many, NOOP, count_succeeded
 async def main():
     tmp = tempfile.mkdtemp()
-    stack = Stack(data_dir=Path(tmp), access_keys="k:s", gateway_port=free_port())
+    import os, json
+    stack = Stack(data_dir=Path(tmp), access_keys="k:s", gateway_port=free_port(), service_env=json.loads(os.environ.get("BENV","{}")))
     stack.start_infra(); stack.start_services()
     fc = FcClient(f"http://127.0.0.1:{stack.gateway_port}", access_key_id="k", access_key_secret="s")
     await fc.create_function("p", code={"index.py": NOOP})

@@ -120,7 +120,7 @@ class _Mirror(Generic[R]):
         try:
             while True:
                 try:
-                    entry = await watcher.updates(timeout=60)
+                    entry = await watcher.updates(timeout=60)  # type: ignore[no-untyped-call]
                 except (NatsTimeoutError, asyncio.TimeoutError):
                     continue
                 if entry is None:  # the initial values have all arrived
@@ -131,7 +131,7 @@ class _Mirror(Generic[R]):
                     self.records[entry.key] = self._decode(entry.value)
         finally:
             with contextlib.suppress(Exception):
-                await watcher.stop()
+                await watcher.stop()  # type: ignore[no-untyped-call]
 
     async def stop(self) -> None:
         if self._task is not None:

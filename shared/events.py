@@ -24,7 +24,7 @@ class TaskEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
         return EVENT_STATUS[type(self)]
 
 
-class TaskEnqueued(TaskEvent, tag="task.enqueued"):
+class TaskEnqueued(TaskEvent, frozen=True, tag="task.enqueued"):
     payload: bytes = b""
     request_id: str = ""
     qualifier: str = "LATEST"
@@ -33,46 +33,46 @@ class TaskEnqueued(TaskEvent, tag="task.enqueued"):
     max_retries: int = 3
 
 
-class TaskProcessed(TaskEvent, tag="task.processed"):
+class TaskProcessed(TaskEvent, frozen=True, tag="task.processed"):
     pass
 
 
-class TaskStarted(TaskEvent, tag="task.started"):
+class TaskStarted(TaskEvent, frozen=True, tag="task.started"):
     instance_id: str
     attempt: int = 0  # 0 for the first run, n for the n-th retry
 
 
-class TaskSucceeded(TaskEvent, tag="task.succeeded"):
+class TaskSucceeded(TaskEvent, frozen=True, tag="task.succeeded"):
     result: bytes = b""
     instance_id: str = ""
     attempt: int = 0
 
 
-class TaskFailed(TaskEvent, tag="task.failed"):
+class TaskFailed(TaskEvent, frozen=True, tag="task.failed"):
     error: str
     instance_id: str = ""
     attempt: int = 0
 
 
-class TaskRetrying(TaskEvent, tag="task.retrying"):
+class TaskRetrying(TaskEvent, frozen=True, tag="task.retrying"):
     error: str
     attempt: int  # the attempt that failed; the next run is attempt + 1
     retry_at_ms: int
 
 
-class TaskStopping(TaskEvent, tag="task.stopping"):
+class TaskStopping(TaskEvent, frozen=True, tag="task.stopping"):
     reason: str = "stop requested"
 
 
-class TaskStopped(TaskEvent, tag="task.stopped"):
+class TaskStopped(TaskEvent, frozen=True, tag="task.stopped"):
     reason: str = "stop requested"
 
 
-class TaskExpired(TaskEvent, tag="task.expired"):
+class TaskExpired(TaskEvent, frozen=True, tag="task.expired"):
     reason: str
 
 
-class TaskInvalid(TaskEvent, tag="task.invalid"):
+class TaskInvalid(TaskEvent, frozen=True, tag="task.invalid"):
     reason: str
 
 
@@ -103,7 +103,7 @@ EVENT_STATUS: Final[dict[type[TaskEvent], Status]] = {
 }
 
 _encoder: Final = msgspec.json.Encoder()
-_decoder: Final = msgspec.json.Decoder(AnyTaskEvent)
+_decoder: Final[msgspec.json.Decoder[AnyTaskEvent]] = msgspec.json.Decoder(AnyTaskEvent)
 
 
 def encode_event(event: TaskEvent) -> bytes:

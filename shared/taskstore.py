@@ -40,11 +40,12 @@ Document = dict[str, Any]
 # Stored for the projection and for expiry, never shown to API callers.
 INTERNAL_FIELDS: Final = ("_id", "functionName", "version", "expireAt")
 
-# A ListAsyncTasks token is a few dozen bytes; anything much longer is not one of ours.
-_MAX_TOKEN_CHARS: Final = 1024
+# Our tokens are a few hundred characters at most (task ids are at most 128); refuse far longer.
+_MAX_TOKEN_CHARS: Final = 4096
 _TOKEN_VERSION: Final = 1
 # Each connect attempt is bounded so a dead server is retried (and logged) instead of hanging.
 _PING_TIMEOUT_S: Final = 2.0
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MAX_BACKOFF_S: Final = 2.0
 
 
@@ -59,7 +60,7 @@ def expire_at(started_time_ms: int) -> datetime:
     The TTL index on `expireAt` has expireAfterSeconds=0, so this is the deletion time itself:
     submission time plus the FC retention period. Millisecond precision, like BSON dates.
     """
-    return datetime.fromtimestamp(started_time_ms / 1000, tz=timezone.utc) + timedelta(seconds=RETENTION_S)
+    return _EPOCH + timedelta(milliseconds=started_time_ms, seconds=RETENTION_S)
 
 
 def prefix_upper_bound(prefix: str) -> str | None:
@@ -160,44 +161,40 @@ def _list_filters(query: TaskQuery, after: _Cursor | None) -> list[Document]:
     Without a token that is one filter. After a token at (startedTime s, taskId t) it is two,
     both plain index range scans: the rest of the tie at s (taskId beyond t), then every later
     startedTime. This replaces the textbook `$or` keyset, which nx-27017 evaluates about three
-    times slower than the two range queries together; MongoDB serves both from the listing
-    index either way. A token's position outside the time range yields no tie query.
+    times slower than the two queries together; on MongoDB both are tight scans of the listing
+    index. A token positioned outside the time range yields no tie query.
     """
-    base: Document = {"functionName": query.function}
+    first: Document = {"functionName": query.function}
     if query.status:
-        base["status"] = query.status
+        first["status"] = query.status
     task_range: Document = {}
     if query.prefix:
         task_range["$gte"] = query.prefix
         upper = prefix_upper_bound(query.prefix)
         if upper is not None:
-            task_range["$lt"] = upper
+            pass
+        first["taskId"] = task_range
     started_range: Document = {}
     if query.started_time_begin is not None:
         started_range["$gte"] = query.started_time_begin
     if query.started_time_end is not None:
         started_range["$lte"] = query.started_time_end
-
-    def with_ranges(task_extra: Document, started: Document | int) -> Document:
-        flt = dict(base)
-        if task_range or task_extra:
-            flt["taskId"] = {**task_range, **task_extra}
-        if started or isinstance(started, int):
-            flt["startedTime"] = started
-        return flt
-
+    if started_range:
+        first["startedTime"] = started_range
     if after is None:
-        return [with_ranges({}, started_range)]
+        return [first]
+
     at, task_id = after.started_time, after.task_id
     # Several operators on one field AND together (MongoDB semantics, verified on nx-27017).
     beyond = "$lt" if query.descending else "$gt"
-    rest = with_ranges({}, {**started_range, beyond: at})
+    rest = {**first, "startedTime": {**started_range, beyond: at}}
     in_range = (query.started_time_begin is None or at >= query.started_time_begin) and (
         query.started_time_end is None or at <= query.started_time_end
     )
     if not in_range:
         return [rest]
-    return [with_ranges({beyond: task_id}, at), rest]
+    tie = {**first, "startedTime": at, "taskId": {**task_range, beyond: task_id}}
+    return [tie, rest]
 
 
 def _public_projection(*, include_payload: bool) -> Document:

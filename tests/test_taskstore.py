@@ -328,12 +328,13 @@ class TestTaskStoreContract:
             "garbage",
             "!!!!",
             "x" * 5000,
+            "=" * 4,
             base64.urlsafe_b64encode(b"not json").decode(),
             base64.urlsafe_b64encode(b'{"startedTime": 1}').decode(),
             base64.urlsafe_b64encode(json.dumps([1, True, "t", "0" * 16]).encode()).decode(),
             base64.urlsafe_b64encode(json.dumps([2, 1, "t", "0" * 16]).encode()).decode(),
         ],
-        ids=["word", "symbols", "long", "not-json", "wrong-shape", "bool-time", "other-version"],
+        ids=["word", "symbols", "long", "padding-only", "not-json", "wrong-shape", "bool-time", "other-version"],
     )
     async def test_garbage_token_is_rejected(self, task_store: TaskStore, token: str) -> None:
         with pytest.raises(InvalidNextToken):
