@@ -172,7 +172,7 @@ def _list_filters(query: TaskQuery, after: _Cursor | None) -> list[Document]:
         task_range["$gte"] = query.prefix
         upper = prefix_upper_bound(query.prefix)
         if upper is not None:
-            pass
+            task_range["$lt"] = upper
         first["taskId"] = task_range
     started_range: Document = {}
     if query.started_time_begin is not None:
@@ -401,7 +401,7 @@ class TaskStore:
                 group.create_task(self._tasks.find(flt, projection).sort(sort).limit(fetch).to_list())
                 for flt in _list_filters(query, after)
             ]
-        docs = [doc for part in parts for doc in part.result()][:fetch]
+        docs = [doc for part in parts for doc in part.result()]
         if len(docs) <= query.limit:
             return TaskPage(tasks=docs, next_token="")
         page = docs[: query.limit]

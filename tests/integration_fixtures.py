@@ -57,13 +57,12 @@ def stubborn(event, context):
 '''
 
 
-def new_stack(tmp: Path, **overrides: object) -> Stack:
+def new_stack(tmp: Path, *, extra_env: dict[str, str] | None = None) -> Stack:
     stack = Stack(
         data_dir=tmp,
         access_keys=f"{ACCESS_KEY_ID}:{ACCESS_KEY_SECRET}",
         gateway_port=free_port(),
-        service_env=dict(FAST_ENV),
-        **overrides,  # type: ignore[arg-type]
+        service_env={**FAST_ENV, **(extra_env or {})},
     )
     stack.start_infra()
     stack.start_services()

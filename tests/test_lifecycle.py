@@ -208,3 +208,70 @@ async def test_sync_invocation_returns_result_and_flags_errors(fc: FcClient, fn_
     assert bad.status_code == 200
     assert bad.headers["x-fc-error-type"] == "UnhandledInvocationError"
     assert "boom: x" in bad.text
+
+
+async def test_stop_processed_task_whose_dispatch_is_in_flight(fc: FcClient, fn_name: str) -> None:
+    # Occupy every instance the function may have (4 by default), so the next task is
+    # dispatched (Processed) and waits, in flight, for an instance.
+    await make_function(fc, fn_name, handler="index.sleep")
+    busy = [f"busy_{i}" for i in range(4)]
+    for task_id in busy:
+        await fc.invoke_async(fn_name, b"3", task_id=task_id)
+    for task_id in busy:
+        await fc.wait_for(fn_name, task_id, {"Running"})
+    await fc.invoke_async(fn_name, b"0", task_id="waiting")
+    await fc.wait_for(fn_name, "waiting", {"Processed"})
+    assert (await fc.stop_task(fn_name, "waiting")).status_code == 200
+    for task_id in busy:  # the instances free up: the waiting dispatch reaches an instance now
+        await fc.wait_for(fn_name, task_id, {"Succeeded"})
+    witness = "after_busy"
+    await fc.invoke_async(fn_name, b"0", task_id=witness)
+    await fc.wait_for(fn_name, witness, {"Succeeded"})
+    task = (await fc.get_task(fn_name, "waiting")).json()
+    assert statuses(task) == ["Enqueued", "Processed", "Stopped"]
+
+
+async def test_custom_runtime_runs_a_command_that_serves_post_invoke(fc: FcClient, fn_name: str) -> None:
+    server = '''
+import os
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+class Handler(BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        reply = b"custom:" + body + b":" + self.headers.get("x-fc-async-task-id", "").encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args):
+        pass
+
+HTTPServer(("127.0.0.1", int(os.environ["FC_SERVER_PORT"])), Handler).serve_forever()
+'''
+    import sys
+
+    response = await fc.create_function(
+        fn_name, code={"server.py": server}, runtime="custom.debian12", handler="index.handler",
+        customRuntimeConfig={"command": [sys.executable], "args": ["server.py"], "port": 9000},
+    )
+    assert response.status_code == 200, response.text
+    await fc.invoke_async(fn_name, b"hi", task_id="custom_1")
+    task = await fc.wait_for(fn_name, "custom_1", {"Succeeded", "Failed"})
+    assert task["status"] == "Succeeded", task
+    assert task["returnPayload"] == "custom:hi:custom_1"
+
+
+async def test_updated_code_is_what_later_tasks_run(fc: FcClient, fn_name: str) -> None:
+    await make_function(fc, fn_name)
+    await fc.invoke_async(fn_name, b"v1", task_id="before")
+    assert (await fc.wait_for(fn_name, "before", {"Succeeded"}))["returnPayload"] == "v1"
+    from tests.fc_client import zip_code
+
+    updated = await fc.request("PUT", f"/functions/{fn_name}", json={
+        "code": {"zipFile": zip_code({"index.py": "def handler(event, context):\n    return b'new:' + event\n"})},
+    })
+    assert updated.status_code == 200, updated.text
+    await fc.invoke_async(fn_name, b"v2", task_id="after")
+    assert (await fc.wait_for(fn_name, "after", {"Succeeded"}))["returnPayload"] == "new:v2"

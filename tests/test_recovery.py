@@ -7,12 +7,13 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from shared.devstack import Stack
 from shared.transitions import Status, is_allowed
-from tests.integration_fixtures import client_for
+from tests.integration_fixtures import client_for, new_stack
 from tests.test_lifecycle import make_function, statuses
 
 pytestmark = pytest.mark.timeout(150)
@@ -158,3 +159,20 @@ async def _listed_if_complete(fc, ids: list[str]) -> dict | None:  # type: ignor
     if set(listed) == set(ids) and all(t["status"] == "Succeeded" for t in listed.values()):
         return listed
     return None
+
+
+async def test_stop_during_retry_backoff(tmp_path: Path) -> None:
+
+    # A long backoff, so the Retrying phase lasts long enough to be stopped.
+    stack = new_stack(tmp_path, extra_env={"TASKMODE_RETRY_BASE_MS": "5000"})
+    fc = client_for(stack)
+    try:
+        await make_function(fc, "retry_stop", handler="index.fail", retries=3)
+        await fc.invoke_async("retry_stop", b"x", task_id="backing_off")
+        await fc.wait_for("retry_stop", "backing_off", {"Retrying"})
+        assert (await fc.stop_task("retry_stop", "backing_off")).status_code == 200
+        task = (await fc.get_task("retry_stop", "backing_off")).json()
+        assert statuses(task) == ["Enqueued", "Processed", "Running", "Retrying", "Stopped"]
+    finally:
+        await fc.close()
+        stack.stop()
