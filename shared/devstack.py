@@ -198,6 +198,9 @@ class Stack:
             mongo = start_mongo_wire(self.data_dir, port=mongo_port)
             self.infra.append(mongo)
             self.mongodb_url = mongo.url
+            # The embedded server scans every collection with a TTL index on each read: sweep
+            # expired tasks from the projection instead.
+            self.service_env.setdefault("TASKMODE_EXPIRY_SWEEP_S", "60")
 
     def env_for(self, service: str) -> dict[str, str]:
         env = {

@@ -317,27 +317,34 @@ class TaskStore:
         log.info("connected to %s (database %s) after %d attempt(s)", where, database, attempts)
         return cls(client, database=database)
 
-    async def ensure_indexes(self) -> None:
+    async def ensure_indexes(self, *, ttl_index: bool = True) -> None:
         """Create the listing, uniqueness and TTL indexes; a no-op when they already exist.
 
         (functionName, startedTime, taskId) serves ListAsyncTasks' filter, sort and keyset in
         both directions; (functionName, taskId) is unique because `_id` is derived from it;
-        `expireAt` with expireAfterSeconds=0 lets MongoDB delete tasks past retention.
+        `expireAt` with expireAfterSeconds=0 lets MongoDB delete tasks past retention. Without
+        `ttl_index` the caller sweeps with `purge_expired` instead: the embedded MongoDB-wire
+        server scans the whole collection on every read while a TTL index exists.
         """
-        await self._tasks.create_indexes(
-            [
-                IndexModel(
-                    [("functionName", ASCENDING), ("startedTime", ASCENDING), ("taskId", ASCENDING)],
-                    name="functionName_startedTime_taskId",
-                ),
-                IndexModel(
-                    [("functionName", ASCENDING), ("taskId", ASCENDING)],
-                    name="functionName_taskId_unique",
-                    unique=True,
-                ),
-                IndexModel([("expireAt", ASCENDING)], name="expireAt_ttl", expireAfterSeconds=0),
-            ]
-        )
+        models = [
+            IndexModel(
+                [("functionName", ASCENDING), ("startedTime", ASCENDING), ("taskId", ASCENDING)],
+                name="functionName_startedTime_taskId",
+            ),
+            IndexModel(
+                [("functionName", ASCENDING), ("taskId", ASCENDING)],
+                name="functionName_taskId_unique",
+                unique=True,
+            ),
+        ]
+        if ttl_index:
+            models.append(IndexModel([("expireAt", ASCENDING)], name="expireAt_ttl", expireAfterSeconds=0))
+        await self._tasks.create_indexes(models)
+
+    async def purge_expired(self, now: datetime) -> int:
+        """Delete tasks whose `expireAt` has passed (the sweep that replaces a TTL index)."""
+        result = await self._tasks.delete_many({"expireAt": {"$lt": now}})
+        return int(result.deleted_count)
 
     async def load_many(self, ids: Iterable[str]) -> dict[str, Document]:
         """Whole stored documents (internal fields included) by `_id`, in one `$in` query.

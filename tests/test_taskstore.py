@@ -399,3 +399,28 @@ async def test_connect_waits_for_a_late_server(tmp_path: Path, caplog: pytest.Lo
 )
 def test_prefix_upper_bound(prefix: str, upper: str | None) -> None:
     assert prefix_upper_bound(prefix) == upper
+
+
+async def test_purge_expired_sweeps_what_a_ttl_index_would(mongo_url: str) -> None:
+    """Where no TTL index is created (the embedded server), the sweep removes expired tasks."""
+    import datetime as dt
+    import uuid
+
+    from pymongo import AsyncMongoClient
+
+    database = f"taskmode_test_{uuid.uuid4().hex}"
+    client: AsyncMongoClient = AsyncMongoClient(mongo_url, tz_aware=True)  # type: ignore[type-arg]
+    store = TaskStore(client, database=database)
+    try:
+        await store.ensure_indexes(ttl_index=False)
+        old = {**make_task("old", function="f"), "expireAt": dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)}
+        fresh = make_task("fresh", function="f")
+        await store.save_many([old, fresh])
+        assert await store.purge_expired(dt.datetime.now(dt.UTC)) == 1
+        assert await store.get("f", "old") is None
+        assert await store.get("f", "fresh") is not None
+        keys = [tuple(info["key"]) for info in (await store.collection.index_information()).values()]
+        assert (("expireAt", 1),) not in keys
+    finally:
+        await client.drop_database(database)
+        await store.close()

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 
 from nats.js import JetStreamContext
@@ -39,12 +40,13 @@ async def run(settings: ProjectionSettings, stop: asyncio.Event) -> None:
     store = await TaskStore.connect(settings.common.mongodb_url)
     nc = await connect(settings.common.nats_url, name="taskmode-projection")
     try:
-        await store.ensure_indexes()
+        await store.ensure_indexes(ttl_index=not settings.expiry_sweep_s)
         js = nc.jetstream()
         await ensure_stream(js)
         await _ensure_consumer(js, ack_wait_s=settings.ack_wait_s)
         projector = Projector(store=store, events=EventStore(js), metrics=metrics, settings=settings.common)
         lag = asyncio.create_task(_track_lag(js, metrics, stop))
+        sweep = asyncio.create_task(_sweep_expired(store, settings.expiry_sweep_s, stop))
         try:
             await consume(
                 js,
@@ -57,9 +59,10 @@ async def run(settings: ProjectionSettings, stop: asyncio.Event) -> None:
                 min_interval_s=settings.min_batch_interval_s,
             )
         finally:
-            lag.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await lag
+            for task in (lag, sweep):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
     finally:
         await nc.drain()
         await store.close()
@@ -74,7 +77,7 @@ async def rebuild(settings: ProjectionSettings) -> None:
         with contextlib.suppress(NotFoundError):
             await js.delete_consumer(wire.EVENT_STREAM, wire.PROJECTION_DURABLE)
         await store.delete_all()
-        await store.ensure_indexes()
+        await store.ensure_indexes(ttl_index=not settings.expiry_sweep_s)
         log.info("read model dropped; the projection replays the stream on its next start")
     finally:
         await nc.drain()
@@ -90,3 +93,18 @@ async def _track_lag(js: JetStreamContext, metrics: ProjectionMetrics, stop: asy
             log.warning("lag read failed", extra={"error": str(err)})
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), 5)
+
+
+async def _sweep_expired(store: TaskStore, every_s: float, stop: asyncio.Event) -> None:
+    """Delete tasks past retention when no TTL index does it (see TaskStore.ensure_indexes)."""
+    if not every_s:
+        return
+    while not stop.is_set():
+        try:
+            removed = await store.purge_expired(datetime.datetime.now(datetime.UTC))
+            if removed:
+                log.info("expired tasks removed", extra={"count": removed})
+        except Exception as err:  # noqa: BLE001 - a failed sweep is retried on the next tick
+            log.warning("expiry sweep failed", extra={"error": str(err)})
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)
