@@ -4,6 +4,7 @@ and a metrics endpoint on loopback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -38,3 +39,26 @@ def run(service: str, main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     # uvloop: a faster event loop for every service (the gateway's uvicorn picks it up too).
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as loop_runner:
         loop_runner.run(runner())
+
+
+async def periodically(action: Callable[[], Awaitable[None]], *, every_s: float, stop: asyncio.Event, what: str) -> None:
+    """Run `action` every `every_s` until `stop`; a failure is logged and retried next tick.
+
+    For side work (metrics, sweeps) that must never take the service down with it.
+    """
+    while not stop.is_set():
+        try:
+            await action()
+        except Exception as err:  # noqa: BLE001 - see docstring
+            log.warning("%s failed", what, extra={"error": str(err)})
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)
+
+
+async def cancel_all(*tasks: asyncio.Task[None]) -> None:
+    """Cancel background tasks and wait until they are gone."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

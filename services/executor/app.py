@@ -20,7 +20,7 @@ from shared.bus import connect, ensure_consumer
 from shared.catalog import Catalog
 from shared.events import decode_event
 from shared.eventstore import EventStore, ensure_stream
-from shared.service import serve_metrics
+from shared.service import cancel_all, periodically, serve_metrics
 
 log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 5.0
@@ -68,9 +68,10 @@ async def run(settings: ExecutorSettings, stop: asyncio.Event) -> None:
 
         await nc.subscribe(wire.status_subjects("Stopping"), cb=on_stopping)
         await nc.subscribe(f"{wire.SYNC_INVOKE_PREFIX}.*", queue=wire.EXECUTOR_QUEUE_GROUP, cb=on_sync)
-        usage = asyncio.create_task(_export_usage(pool, metrics, stop))
+        usage = asyncio.create_task(
+            periodically(UsageExporter(pool, metrics).export, every_s=5, stop=stop, what="usage export"))
         await _dispatch_loop(js, runner, settings, stop, spawn, background)
-        usage.cancel()
+        await cancel_all(usage)
     finally:
         pending = [t for t in background if not t.done()]
         if pending:
@@ -125,25 +126,29 @@ async def _dispatch_loop(js: JetStreamContext, runner: TaskRunner, settings: Exe
         await sub.unsubscribe()
 
 
-async def _export_usage(pool: InstancePool, metrics: ExecutorMetrics, stop: asyncio.Event) -> None:
-    seen: set[tuple[str, str]] = set()
-    while not stop.is_set():
+class UsageExporter:
+    """Per-instance CPU and memory gauges; labels of instances that are gone are removed."""
+
+    def __init__(self, pool: InstancePool, metrics: ExecutorMetrics) -> None:
+        self._pool = pool
+        self._metrics = metrics
+        self._seen: set[tuple[str, str]] = set()
+
+    async def export(self) -> None:
         live: set[tuple[str, str]] = set()
         per_function: dict[str, int] = {}
-        for instance in pool.instances():
+        for instance in self._pool.instances():
             labels = (instance.spec.name, instance.instance_id)
             live.add(labels)
             per_function[instance.spec.name] = per_function.get(instance.spec.name, 0) + 1
             with contextlib.suppress(Exception):  # the process may exit between listing and reading
                 cpu_s, rss = instance.usage()
-                metrics.instance_cpu.labels(*labels).set(cpu_s)
-                metrics.instance_rss.labels(*labels).set(rss)
-        for labels in seen - live:
+                self._metrics.instance_cpu.labels(*labels).set(cpu_s)
+                self._metrics.instance_rss.labels(*labels).set(rss)
+        for labels in self._seen - live:
             with contextlib.suppress(KeyError):
-                metrics.instance_cpu.remove(*labels)
-                metrics.instance_rss.remove(*labels)
-        for function in {f for f, _ in seen | live}:
-            metrics.instances.labels(function).set(per_function.get(function, 0))
-        seen = live
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), 5)
+                self._metrics.instance_cpu.remove(*labels)
+                self._metrics.instance_rss.remove(*labels)
+        for function in {f for f, _ in self._seen | live}:
+            self._metrics.instances.labels(function).set(per_function.get(function, 0))
+        self._seen = live

@@ -223,13 +223,16 @@ def parse_bool(name: str, value: str | None, *, default: bool) -> bool:
     raise InvalidArgument(f"invalid {name} {value[:40]!r}: use true or false")
 
 
+_PLAIN_INTEGER = re.compile(r"-?[0-9]{1,18}")
+
+
 def parse_int(name: str, value: str | None, *, default: int | None, lo: int, hi: int) -> int | None:
-    if value is None or value.strip() == "":
+    if value is None or value == "":
         return default
-    try:
-        number = int(value.strip())
-    except ValueError as err:
-        raise InvalidArgument(f"invalid {name} {value[:40]!r}: an integer is required") from err
+    # Plain ASCII digits only: int() would also take "1_0", " 5" and non-ASCII digits.
+    if not _PLAIN_INTEGER.fullmatch(value):
+        raise InvalidArgument(f"invalid {name} {value[:40]!r}: an integer is required")
+    number = int(value)
     if not lo <= number <= hi:
         raise InvalidArgument(f"{name} {number} is out of range [{lo}, {hi}]")
     return number

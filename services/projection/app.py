@@ -16,7 +16,7 @@ from services.projection.settings import ProjectionSettings
 from shared import wire
 from shared.bus import connect, consume, ensure_consumer
 from shared.eventstore import EventStore, ensure_stream
-from shared.service import serve_metrics
+from shared.service import cancel_all, periodically, serve_metrics
 from shared.taskstore import TaskStore
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,19 @@ async def run(settings: ProjectionSettings, stop: asyncio.Event) -> None:
         await ensure_stream(js)
         await _ensure_consumer(js, ack_wait_s=settings.ack_wait_s)
         projector = Projector(store=store, events=EventStore(js), metrics=metrics, settings=settings.common)
-        lag = asyncio.create_task(_track_lag(js, metrics, stop))
-        sweep = asyncio.create_task(_sweep_expired(store, settings.expiry_sweep_s, stop))
+        async def read_lag() -> None:
+            metrics.lag.set((await js.consumer_info(wire.EVENT_STREAM, wire.PROJECTION_DURABLE)).num_pending)
+
+        async def sweep_expired() -> None:
+            # Only where no TTL index expires tasks (see TaskStore.ensure_indexes).
+            removed = await store.purge_expired(datetime.datetime.now(datetime.UTC))
+            if removed:
+                log.info("expired tasks removed", extra={"count": removed})
+
+        background = [asyncio.create_task(periodically(read_lag, every_s=5, stop=stop, what="lag read"))]
+        if settings.expiry_sweep_s:
+            background.append(asyncio.create_task(
+                periodically(sweep_expired, every_s=settings.expiry_sweep_s, stop=stop, what="expiry sweep")))
         try:
             await consume(
                 js,
@@ -59,10 +70,7 @@ async def run(settings: ProjectionSettings, stop: asyncio.Event) -> None:
                 min_interval_s=settings.min_batch_interval_s,
             )
         finally:
-            for task in (lag, sweep):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel_all(*background)
     finally:
         await nc.drain()
         await store.close()
@@ -82,29 +90,3 @@ async def rebuild(settings: ProjectionSettings) -> None:
     finally:
         await nc.drain()
         await store.close()
-
-
-async def _track_lag(js: JetStreamContext, metrics: ProjectionMetrics, stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        try:
-            info = await js.consumer_info(wire.EVENT_STREAM, wire.PROJECTION_DURABLE)
-            metrics.lag.set(info.num_pending)
-        except Exception as err:  # noqa: BLE001 - a metrics read must never stop projecting
-            log.warning("lag read failed", extra={"error": str(err)})
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), 5)
-
-
-async def _sweep_expired(store: TaskStore, every_s: float, stop: asyncio.Event) -> None:
-    """Delete tasks past retention when no TTL index does it (see TaskStore.ensure_indexes)."""
-    if not every_s:
-        return
-    while not stop.is_set():
-        try:
-            removed = await store.purge_expired(datetime.datetime.now(datetime.UTC))
-            if removed:
-                log.info("expired tasks removed", extra={"count": removed})
-        except Exception as err:  # noqa: BLE001 - a failed sweep is retried on the next tick
-            log.warning("expiry sweep failed", extra={"error": str(err)})
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), every_s)

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from prometheus_client import CollectorRegistry
@@ -13,7 +12,7 @@ from shared import wire
 from shared.bus import connect, consume, ensure_consumer
 from shared.catalog import Catalog
 from shared.eventstore import EventStore, ensure_stream
-from shared.service import serve_metrics
+from shared.service import cancel_all, periodically, serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,11 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
         catalog = await Catalog.open(js)
         await catalog.watch()
         dispatcher = Dispatcher(events=EventStore(js), catalog=catalog, metrics=metrics)
-        backlog = asyncio.create_task(_track_backlog(js, metrics, stop))
+        async def read_backlog() -> None:
+            info = await js.consumer_info(wire.EVENT_STREAM, wire.SCHEDULER_DURABLE)
+            metrics.backlog.set(info.num_pending + info.num_ack_pending)
+
+        backlog = asyncio.create_task(periodically(read_backlog, every_s=5, stop=stop, what="backlog read"))
         try:
             await consume(
                 js,
@@ -47,19 +50,6 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
                 batch=settings.batch_size,
             )
         finally:
-            backlog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await backlog
+            await cancel_all(backlog)
     finally:
         await nc.drain()
-
-
-async def _track_backlog(js, metrics: SchedulerMetrics, stop: asyncio.Event) -> None:  # type: ignore[no-untyped-def]
-    while not stop.is_set():
-        try:
-            info = await js.consumer_info(wire.EVENT_STREAM, wire.SCHEDULER_DURABLE)
-            metrics.backlog.set(info.num_pending + info.num_ack_pending)
-        except Exception as err:  # noqa: BLE001 - a metrics read must never stop scheduling
-            log.warning("backlog read failed", extra={"error": str(err)})
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), 5)
