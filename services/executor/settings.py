@@ -18,7 +18,7 @@ class ExecutorSettings(msgspec.Struct, frozen=True, kw_only=True):
     def from_env(cls) -> ExecutorSettings:
         return cls(
             common=CommonSettings.from_env(metrics_port_var="TASKMODE_EXECUTOR_METRICS_PORT", metrics_port_default=9102),
-            concurrency=env_int("TASKMODE_EXECUTOR_CONCURRENCY", 16),
+            concurrency=env_int("TASKMODE_EXECUTOR_CONCURRENCY", 64),
             max_instances_per_function=env_int("TASKMODE_EXECUTOR_MAX_INSTANCES", 4),
             idle_timeout_s=env_float("TASKMODE_EXECUTOR_IDLE_TIMEOUT_S", 120.0),
             ack_wait_s=env_float("TASKMODE_EXECUTOR_ACK_WAIT_S", 30.0),
