@@ -22,7 +22,9 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
+	$(PY) -m bench.store_bench
 	$(PY) -m bench.full_stack
+	$(PY) -m bench.cpu_per_task
 
 rebuild-projection: $(STAMP)
 	$(PY) -m services.projection rebuild
