@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shared.devstack import Stack  # noqa: E402
+from shared.settings import env_bool  # noqa: E402
 
 
 def _access_keys(data_dir: Path) -> str:
@@ -40,7 +41,7 @@ def main() -> int:
         gateway_port=int(os.environ.get("TASKMODE_GATEWAY_PORT", "9000")),
         nats_url=os.environ.get("NATS_URL", ""),
         mongodb_url=os.environ.get("MONGODB_URL", ""),
-        auth_disabled=os.environ.get("TASKMODE_AUTH_DISABLED", "").lower() in {"1", "true", "yes"},
+        auth_disabled=env_bool("TASKMODE_AUTH_DISABLED", False),
         metrics_ports=True,
     )
     stopping = threading.Event()

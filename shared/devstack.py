@@ -207,11 +207,12 @@ class Stack:
             "NATS_URL": self.nats_url,
             "MONGODB_URL": self.mongodb_url,
             "TASKMODE_DATA_DIR": str(self.data_dir / "services" / service),
-            "TASKMODE_GATEWAY_PORT": str(self.gateway_port),
-            "TASKMODE_ACCESS_KEYS": self.access_keys,
-            "TASKMODE_AUTH_DISABLED": "true" if self.auth_disabled else "false",
             "PYTHONUNBUFFERED": "1",
         }
+        if service == "gateway":  # only the gateway checks signatures; no one else holds the keys
+            env["TASKMODE_GATEWAY_PORT"] = str(self.gateway_port)
+            env["TASKMODE_ACCESS_KEYS"] = self.access_keys
+            env["TASKMODE_AUTH_DISABLED"] = "true" if self.auth_disabled else "false"
         if not self.metrics_ports:
             for name in ("SCHEDULER", "EXECUTOR", "PROJECTION"):
                 env[f"TASKMODE_{name}_METRICS_PORT"] = "0"

@@ -17,10 +17,10 @@ from shared.logs import configure
 log = logging.getLogger(__name__)
 
 
-def serve_metrics(registry: CollectorRegistry, *, port: int) -> None:
-    """Expose `registry` at http://127.0.0.1:`port`/metrics (port 0: not at all)."""
+def serve_metrics(registry: CollectorRegistry, *, port: int, host: str = "127.0.0.1") -> None:
+    """Expose `registry` at http://`host`:`port`/metrics (port 0: not at all)."""
     if port:
-        start_http_server(port, addr="127.0.0.1", registry=registry)
+        start_http_server(port, addr=host, registry=registry)
 
 
 def run(service: str, main: Callable[[asyncio.Event], Awaitable[None]]) -> None:

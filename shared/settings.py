@@ -54,10 +54,12 @@ class CommonSettings(msgspec.Struct, frozen=True, kw_only=True):
     region: str
     account_id: str
     metrics_port: int  # 0: no metrics endpoint
+    metrics_host: str = "127.0.0.1"  # another address only where Prometheus scrapes from elsewhere
 
     @classmethod
     def from_env(cls, *, metrics_port_var: str, metrics_port_default: int) -> CommonSettings:
-        """Read NATS_URL, MONGODB_URL, TASKMODE_DATA_DIR, TASKMODE_REGION, TASKMODE_ACCOUNT_ID."""
+        """Read NATS_URL, MONGODB_URL, TASKMODE_DATA_DIR, TASKMODE_REGION, TASKMODE_ACCOUNT_ID,
+        TASKMODE_METRICS_HOST and the service's metrics port variable."""
         return cls(
             nats_url=env_str("NATS_URL", "nats://127.0.0.1:4222"),
             mongodb_url=env_str("MONGODB_URL", "mongodb://127.0.0.1:27017"),
@@ -65,4 +67,5 @@ class CommonSettings(msgspec.Struct, frozen=True, kw_only=True):
             region=env_str("TASKMODE_REGION", "local"),
             account_id=env_str("TASKMODE_ACCOUNT_ID", "0000000000000000"),
             metrics_port=env_int(metrics_port_var, metrics_port_default),
+            metrics_host=env_str("TASKMODE_METRICS_HOST", "127.0.0.1"),
         )

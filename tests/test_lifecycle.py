@@ -275,3 +275,15 @@ async def test_updated_code_is_what_later_tasks_run(fc: FcClient, fn_name: str) 
     assert updated.status_code == 200, updated.text
     await fc.invoke_async(fn_name, b"v2", task_id="after")
     assert (await fc.wait_for(fn_name, "after", {"Succeeded"}))["returnPayload"] == "new:v2"
+
+
+async def test_function_code_does_not_see_the_services_configuration(fc: FcClient, fn_name: str) -> None:
+    source = "import json, os\ndef handler(event, context):\n    return json.dumps(sorted(os.environ))\n"
+    response = await fc.create_function(fn_name, code={"index.py": source},
+                                        environmentVariables={"MY_SETTING": "mine"})
+    assert response.status_code == 200, response.text
+    await fc.invoke_async(fn_name, b"", task_id="env")
+    names = __import__("json").loads((await fc.wait_for(fn_name, "env", {"Succeeded"}))["returnPayload"])
+    assert "MY_SETTING" in names and "FC_FUNCTION_NAME" in names
+    leaked = [n for n in names if n.startswith(("TASKMODE_", "NATS_", "MONGODB_"))]
+    assert leaked == []

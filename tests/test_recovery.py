@@ -142,10 +142,16 @@ async def test_projection_rebuild_restores_the_read_model(own_stack: Stack) -> N
         before = await wait_until(
             lambda: _listed_if_complete(fc, ids), deadline_s=30, what="read model complete before rebuild"
         )
-        own_stack.services["projection"].stop()
+        # As under `make run`: the projection keeps running, loses its position to the rebuild,
+        # exits, and its supervisor (here: the test) starts it again.
         env = own_stack.env_for("projection")
         subprocess.run([sys.executable, "-m", "services.projection", "rebuild"], env={**os.environ, **env},
                        check=True, timeout=60)
+        projection = own_stack.services["projection"].process
+        end = time.monotonic() + 20
+        while projection.poll() is None:
+            assert time.monotonic() < end, "projection kept running without its consumer"
+            await asyncio.sleep(0.1)
         assert (await fc.list_tasks("rebuild_fn")).json()["tasks"] == []
         own_stack.start_service("projection")
         after = await wait_until(lambda: _listed_if_complete(fc, ids), deadline_s=30, what="read model rebuilt")

@@ -28,7 +28,7 @@ SHUTDOWN_GRACE_S = 5.0
 
 async def run(settings: ExecutorSettings, stop: asyncio.Event) -> None:
     metrics = ExecutorMetrics.build(CollectorRegistry())
-    serve_metrics(metrics.registry, port=settings.common.metrics_port)
+    serve_metrics(metrics.registry, port=settings.common.metrics_port, host=settings.common.metrics_host)
     nc = await connect(settings.common.nats_url, name="taskmode-executor")
     pool = InstancePool(
         work_dir=settings.common.data_dir / "instances",

@@ -255,7 +255,7 @@ class Instance:
         self._tmp_dir.mkdir(parents=True, exist_ok=True)
         spec = self.spec
         return {  # FC's variables win over the function's own
-            **os.environ, **spec.environment,
+            **inherited_environment(), **spec.environment,
             "FC_FUNCTION_NAME": spec.name, "FC_FUNCTION_HANDLER": spec.handler,
             "FC_FUNCTION_MEMORY_SIZE": str(spec.memory_mb), "FC_INSTANCE_ID": self.instance_id,
             "FC_FUNC_CODE_PATH": str(spec.code_dir), "TMPDIR": str(self._tmp_dir),
@@ -449,6 +449,16 @@ class InstancePool:
             for outcome in await asyncio.gather(*map(self._discard, expired), return_exceptions=True):
                 if isinstance(outcome, Exception):
                     logger.error("reaping an idle instance failed", exc_info=outcome)
+
+
+# The executor's own configuration (bus and database addresses, keys) is not the function's
+# business: user code sees the machine's environment minus these.
+_PRIVATE_ENV_PREFIXES: Final = ("TASKMODE_", "NATS_", "MONGODB_")
+
+
+def inherited_environment() -> dict[str, str]:
+    """The executor's environment as a function instance may see it."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(_PRIVATE_ENV_PREFIXES)}
 
 
 _PR_SET_PDEATHSIG = 1

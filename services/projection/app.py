@@ -36,15 +36,21 @@ async def _ensure_consumer(js: JetStreamContext, *, ack_wait_s: float) -> None:
 
 async def run(settings: ProjectionSettings, stop: asyncio.Event) -> None:
     metrics = ProjectionMetrics.build(CollectorRegistry())
-    serve_metrics(metrics.registry, port=settings.common.metrics_port)
+    serve_metrics(metrics.registry, port=settings.common.metrics_port, host=settings.common.metrics_host)
     store = await TaskStore.connect(settings.common.mongodb_url)
     nc = await connect(settings.common.nats_url, name="taskmode-projection")
     try:
         await store.ensure_indexes(ttl_index=not settings.expiry_sweep_s)
         js = nc.jetstream()
         await ensure_stream(js)
+        if not await _has_position(js):
+            # The read model's position lives in the durable consumer: without one, whatever the
+            # collection holds is not known to match the stream, so it is rebuilt from event one.
+            log.info("no projection position: rebuilding the read model from the stream")
+            await store.delete_all()
         await _ensure_consumer(js, ack_wait_s=settings.ack_wait_s)
         projector = Projector(store=store, events=EventStore(js), metrics=metrics, settings=settings.common)
+
         async def read_lag() -> None:
             metrics.lag.set((await js.consumer_info(wire.EVENT_STREAM, wire.PROJECTION_DURABLE)).num_pending)
 
@@ -76,16 +82,30 @@ async def run(settings: ProjectionSettings, stop: asyncio.Event) -> None:
         await store.close()
 
 
+async def _has_position(js: JetStreamContext) -> bool:
+    try:
+        await js.consumer_info(wire.EVENT_STREAM, wire.PROJECTION_DURABLE)
+    except NotFoundError:
+        return False
+    return True
+
+
 async def rebuild(settings: ProjectionSettings) -> None:
-    """Drop the read model and the projection's position, so the next start replays the stream."""
+    """Drop the read model and the projection's position, so the projection replays the stream.
+
+    A running projection loses its consumer, exits, and (restarted by `make run` or a
+    supervisor) rebuilds on start; the documents are dropped here too for a stopped one.
+    """
     store = await TaskStore.connect(settings.common.mongodb_url)
     nc = await connect(settings.common.nats_url, name="taskmode-projection-rebuild")
     try:
         js = nc.jetstream()
-        with contextlib.suppress(NotFoundError):
-            await js.delete_consumer(wire.EVENT_STREAM, wire.PROJECTION_DURABLE)
+        # Documents first, position second: a projection still running until it notices the
+        # lost consumer can only write documents that its restart wipes again.
         await store.delete_all()
         await store.ensure_indexes(ttl_index=not settings.expiry_sweep_s)
+        with contextlib.suppress(NotFoundError):
+            await js.delete_consumer(wire.EVENT_STREAM, wire.PROJECTION_DURABLE)
         log.info("read model dropped; the projection replays the stream on its next start")
     finally:
         await nc.drain()

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
     metrics = SchedulerMetrics.build(CollectorRegistry())
-    serve_metrics(metrics.registry, port=settings.common.metrics_port)
+    serve_metrics(metrics.registry, port=settings.common.metrics_port, host=settings.common.metrics_host)
     nc = await connect(settings.common.nats_url, name="taskmode-scheduler")
     try:
         js = nc.jetstream()
