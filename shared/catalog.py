@@ -102,42 +102,84 @@ R = TypeVar("R")
 
 
 class _Mirror(Generic[R]):
-    """A local copy of one KV bucket, kept current by a watch (pushed, not polled)."""
+    """A local copy of one KV bucket, kept current by a watch (pushed, not polled).
 
-    def __init__(self, kv: KeyValue, decode: Callable[[bytes], R]) -> None:
+    A watch can silently stop delivering (its ordered consumer does not survive every server
+    restart), so a check every `check_every_s` compares the bucket's last sequence with the last
+    revision seen and starts a fresh watch when the mirror has fallen behind.
+    """
+
+    def __init__(self, kv: KeyValue, decode: Callable[[bytes], R], *, check_every_s: float = 2.0) -> None:
         self._kv = kv
         self._decode = decode
+        self._check_every_s = check_every_s
         self.records: dict[str, R] = {}
-        self.synced = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._revision = 0
+        self._watch: asyncio.Task[None] | None = None
+        self._guard: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        watcher = await self._kv.watchall()
-        self._task = asyncio.create_task(self._follow(watcher))
-        await self.synced.wait()
+        await self._rewatch()
+        self._guard = asyncio.create_task(self._keep_current())
 
-    async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
+    async def _rewatch(self) -> None:
+        """Start a watch, wait for its initial values, then swap them in whole."""
+        if self._watch is not None:
+            await _cancel(self._watch)
+        watcher = await self._kv.watchall()
+        fresh: dict[str, R] = {}
+        synced = asyncio.Event()
+        self._watch = asyncio.create_task(self._follow(watcher, fresh, synced))
+        await synced.wait()
+
+    async def _follow(self, watcher: KeyValue.KeyWatcher, records: dict[str, R], synced: asyncio.Event) -> None:
         try:
             while True:
                 try:
                     entry = await watcher.updates(timeout=60)  # type: ignore[no-untyped-call]
                 except (NatsTimeoutError, asyncio.TimeoutError):
                     continue
-                if entry is None:  # the initial values have all arrived
-                    self.synced.set()
-                elif entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
-                    self.records.pop(entry.key, None)
+                if entry is None:  # the initial values have all arrived: from now on, live
+                    self.records = records
+                    synced.set()
+                    continue
+                self._revision = max(self._revision, int(entry.revision or 0))
+                if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
+                    records.pop(entry.key, None)
                 else:
-                    self.records[entry.key] = self._decode(entry.value)
+                    records[entry.key] = self._decode(entry.value)
         finally:
             with contextlib.suppress(Exception):
                 await watcher.stop()  # type: ignore[no-untyped-call]
 
+    async def _keep_current(self) -> None:
+        behind_since: float | None = None
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._check_every_s)
+            try:
+                last_seq = int((await self._kv.status()).stream_info.state.last_seq)
+                if last_seq <= self._revision:
+                    behind_since = None
+                elif behind_since is None:
+                    behind_since = loop.time()  # give the watch one period to deliver it
+                elif loop.time() - behind_since >= self._check_every_s:
+                    log.warning("catalog mirror fell behind; watching again")
+                    await self._rewatch()
+                    behind_since = None
+            except Exception as err:  # noqa: BLE001 - retried on the next check
+                log.warning("catalog mirror check failed", extra={"error": str(err)})
+
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._guard, self._watch):
+            if task is not None:
+                await _cancel(task)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 class Catalog:

@@ -202,6 +202,13 @@ class Stack:
             # expired tasks from the projection instead.
             self.service_env.setdefault("TASKMODE_EXPIRY_SWEEP_S", "60")
 
+    def restart_nats(self) -> None:
+        """Stop the stack's own nats-server and start it again on the same port and store."""
+        old = next(child for child in self.infra if child.name == "nats")
+        old.stop()
+        port = int(self.nats_url.rsplit(":", 1)[1])
+        self.infra[self.infra.index(old)] = start_nats(self.data_dir, port=port)
+
     def env_for(self, service: str) -> dict[str, str]:
         env = {
             "NATS_URL": self.nats_url,
