@@ -50,8 +50,7 @@ async def main() -> None:
             started = time.perf_counter()
             ids = [f"c{i:06d}" for i in range(args.tasks)]
             await full.submit_many(base, "cpu", ids, concurrency=32)
-            while await full.count_succeeded(fc, "cpu") < args.tasks + 1:
-                await asyncio.sleep(0.25)
+            await full.wait_all_succeeded(fc, "cpu", ["warm-up", *ids])
             elapsed = time.perf_counter() - started
             after = cpu_seconds(processes)
         finally:

@@ -38,7 +38,9 @@ class Projector:
         """Apply a batch in stream order, then ack it with one ack (the consumer acks all)."""
         started = time.perf_counter()
         by_task: dict[str, list[AnyTaskEvent]] = defaultdict(list)
+        redelivered = False
         for msg in msgs:
+            redelivered = redelivered or msg.metadata.num_delivered > 1
             try:
                 event = decode_event(msg.data)
             except msgspec.DecodeError:
@@ -46,7 +48,11 @@ class Projector:
                 log.error("undecodable event skipped", extra={"subject": msg.subject})
                 continue
             by_task[document_id(event.function, event.task_id)].append(event)
-        docs = await self._store.load_many(by_task.keys())
+        # A task whose first event is in this batch, delivered for the first time, has no
+        # document yet (the read model is emptied whenever the projection starts without a
+        # position), so only the others are read.
+        known = [doc_id for doc_id, events in by_task.items() if redelivered or events[0].version > 1]
+        docs = await self._store.load_many(known) if known else {}
         changed = []
         for doc_id, events in by_task.items():
             doc = await self._apply(docs.get(doc_id), events)
