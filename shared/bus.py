@@ -13,6 +13,7 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,40 @@ async def ensure_consumer(
     await js.add_consumer(stream, config)
 
 
+class ConsumerGone(Exception):
+    """The durable consumer was deleted (e.g. to rebuild the read model): the service restarts."""
+
+
+async def fetch(
+    js: JetStreamContext,
+    sub: JetStreamContext.PullSubscription,
+    *,
+    stream: str,
+    durable: str,
+    batch: int,
+    wait_s: float,
+) -> list[Msg]:
+    """Up to `batch` messages, or none after `wait_s`; rides out a bus that is briefly away.
+
+    Only a deleted consumer ends the service (`ConsumerGone`); any other failure (the server
+    restarting, a lost connection) is logged and answered with an empty batch after a pause.
+    """
+    try:
+        return await sub.fetch(batch, timeout=wait_s)
+    except (NatsTimeoutError, asyncio.TimeoutError):
+        return []
+    except Exception as err:  # noqa: BLE001 - classified below
+        try:
+            await js.consumer_info(stream, durable)
+        except NotFoundError as gone:
+            raise ConsumerGone(f"consumer {durable} no longer exists") from gone
+        except Exception:  # noqa: BLE001 - the server itself is unreachable: wait for it
+            pass
+        log.warning("fetch failed; retrying", extra={"durable": durable, "error": repr(err)})
+        await asyncio.sleep(wait_s)
+        return []
+
+
 async def consume(
     js: JetStreamContext,
     *,
@@ -79,10 +114,7 @@ async def consume(
     loop = asyncio.get_running_loop()
     try:
         while not stop.is_set():
-            try:
-                msgs = await sub.fetch(batch, timeout=wait_s)
-            except (NatsTimeoutError, asyncio.TimeoutError):
-                continue
+            msgs = await fetch(js, sub, stream=stream, durable=durable, batch=batch, wait_s=wait_s)
             if msgs:
                 started = loop.time()
                 await handle_batch(msgs)

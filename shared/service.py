@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 import uvloop
 from prometheus_client import CollectorRegistry, start_http_server
 
+from shared.bus import ConsumerGone
 from shared.logs import configure
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,12 @@ def run(service: str, main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
 
     # uvloop: a faster event loop for every service (the gateway's uvicorn picks it up too).
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as loop_runner:
-        loop_runner.run(runner())
+        try:
+            loop_runner.run(runner())
+        except ConsumerGone as gone:
+            # Deliberate (a rebuild deleted it): exit non-zero so a supervisor starts us afresh.
+            log.warning("exiting: %s", gone)
+            raise SystemExit(3) from gone
 
 
 async def periodically(action: Callable[[], Awaitable[None]], *, every_s: float, stop: asyncio.Event, what: str) -> None:

@@ -5,7 +5,6 @@ import contextlib
 import logging
 
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
@@ -16,7 +15,7 @@ from services.executor.runner import TaskRunner
 from services.executor.settings import ExecutorSettings
 from services.executor.sync_invoke import SyncInvoker
 from shared import wire
-from shared.bus import connect, ensure_consumer
+from shared.bus import connect, ensure_consumer, fetch
 from shared.catalog import Catalog
 from shared.events import decode_event
 from shared.eventstore import EventStore, ensure_stream
@@ -115,10 +114,7 @@ async def _dispatch_loop(js: JetStreamContext, runner: TaskRunner, settings: Exe
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(freed.wait(), 0.5)
                 continue
-            try:
-                msgs = await sub.fetch(free, timeout=0.5)
-            except (NatsTimeoutError, asyncio.TimeoutError):
-                continue
+            msgs = await fetch(js, sub, stream=wire.EVENT_STREAM, durable=wire.EXECUTOR_DURABLE, batch=free, wait_s=0.5)
             for msg in msgs:
                 in_flight += 1
                 spawn(one(msg))
