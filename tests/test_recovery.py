@@ -224,3 +224,26 @@ async def test_nats_server_restart_mid_flow_loses_nothing(own_stack: Stack) -> N
         await wait_until(runs_new_code, deadline_s=30, what="updated code in use")
     finally:
         await fc.close()
+
+
+async def test_a_busy_function_does_not_hold_up_other_functions(tmp_path: Path) -> None:
+    # Few dispatch slots, and a function with a backlog longer than its instances can take.
+    stack = new_stack(tmp_path, extra_env={"TASKMODE_EXECUTOR_CONCURRENCY": "8",
+                                           "TASKMODE_EXECUTOR_MAX_QUEUED_PER_FUNCTION": "2"})
+    fc = client_for(stack)
+    try:
+        await make_function(fc, "backlogged", handler="index.sleep")
+        await make_function(fc, "quick")
+        busy = [f"slow{i}" for i in range(10)]
+        for task_id in busy:
+            await fc.invoke_async("backlogged", b"2", task_id=task_id)
+        await fc.wait_for("backlogged", busy[0], {"Running"})
+        await fc.invoke_async("quick", b"", task_id="fast")
+        fast = await fc.wait_for("quick", "fast", {"Succeeded"}, deadline_s=20)
+        slow_ends = [(await fc.wait_for("backlogged", task_id, {"Succeeded"}, deadline_s=30))["endTime"]
+                     for task_id in busy[:4]]
+        first_slow_end = min(slow_ends)
+        assert fast["endTime"] < first_slow_end, "the quick task waited behind the backlog"
+    finally:
+        await fc.close()
+        stack.stop()

@@ -337,6 +337,7 @@ class _Slots:
     current: FunctionSpec | None = None  # the newest spec leased; other versions are not kept
     idle: list[Instance] = field(default_factory=list)
     busy: int = 0
+    waiting: int = 0  # leases queued behind `busy`
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
     def wake(self) -> None:
@@ -368,10 +369,14 @@ class InstancePool:
     async def lease(self, spec: FunctionSpec) -> AsyncIterator[Instance]:
         """An instance for `spec`, exclusively; reused when idle and of the same spec."""
         slots = self._functions.setdefault(spec.name, _Slots())
-        while slots.busy >= self._max and not self._closed:
-            waiter = asyncio.get_running_loop().create_future()
-            slots.waiters.append(waiter)
-            await waiter
+        slots.waiting += 1
+        try:
+            while slots.busy >= self._max and not self._closed:
+                waiter = asyncio.get_running_loop().create_future()
+                slots.waiters.append(waiter)
+                await waiter
+        finally:
+            slots.waiting -= 1
         if self._closed:
             raise ServiceUnavailable("the instance pool is closed")
         if self._reaper is None:
@@ -387,6 +392,11 @@ class InstancePool:
             yield instance
         finally:
             await self._give_back(slots, instance)
+
+    def saturated(self, function: str, *, queued: int) -> bool:
+        """Whether every instance `function` may have is leased and `queued` more leases wait."""
+        slots = self._functions.get(function)
+        return slots is not None and slots.busy >= self._max and slots.waiting >= queued
 
     def instances(self) -> list[Instance]:
         """Live instances, idle or leased, for metrics."""

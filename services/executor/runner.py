@@ -99,6 +99,11 @@ class TaskRunner:
         if key in self._running:  # redelivered while this executor is still running it
             await msg.in_progress()
             return
+        if self._pool.saturated(event.function, queued=self._settings.max_queued_per_function):
+            # Its instances are all busy and enough dispatches already wait for them: hand this
+            # one back for a moment so that other functions' tasks are not stuck behind it.
+            await msg.nak(delay=self._settings.saturated_retry_s)
+            return
         current = StoredEvent(msg.metadata.sequence.stream, event)
         if msg.metadata.num_delivered > 1:
             last = await self._events.last(event.function, event.task_id)
