@@ -15,8 +15,6 @@ from pathlib import Path
 import psutil
 
 import bench.full_stack as full
-from shared.devstack import Stack, free_port
-from tests.fc_client import FcClient
 
 
 def cpu_seconds(processes: dict[str, psutil.Process]) -> dict[str, float]:
@@ -36,11 +34,7 @@ async def main() -> None:
     parser.add_argument("--tasks", type=int, default=3000)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        stack = Stack(data_dir=Path(tmp), access_keys=f"{full.KEY_ID}:{full.SECRET}", gateway_port=free_port())
-        stack.start_infra()
-        stack.start_services()
-        base = f"http://127.0.0.1:{stack.gateway_port}"
-        fc = FcClient(base, access_key_id=full.KEY_ID, access_key_secret=full.SECRET)
+        stack, fc, base = full.start_stack(Path(tmp))
         try:
             await fc.create_function("cpu", code={"index.py": full.NOOP})
             await full.submit_many(base, "cpu", ["warm-up"], concurrency=1)

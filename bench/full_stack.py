@@ -164,6 +164,15 @@ def rss_mb(stack: Stack) -> dict[str, float]:
     return out
 
 
+def start_stack(data_dir: Path) -> tuple[Stack, FcClient, str]:
+    """The whole system on `data_dir`, a signed client for it, and its base URL."""
+    stack = Stack(data_dir=data_dir, access_keys=f"{KEY_ID}:{SECRET}", gateway_port=free_port())
+    stack.start_infra()
+    stack.start_services()
+    base = f"http://127.0.0.1:{stack.gateway_port}"
+    return stack, FcClient(base, access_key_id=KEY_ID, access_key_secret=SECRET), base
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tasks", type=int, default=2000)
@@ -171,13 +180,10 @@ async def main() -> None:
     parser.add_argument("--rate", type=float, default=50.0)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        stack = Stack(data_dir=Path(tmp), access_keys=f"{KEY_ID}:{SECRET}", gateway_port=free_port())
-        stack.start_infra()
-        stack.start_services()
-        fc = FcClient(f"http://127.0.0.1:{stack.gateway_port}", access_key_id=KEY_ID, access_key_secret=SECRET)
+        stack, fc, base = start_stack(Path(tmp))
         try:
             baseline = await jetstream_baseline(stack.nats_url, args.tasks)
-            tp = await throughput_phase(fc, f"http://127.0.0.1:{stack.gateway_port}", args.tasks)
+            tp = await throughput_phase(fc, base, args.tasks)
             lat = await paced_phase(fc, args.paced, args.rate)
             memory = rss_mb(stack)
         finally:

@@ -160,10 +160,10 @@ def test_key_sources_and_a_wrong_secret(api: str, tmp_path: Path) -> None:
     assert none.returncode == 2 and b"no access key" in none.stderr
 
 
+@pytest.mark.skipif(shutil.which("curl") is None, reason="no curl binary on this machine (Debian images have one)")
 def test_print_curl_commands_work_with_the_real_curl(api: str, fn_name: str, tmp_path: Path) -> None:
     curl = shutil.which("curl")
-    if curl is None:
-        pytest.skip("no curl binary on this machine")
+    assert curl is not None
     _create_function(api, fn_name, tmp_path)
 
     def printed(*args: str) -> str:
