@@ -287,3 +287,13 @@ async def test_function_code_does_not_see_the_services_configuration(fc: FcClien
     assert "MY_SETTING" in names and "FC_FUNCTION_NAME" in names
     leaked = [n for n in names if n.startswith(("TASKMODE_", "NATS_", "MONGODB_"))]
     assert leaked == []
+
+
+async def test_large_result_is_kept_as_a_one_megabyte_preview(fc: FcClient, fn_name: str) -> None:
+    source = "def handler(event, context):\n    return b'x' * (3 * 1024 * 1024)\n"
+    response = await fc.create_function(fn_name, code={"index.py": source})
+    assert response.status_code == 200, response.text
+    await fc.invoke_async(fn_name, b"", task_id="big")
+    task = await fc.wait_for(fn_name, "big", {"Succeeded", "Failed"})
+    assert task["status"] == "Succeeded"
+    assert len(task["returnPayload"]) == 1024 * 1024

@@ -33,6 +33,7 @@ from shared.events import (
     decode_event,
 )
 from shared.eventstore import EventStore, StoredEvent, follow, now_ms
+from shared.taskview import RETURN_PAYLOAD_PREVIEW_BYTES
 from shared.transitions import Status
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,7 @@ class TaskRunner:
         if last is None or last.event.status != Status.STOPPING:
             return False
         outcome: TaskEvent = (
-            follow(last, TaskSucceeded, result=result.payload, instance_id=_instance(started), attempt=_attempt(started))
+            follow(last, TaskSucceeded, result=_preview(result), instance_id=_instance(started), attempt=_attempt(started))
             if result.ok
             else follow(last, TaskStopped, reason="stopped by user while running")
         )
@@ -201,7 +202,7 @@ class TaskRunner:
     def _outcome(self, started: StoredEvent, result: InvocationResult, enqueued: TaskEnqueued) -> TaskEvent:
         attempt = _attempt(started)
         if result.ok:
-            return follow(started, TaskSucceeded, result=result.payload, instance_id=_instance(started), attempt=attempt)
+            return follow(started, TaskSucceeded, result=_preview(result), instance_id=_instance(started), attempt=attempt)
         error = result.error_message or "function error"
         if attempt < enqueued.max_retries:
             return follow(started, TaskRetrying, error=error, attempt=attempt,
@@ -252,6 +253,12 @@ class TaskRunner:
                 last = await self._events.last(*key)
                 if last is not None and last.event.status == Status.STOPPING:
                     await self.stop_requested(*key)
+
+
+def _preview(result: InvocationResult) -> bytes:
+    # GetAsyncTask shows at most this much of a result (FC: returnPayload is a 1 MB preview), so
+    # the event keeps no more: events stay small whatever a handler returns.
+    return result.payload[:RETURN_PAYLOAD_PREVIEW_BYTES]
 
 
 def _attempt(started: StoredEvent) -> int:
