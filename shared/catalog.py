@@ -99,6 +99,7 @@ _decode_async_config = msgspec.json.Decoder(AsyncConfigRecord).decode
 
 
 R = TypeVar("R")
+MIRROR_SYNC_TIMEOUT_S: Final = 30.0
 
 
 class _Mirror(Generic[R]):
@@ -130,7 +131,11 @@ class _Mirror(Generic[R]):
         fresh: dict[str, R] = {}
         synced = asyncio.Event()
         self._watch = asyncio.create_task(self._follow(watcher, fresh, synced))
-        await synced.wait()
+        try:
+            await asyncio.wait_for(synced.wait(), MIRROR_SYNC_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            await _cancel(self._watch)
+            raise
 
     async def _follow(self, watcher: KeyValue.KeyWatcher, records: dict[str, R], synced: asyncio.Event) -> None:
         try:
@@ -146,8 +151,12 @@ class _Mirror(Generic[R]):
                 self._revision = max(self._revision, int(entry.revision or 0))
                 if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
                     records.pop(entry.key, None)
-                else:
+                    continue
+                try:
                     records[entry.key] = self._decode(entry.value)
+                except msgspec.DecodeError:
+                    log.error("catalog record cannot be read; ignored", extra={"key": entry.key})
+                    records.pop(entry.key, None)
         finally:
             with contextlib.suppress(Exception):
                 await watcher.stop()  # type: ignore[no-untyped-call]

@@ -247,3 +247,39 @@ async def test_a_busy_function_does_not_hold_up_other_functions(tmp_path: Path) 
     finally:
         await fc.close()
         stack.stop()
+
+
+async def test_processes_an_instance_started_die_when_its_executor_is_replaced(own_stack: Stack, tmp_path: Path) -> None:
+    import psutil
+
+    # A custom runtime whose server forks a helper process: the helper is not the executor's
+    # child, so only the restarted executor's clean-up can end it.
+    server = f'''
+import os, subprocess, time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+helper = subprocess.Popen(["sleep", "300"])
+open({str(tmp_path / "helper.pid")!r}, "w").write(str(helper.pid))
+
+class Handler(BaseHTTPRequestHandler):
+    def do_POST(self):
+        time.sleep(60)
+
+HTTPServer(("127.0.0.1", int(os.environ["FC_SERVER_PORT"])), Handler).serve_forever()
+'''
+    fc = client_for(own_stack)
+    try:
+        response = await fc.create_function("forking", code={"server.py": server}, runtime="custom.debian12",
+                                            customRuntimeConfig={"command": [sys.executable, "server.py"]})
+        assert response.status_code == 200, response.text
+        await fc.invoke_async("forking", b"", task_id="long")
+        await fc.wait_for("forking", "long", {"Running"})
+        helper_pid = int((tmp_path / "helper.pid").read_text())
+        own_stack.kill_service("executor")
+        assert psutil.pid_exists(helper_pid)  # outlived its executor and its own parent
+        own_stack.start_service("executor")
+        end = time.monotonic() + 20
+        while psutil.pid_exists(helper_pid) and psutil.Process(helper_pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < end, "the orphaned helper is still running"
+            await asyncio.sleep(0.1)
+    finally:
+        await fc.close()

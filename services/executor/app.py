@@ -8,6 +8,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
+from services.executor import orphans
 from services.executor.code_cache import CodeCache
 from services.executor.instances import InstancePool
 from services.executor.metrics import ExecutorMetrics
@@ -22,13 +23,14 @@ from shared.eventstore import EventStore, ensure_stream
 from shared.service import cancel_all, periodically, serve_metrics
 
 log = logging.getLogger(__name__)
-SHUTDOWN_GRACE_S = 5.0
+SHUTDOWN_GRACE_S = 10.0  # running tasks may finish; those cut off count as a lost attempt
 
 
 async def run(settings: ExecutorSettings, stop: asyncio.Event) -> None:
     metrics = ExecutorMetrics.build(CollectorRegistry())
     serve_metrics(metrics.registry, port=settings.common.metrics_port, host=settings.common.metrics_host)
     nc = await connect(settings.common.nats_url, name="taskmode-executor")
+    orphans.reap(settings.common.data_dir / "instances")
     pool = InstancePool(
         work_dir=settings.common.data_dir / "instances",
         max_instances_per_function=settings.max_instances_per_function,
@@ -99,12 +101,21 @@ async def _dispatch_loop(js: JetStreamContext, runner: TaskRunner, settings: Exe
     freed = asyncio.Event()
 
     async def one(msg: Msg) -> None:
-        nonlocal in_flight
+        released = False
+
+        def release_slot() -> None:
+            # Called early by a dispatch that parks behind a busy function: its slot goes to
+            # the next fetch, so other functions' tasks are not held up.
+            nonlocal in_flight, released
+            if not released:
+                released = True
+                in_flight -= 1
+                freed.set()
+
         try:
-            await _guarded(runner.handle(msg), "dispatch")
+            await _guarded(runner.handle(msg, release_slot=release_slot), "dispatch")
         finally:
-            in_flight -= 1
-            freed.set()
+            release_slot()
 
     try:
         while not stop.is_set():

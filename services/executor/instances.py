@@ -26,6 +26,7 @@ from typing import Final
 import msgspec
 import psutil
 
+from services.executor import orphans
 from services.executor import python_worker as proto
 from shared.errors import InvalidArgument, ServiceUnavailable
 
@@ -270,6 +271,8 @@ class Instance:
             stderr=pipe if python else asyncio.subprocess.STDOUT,
         )
         self._exited = asyncio.ensure_future(self._proc.wait())
+        group_file = orphans.register(self._tmp_dir.parent, pgid=self._proc.pid, instance_id=self.instance_id)
+        self._exited.add_done_callback(lambda _: orphans.unregister(group_file))
         output = self._proc.stderr if python else self._proc.stdout
         assert output is not None
         self._drain = asyncio.ensure_future(self._collect_output(output))
@@ -337,7 +340,6 @@ class _Slots:
     current: FunctionSpec | None = None  # the newest spec leased; other versions are not kept
     idle: list[Instance] = field(default_factory=list)
     busy: int = 0
-    waiting: int = 0  # leases queued behind `busy`
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
     def wake(self) -> None:
@@ -369,14 +371,10 @@ class InstancePool:
     async def lease(self, spec: FunctionSpec) -> AsyncIterator[Instance]:
         """An instance for `spec`, exclusively; reused when idle and of the same spec."""
         slots = self._functions.setdefault(spec.name, _Slots())
-        slots.waiting += 1
-        try:
-            while slots.busy >= self._max and not self._closed:
-                waiter = asyncio.get_running_loop().create_future()
-                slots.waiters.append(waiter)
-                await waiter
-        finally:
-            slots.waiting -= 1
+        while slots.busy >= self._max and not self._closed:
+            waiter = asyncio.get_running_loop().create_future()
+            slots.waiters.append(waiter)
+            await waiter
         if self._closed:
             raise ServiceUnavailable("the instance pool is closed")
         if self._reaper is None:
@@ -392,11 +390,6 @@ class InstancePool:
             yield instance
         finally:
             await self._give_back(slots, instance)
-
-    def saturated(self, function: str, *, queued: int) -> bool:
-        """Whether every instance `function` may have is leased and `queued` more leases wait."""
-        slots = self._functions.get(function)
-        return slots is not None and slots.busy >= self._max and slots.waiting >= queued
 
     def instances(self) -> list[Instance]:
         """Live instances, idle or leased, for metrics."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -19,7 +21,7 @@ from services.executor.instances import FunctionSpec, Instance, InstancePool, In
 from services.executor.metrics import ExecutorMetrics
 from services.executor.settings import ExecutorSettings
 from shared.catalog import Catalog, FunctionRecord
-from shared.errors import ConcurrentUpdateError
+from shared.errors import ConcurrentUpdateError, FunctionNotFound
 from shared.events import (
     TaskEnqueued,
     TaskEvent,
@@ -39,6 +41,8 @@ from shared.transitions import Status
 log = logging.getLogger(__name__)
 
 TaskKey = tuple[str, str]
+# How long an outcome append keeps retrying through bus trouble before giving up.
+OUTCOME_APPEND_PATIENCE_S = 300.0
 
 
 @dataclass
@@ -81,9 +85,16 @@ class TaskRunner:
         self._metrics = metrics
         self._settings = settings
         self._running: dict[TaskKey, RunningTask] = {}
+        self._handling: set[TaskKey] = set()  # dispatches this process holds, running or not
+        self._started: set[TaskKey] = set()  # ... of which Running was recorded
+        self._parked = 0  # ... of which wait for a busy function without holding a fetch slot
+        self._holding: dict[str, int] = {}  # ... per function, those holding a fetch slot
 
-    async def handle(self, msg: Msg) -> None:
-        """Decide the fate of one dispatch message; exactly one of ack / nak / term."""
+    async def handle(self, msg: Msg, *, release_slot: Callable[[], None] = lambda: None) -> None:
+        """Decide the fate of one dispatch message; exactly one of ack / nak / term.
+
+        `release_slot` gives up this dispatch's fetch slot while it waits for a busy function.
+        """
         try:
             event = decode_event(msg.data)
         except msgspec.DecodeError:
@@ -97,28 +108,50 @@ class TaskRunner:
             await msg.nak(delay=(event.retry_at_ms - now_ms()) / 1000)
             return
         key = (event.function, event.task_id)
-        if key in self._running:  # redelivered while this executor is still running it
+        if key in self._handling:  # redelivered while this executor still works on it
             await msg.in_progress()
-            return
-        if self._pool.saturated(event.function, queued=self._settings.max_queued_per_function):
-            # Its instances are all busy and enough dispatches already wait for them: hand this
-            # one back for a moment so that other functions' tasks are not stuck behind it.
-            await msg.nak(delay=self._settings.saturated_retry_s)
             return
         current = StoredEvent(msg.metadata.sequence.stream, event)
         if msg.metadata.num_delivered > 1:
+            # Recovery first: a dead executor's Running or Stopping task must not wait behind
+            # a busy function's backlog.
             last = await self._events.last(event.function, event.task_id)
             if last is None or last.seq != current.seq:
                 await self._recover(last, current)
                 await msg.ack()
                 return
+        parked = False
+        holding = self._holding.get(event.function, 0)
+        if holding >= self._settings.max_instances_per_function + self._settings.max_queued_per_function:
+            # Its instances are all busy and enough dispatches already wait for them with a slot
+            # each: wait without one (up to max_parked), so other functions' tasks get fetched;
+            # past that, hand it back for a while.
+            if self._parked >= self._settings.max_parked:
+                await msg.nak(delay=self._settings.saturated_retry_s)
+                return
+            release_slot()
+            parked = True
+            self._parked += 1
+        else:  # counted before any await, so concurrent dispatches cannot all slip past the check
+            self._holding[event.function] = holding + 1
+        self._handling.add(key)
         keep_alive = asyncio.create_task(self._keep_alive(msg, key))
         try:
             await self._run(current)
+        except asyncio.CancelledError:
+            if key not in self._started:  # shutting down before it ran: give it straight back
+                with contextlib.suppress(Exception):
+                    await msg.nak()
+            raise
         finally:
+            if parked:
+                self._parked -= 1
+            else:
+                self._holding[event.function] -= 1
+            self._handling.discard(key)
+            self._started.discard(key)
             keep_alive.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keep_alive
+            await asyncio.gather(keep_alive, return_exceptions=True)
         await msg.ack()
 
     async def stop_requested(self, function: str, task_id: str) -> None:
@@ -135,19 +168,23 @@ class TaskRunner:
         return len(self._running)
 
     async def _run(self, current: StoredEvent) -> None:
+        """Run the dispatched task, or end it (Invalid) when it cannot run."""
         event = current.event
         fields = {"task_id": event.task_id, "function": event.function}
         function = await self._catalog.find_function(event.function)
         if function is None:
-            await self._append_or_log(follow(current, TaskInvalid, reason=f"function {event.function} was deleted"),
-                                       expected_seq=current.seq)
+            await self._invalid(current, f"function {event.function} was deleted")
             return
         enqueued = await self._events.last_with_status(event.function, event.task_id, Status.ENQUEUED)
         if enqueued is None or not isinstance(enqueued.event, TaskEnqueued):
-            log.error("task has no Enqueued event; dropped", extra=fields)
+            await self._invalid(current, "the task's submission is no longer in the event store")
             return
         attempt = event.attempt + 1 if isinstance(event, TaskRetrying) else 0
-        spec = await function_spec(function, self._code)
+        try:
+            spec = await function_spec(function, self._code)
+        except (OSError, zipfile.BadZipFile, FunctionNotFound) as err:
+            await self._invalid(current, f"the function's code cannot be unpacked: {err}")
+            return
         async with self._pool.lease(spec) as instance:
             started = follow(current, TaskStarted, instance_id=instance.instance_id, attempt=attempt)
             try:
@@ -155,6 +192,7 @@ class TaskRunner:
             except ConcurrentUpdateError:
                 await self._recover(await self._events.last(event.function, event.task_id), current)
                 return
+            self._started.add((event.function, event.task_id))
             due_ms = event.retry_at_ms if isinstance(event, TaskRetrying) else enqueued.event.due_at_ms
             self._metrics.submit_to_start.labels(event.function).observe(max(0, started.at_ms - due_ms) / 1000)
             log.info("task Running", extra={**fields, "status": "Running", "instance_id": instance.instance_id,
@@ -171,6 +209,9 @@ class TaskRunner:
         self._metrics.run_seconds.labels(event.function).observe(result.duration_ms / 1000)
         await self._finish(StoredEvent(started_seq, started), result, enqueued.event, running)
 
+    async def _invalid(self, current: StoredEvent, reason: str) -> None:
+        await self._append_or_log(follow(current, TaskInvalid, reason=reason), expected_seq=current.seq)
+
     async def _finish(
         self, started: StoredEvent, result: InvocationResult, enqueued: TaskEnqueued, running: RunningTask
     ) -> None:
@@ -178,7 +219,7 @@ class TaskRunner:
             return
         outcome = self._outcome(started, result, enqueued)
         try:
-            await self._events.append(outcome, expected_seq=started.seq)
+            await self._append_durably(outcome, expected_seq=started.seq)
         except ConcurrentUpdateError:
             # Only a stop can come between Running and our outcome.
             if not await self._finish_stopping(started, result):
@@ -225,9 +266,31 @@ class TaskRunner:
             if await self._append_or_log(outcome, expected_seq=last.seq):
                 self._record(outcome)
 
+    async def _append_durably(self, event: TaskEvent, *, expected_seq: int) -> int:
+        """Append an outcome, riding out a bus that is briefly unavailable.
+
+        The dispatch stays held (the keep-alive runs) meanwhile; giving up would make the
+        outcome look like a lost instance and run the task again. Only a lost race
+        (`ConcurrentUpdateError`) or a long outage ends the attempts.
+        """
+        delay_s = 0.1
+        deadline = asyncio.get_running_loop().time() + OUTCOME_APPEND_PATIENCE_S
+        while True:
+            try:
+                return await self._events.append(event, expected_seq=expected_seq)
+            except ConcurrentUpdateError:
+                raise
+            except Exception as err:  # noqa: BLE001 - transient bus trouble, retried below
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                log.warning("append failed; retrying", extra={"task_id": event.task_id, "function": event.function,
+                                                              "status": str(event.status), "error": repr(err)})
+                await asyncio.sleep(delay_s)
+                delay_s = min(2.0, delay_s * 2)
+
     async def _append_or_log(self, event: TaskEvent, *, expected_seq: int) -> bool:
         try:
-            await self._events.append(event, expected_seq=expected_seq)
+            await self._append_durably(event, expected_seq=expected_seq)
         except ConcurrentUpdateError:
             log.info("transition superseded", extra={"task_id": event.task_id, "function": event.function,
                                                      "status": str(event.status)})
@@ -243,16 +306,23 @@ class TaskRunner:
 
     async def _keep_alive(self, msg: Msg, key: TaskKey) -> None:
         """Hold the dispatch while the task runs, and notice a stop we were not told about."""
-        interval_s = min(1.0, self._settings.ack_wait_s / 3)
+        # Every second (the stop backstop, for a running task); the dispatch itself is renewed
+        # only every third of its ack wait, which keeps many parked dispatches cheap.
+        renew_every = max(1, round(self._settings.ack_wait_s / 3))
+        tick = 0
         while True:
-            await asyncio.sleep(interval_s)
-            with contextlib.suppress(Exception):
-                await msg.in_progress()
-            running = self._running.get(key)
-            if running is not None and not running.stop_requested:
-                last = await self._events.last(*key)
-                if last is not None and last.event.status == Status.STOPPING:
-                    await self.stop_requested(*key)
+            await asyncio.sleep(1.0)
+            tick += 1
+            try:
+                if tick % renew_every == 0:
+                    await msg.in_progress()
+                running = self._running.get(key)
+                if running is not None and not running.stop_requested:
+                    last = await self._events.last(*key)
+                    if last is not None and last.event.status == Status.STOPPING:
+                        await self.stop_requested(*key)
+            except Exception as err:  # noqa: BLE001 - must keep holding the dispatch regardless
+                log.warning("keep-alive step failed", extra={"task_id": key[1], "function": key[0], "error": repr(err)})
 
 
 def _preview(result: InvocationResult) -> bytes:

@@ -9,8 +9,9 @@ class ExecutorSettings(msgspec.Struct, frozen=True, kw_only=True):
     common: CommonSettings
     concurrency: int  # tasks this executor runs at once, over all functions
     max_instances_per_function: int
-    max_queued_per_function: int  # dispatches that may wait for a busy function's instances
-    saturated_retry_s: float  # when more would wait, the dispatch is handed back for this long
+    max_queued_per_function: int  # dispatches that wait for a busy function holding a fetch slot
+    max_parked: int  # further waiting dispatches, over all functions, that hold no slot
+    saturated_retry_s: float  # past both, a dispatch is handed back for this long
     idle_timeout_s: float
     ack_wait_s: float  # a dead executor's tasks are picked up again after this long
     retry_base_ms: int  # first retry after a handler error; doubles each time (FC: 0.5 s)
@@ -23,7 +24,8 @@ class ExecutorSettings(msgspec.Struct, frozen=True, kw_only=True):
             concurrency=env_int("TASKMODE_EXECUTOR_CONCURRENCY", 64),
             max_instances_per_function=env_int("TASKMODE_EXECUTOR_MAX_INSTANCES", 4),
             max_queued_per_function=env_int("TASKMODE_EXECUTOR_MAX_QUEUED_PER_FUNCTION", 16),
-            saturated_retry_s=env_float("TASKMODE_EXECUTOR_SATURATED_RETRY_S", 0.2),
+            max_parked=env_int("TASKMODE_EXECUTOR_MAX_PARKED", 1024),
+            saturated_retry_s=env_float("TASKMODE_EXECUTOR_SATURATED_RETRY_S", 1.0),
             idle_timeout_s=env_float("TASKMODE_EXECUTOR_IDLE_TIMEOUT_S", 120.0),
             ack_wait_s=env_float("TASKMODE_EXECUTOR_ACK_WAIT_S", 30.0),
             retry_base_ms=env_int("TASKMODE_RETRY_BASE_MS", 500),

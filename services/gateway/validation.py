@@ -24,6 +24,7 @@ from shared.catalog import (
     FunctionRecord,
 )
 from shared.errors import EntityTooLarge, InvalidArgument, InvalidNextToken
+from services.gateway.archive_check import check_archive
 from shared.transitions import Status, parse_status
 
 FUNCTION_NAME_RE: Final = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_-]{0,63}$")
@@ -328,7 +329,7 @@ def decode_code(code: InputCode | None, *, required: bool) -> CodeArchive | None
         raise EntityTooLarge(f"code.zipFile exceeds maximum allowed size ({MAX_CODE_BYTES} bytes decoded)")
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            archive.infolist()
+            check_archive(archive)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as err:
         raise InvalidArgument("code.zipFile is not a valid zip archive") from err
     return CodeArchive(data=data, checksum=hashlib.sha256(data).hexdigest())

@@ -83,11 +83,11 @@ class Projector:
         return doc if doc is not original else None
 
     async def _rebuild(self, event: AnyTaskEvent) -> dict[str, Any] | None:
-        history = [stored.event for stored in await self._events.history(event.function, event.task_id)]
-        history = [e for e in history if e.version <= event.version]
         try:
+            history = [stored.event for stored in await self._events.history(event.function, event.task_id)]
+            history = [e for e in history if e.version <= event.version]
             return fold(history, arn=self._arn(event.function))
-        except (VersionGap, TransitionNotAllowed) as err:
+        except (VersionGap, TransitionNotAllowed, msgspec.DecodeError) as err:
             self._metrics.refused.labels("history").inc()
             log.error("task history cannot be folded", extra={"task_id": event.task_id, "function": event.function,
                                                               "error": str(err)})
