@@ -102,8 +102,7 @@ async def throughput_phase(fc: FcClient, base_url: str, n: int) -> dict[str, flo
     return {"submit_per_s": n / submit_s, "complete_per_s": n / done_s, "total_s": done_s}
 
 
-async def paced_phase(fc: FcClient, n: int, rate: float) -> dict[str, list[float]]:
-    name = "bench_latency"
+async def paced_phase(fc: FcClient, n: int, rate: float, *, name: str = "bench_latency") -> dict[str, list[float]]:
     await fc.create_function(name, code={"index.py": NOOP})
     submitted: dict[str, float] = {}
     t0 = time.perf_counter()
