@@ -209,6 +209,17 @@ class Stack:
         port = int(self.nats_url.rsplit(":", 1)[1])
         self.infra[self.infra.index(old)] = start_nats(self.data_dir, port=port)
 
+    def stop_mongo_wire(self) -> None:
+        """Stop the stack's own MongoDB-wire server (an outage of the read model)."""
+        old = next(child for child in self.infra if child.name == "mongo")
+        old.stop()
+        self.infra.remove(old)
+
+    def start_mongo_wire_again(self) -> None:
+        """Start the MongoDB-wire server again, on the same port and data."""
+        port = int(self.mongodb_url.rsplit(":", 1)[1])
+        self.infra.append(start_mongo_wire(self.data_dir, port=port))
+
     def env_for(self, service: str) -> dict[str, str]:
         env = {
             "NATS_URL": self.nats_url,

@@ -49,6 +49,9 @@ _EPOCH: Final = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MAX_BACKOFF_S: Final = 2.0
 
 
+SERVER_SELECTION_TIMEOUT_MS: Final = 5000
+
+
 def task_doc_id(function: str, task_id: str) -> str:
     """The `_id` of a task's read-model document: task ids are unique per function only."""
     return f"{function}/{task_id}"
@@ -303,7 +306,12 @@ class TaskStore:
         attempts = 0
         if seeds:
             attempts += await _retry(lambda: _tcp_probe(seeds, deadline=deadline), deadline=deadline, what=where)
-        client: AsyncMongoClient[Document] = AsyncMongoClient(url, tz_aware=True, appname="taskmode")
+        client: AsyncMongoClient[Document] = AsyncMongoClient(
+            url, tz_aware=True, appname="taskmode",
+            # Fail within seconds while the server is away: readers can answer otherwise, and a
+            # writer's supervisor restarts it, rather than requests hanging for pymongo's 30 s.
+            serverSelectionTimeoutMS=SERVER_SELECTION_TIMEOUT_MS,
+        )
 
         async def ping() -> None:
             with pymongo.timeout(_attempt_timeout_s(deadline)):
@@ -403,12 +411,12 @@ class TaskStore:
         projection = _public_projection(include_payload=query.include_payload)
         sort = [("startedTime", direction), ("taskId", direction)]
         fetch = query.limit + 1
-        async with asyncio.TaskGroup() as group:  # the parts run concurrently
-            parts = [
-                group.create_task(self._tasks.find(flt, projection).sort(sort).limit(fetch).to_list())
-                for flt in _list_filters(query, after)
-            ]
-        docs = [doc for part in parts for doc in part.result()]
+        # The parts run concurrently; gather (not a TaskGroup) so a failure surfaces as the
+        # driver's own error, which callers handle, rather than wrapped in an ExceptionGroup.
+        parts = await asyncio.gather(
+            *(self._tasks.find(flt, projection).sort(sort).limit(fetch).to_list() for flt in _list_filters(query, after))
+        )
+        docs = [doc for part in parts for doc in part]
         if len(docs) <= query.limit:
             return TaskPage(tasks=docs, next_token="")
         page = docs[: query.limit]

@@ -283,3 +283,30 @@ HTTPServer(("127.0.0.1", int(os.environ["FC_SERVER_PORT"])), Handler).serve_fore
             await asyncio.sleep(0.1)
     finally:
         await fc.close()
+
+
+async def test_read_model_outage_keeps_tasks_running_and_readable(own_stack: Stack) -> None:
+    fc = client_for(own_stack)
+    try:
+        await make_function(fc, "mongo_outage")
+        own_stack.stop_mongo_wire()
+        await fc.invoke_async("mongo_outage", b"during", task_id="during_outage")
+        # Tasks run and GetAsyncTask answers from the event stream while the read model is down.
+        task = await fc.wait_for("mongo_outage", "during_outage", {"Succeeded"}, deadline_s=30)
+        assert statuses(task) == ["Enqueued", "Processed", "Running", "Succeeded"]
+        listed = await fc.list_tasks("mongo_outage")
+        assert listed.status_code == 503 and listed.json()["Code"] == "ServiceUnavailable"
+
+        own_stack.start_mongo_wire_again()
+
+        async def listed_again() -> bool:
+            if own_stack.services["projection"].process.poll() is not None:  # as a supervisor would
+                own_stack.start_service("projection")
+            response = await fc.list_tasks("mongo_outage")
+            if response.status_code != 200:
+                return False
+            return [t["status"] for t in response.json()["tasks"]] == ["Succeeded"]
+
+        await wait_until(listed_again, deadline_s=60, what="read model caught up after the outage")
+    finally:
+        await fc.close()

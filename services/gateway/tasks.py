@@ -12,6 +12,7 @@ import logging
 from typing import Any, Final
 
 from fastapi import APIRouter, Request, Response
+from pymongo.errors import PyMongoError
 
 from shared import taskview
 from shared.catalog import function_arn
@@ -47,7 +48,12 @@ def _stored_version(doc: dict[str, Any]) -> int:
 
 
 async def _task_document(request: Request, resources: Resources, function_name: str, task_id: str) -> dict[str, Any]:
-    docs = await resources.tasks.load_many([task_doc_id(function_name, task_id)])
+    try:
+        docs = await resources.tasks.load_many([task_doc_id(function_name, task_id)])
+    except PyMongoError as err:
+        # The read model is unreachable: the event stream alone can still answer.
+        log.warning("read model unavailable; answering from the event stream", extra={"error": repr(err)})
+        docs = {}
     doc = docs.get(task_doc_id(function_name, task_id))
     last = await resources.events.last(function_name, task_id)
     if doc is None and last is None:
@@ -109,7 +115,10 @@ async def list_async_tasks(
         next_token=nextToken or None,
         include_payload=validation.parse_bool("includePayload", includePayload, default=False),
     )
-    page = await resources_of(request).tasks.list_tasks(query)
+    try:
+        page = await resources_of(request).tasks.list_tasks(query)
+    except PyMongoError as err:
+        raise ServiceUnavailable("the task list is unavailable right now; GetAsyncTask still answers") from err
     tasks = [taskview.public_view(doc, include_payload=query.include_payload) for doc in page.tasks]
     return json_response({"nextToken": page.next_token, "tasks": tasks})
 
