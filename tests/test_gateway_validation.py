@@ -18,6 +18,7 @@ import msgspec
 import pytest
 
 from services.gateway import validation as v
+from tests.fc_client import zip_code
 from services.gateway.app import create_app
 from services.gateway.auth import Resources
 from services.gateway.settings import GatewaySettings, parse_access_keys
@@ -565,19 +566,11 @@ async def test_stop_of_unknown_task_is_404(fakes: tuple[FakeCatalog, FakeEvents]
     assert response.status_code == 404 and response.json()["Code"] == "AsyncTaskNotFound"
 
 
-def _zip_b64(entries: dict[str, bytes]) -> str:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, data in entries.items():
-            zf.writestr(name, data)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def test_code_that_cannot_be_unpacked_is_refused_up_front() -> None:
-    clash = _zip_b64({"lib": b"a file", "lib/mod.py": b"x = 1\n"})
+    clash = zip_code({"lib": "a file", "lib/mod.py": "x = 1\n"})
     with pytest.raises(InvalidArgument, match="both as a file and as a folder"):
         v.decode_code(v.InputCode(zip_file=clash), required=True)
-    good = base64.b64decode(_zip_b64({"index.py": b"def handler(e, c):\n    return e\n" * 50}))
+    good = base64.b64decode(zip_code({"index.py": "def handler(e, c):\n    return e\n" * 50}))
     corrupt = bytearray(good)
     start = good.index(b"def handler")  # flip a byte of the stored (uncompressed) member's data
     corrupt[start] ^= 0xFF
