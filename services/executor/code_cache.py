@@ -17,17 +17,20 @@ class CodeCache:
         self._catalog = catalog
         self._root = root
         self._locks: dict[str, asyncio.Lock] = {}
+        self._ready: set[str] = set()  # checksums known unpacked: no disk check per task
 
     async def directory(self, function: FunctionRecord) -> Path:
         """The unpacked code of `function`, fetched from the object store the first time."""
-        target = self._root / function.code_checksum
-        if target.exists():
+        checksum = function.code_checksum
+        target = self._root / checksum
+        if checksum in self._ready:
             return target
-        lock = self._locks.setdefault(function.code_checksum, asyncio.Lock())
+        lock = self._locks.setdefault(checksum, asyncio.Lock())
         async with lock:
             if not target.exists():
-                archive = await self._catalog.get_code(function.code_checksum)
+                archive = await self._catalog.get_code(checksum)
                 await asyncio.to_thread(_unpack, archive, target)
+            self._ready.add(checksum)
         return target
 
 

@@ -41,12 +41,6 @@ def _check_ids(function_name: str, task_id: str) -> None:
         raise AsyncTaskNotFound(f"task {task_id[:140]!r} of function {function_name} does not exist")
 
 
-def _stored_version(doc: dict[str, Any]) -> int:
-    if isinstance(doc.get("version"), int):
-        return int(doc["version"])
-    return max((int(e.get("eventId", 0)) for e in doc.get("events") or []), default=0)
-
-
 async def _task_document(request: Request, resources: Resources, function_name: str, task_id: str) -> dict[str, Any]:
     try:
         docs = await resources.tasks.load_many([task_doc_id(function_name, task_id)])
@@ -58,7 +52,7 @@ async def _task_document(request: Request, resources: Resources, function_name: 
     last = await resources.events.last(function_name, task_id)
     if doc is None and last is None:
         raise AsyncTaskNotFound(f"task {task_id} of function {function_name} does not exist")
-    if last is None or (doc is not None and _stored_version(doc) >= last.event.version):
+    if last is None or (doc is not None and doc["version"] >= last.event.version):
         assert doc is not None
         return doc
     # The projection lags behind the stream: answer from the task's own history.

@@ -24,26 +24,16 @@ class Dispatcher:
         self._metrics = metrics
 
     async def handle_batch(self, msgs: list[Msg]) -> None:
-        # One catalog read per function per batch: deletions are seen within one batch.
-        exists: dict[str, asyncio.Task[bool]] = {}
-        await asyncio.gather(*(self._handle_safely(msg, exists) for msg in msgs))
+        await asyncio.gather(*(self._handle_safely(msg) for msg in msgs))
 
-    async def _handle_safely(self, msg: Msg, exists: dict[str, asyncio.Task[bool]]) -> None:
+    async def _handle_safely(self, msg: Msg) -> None:
         try:
-            await self._handle(msg, exists)
+            await self._handle(msg)
         except Exception:  # noqa: BLE001 - one bad message must not stop the others; retried later
             log.exception("dispatch failed; retrying in 1s", extra={"subject": msg.subject})
             await msg.nak(delay=1)
 
-    async def _function_exists(self, name: str, cache: dict[str, asyncio.Task[bool]]) -> bool:
-        if name not in cache:
-            cache[name] = asyncio.ensure_future(self._lookup(name))
-        return await cache[name]
-
-    async def _lookup(self, name: str) -> bool:
-        return await self._catalog.find_function(name) is not None
-
-    async def _handle(self, msg: Msg, exists: dict[str, asyncio.Task[bool]]) -> None:
+    async def _handle(self, msg: Msg) -> None:
         try:
             event = decode_event(msg.data)
         except msgspec.DecodeError:
@@ -59,7 +49,8 @@ class Dispatcher:
             return
         current = StoredEvent(msg.metadata.sequence.stream, event)
         fields = {"task_id": event.task_id, "function": event.function}
-        if not await self._function_exists(event.function, exists):
+        # The catalog answers from its local mirror: no round trip per task.
+        if await self._catalog.find_function(event.function) is None:
             outcome = follow(current, TaskInvalid, reason=f"function {event.function} was deleted")
             self._metrics.invalid.labels(event.function).inc()
         elif now - event.due_at_ms > event.max_event_age_s * 1000:
