@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -107,3 +107,34 @@ async def fc(shared_stack: Stack) -> AsyncIterator[FcClient]:
 def fn_name() -> str:
     """A function name no other test uses."""
     return f"fn_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def own_fc(own_stack: Stack) -> AsyncIterator[FcClient]:
+    """A signed client for `own_stack`."""
+    client = client_for(own_stack)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+StackFactory = Callable[[dict[str, str]], tuple[Stack, FcClient]]
+
+
+@pytest.fixture
+async def stack_with(tmp_path: Path) -> AsyncIterator[StackFactory]:
+    """Start a system of its own with extra service settings; stopped, with its client, at teardown."""
+    started: list[tuple[Stack, FcClient]] = []
+
+    def start(extra_env: dict[str, str]) -> tuple[Stack, FcClient]:
+        stack = new_stack(tmp_path / f"stack{len(started)}", extra_env=extra_env)
+        started.append((stack, client_for(stack)))
+        return started[-1]
+
+    try:
+        yield start
+    finally:
+        for stack, client in started:
+            await client.close()
+            stack.stop()

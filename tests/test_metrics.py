@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared.devstack import free_port
-from tests.integration_fixtures import client_for, new_stack
+from tests.integration_fixtures import StackFactory
 from tests.test_lifecycle import make_function
 
 pytestmark = pytest.mark.timeout(90)
@@ -39,37 +38,32 @@ def value(found: dict, name: str, **labels: str) -> float:  # type: ignore[type-
     return found.get((name, frozenset(labels.items())), 0.0)
 
 
-async def test_each_service_exports_its_metrics(tmp_path: Path) -> None:
+async def test_each_service_exports_its_metrics(stack_with: StackFactory) -> None:
     ports = {service: free_port() for service in ("SCHEDULER", "EXECUTOR", "PROJECTION")}
-    stack = new_stack(tmp_path, extra_env={f"TASKMODE_{s}_METRICS_PORT": str(p) for s, p in ports.items()})
-    fc = client_for(stack)
-    try:
-        await make_function(fc, "metered", handler="index.sleep")
-        await fc.invoke_async("metered", b"0.2", task_id="m1")
-        await fc.wait_for("metered", "m1", {"Succeeded"})
+    stack, fc = stack_with({f"TASKMODE_{s}_METRICS_PORT": str(p) for s, p in ports.items()})
+    await make_function(fc, "metered", handler="index.sleep")
+    await fc.invoke_async("metered", b"0.2", task_id="m1")
+    await fc.wait_for("metered", "m1", {"Succeeded"})
 
-        executor = await scrape_until(
-            f"http://127.0.0.1:{ports['EXECUTOR']}/metrics",
-            lambda f: any(name == "taskmode_instance_memory_bytes" for name, _ in f),
-        )
-        assert value(executor, "taskmode_task_outcomes_total", function="metered", status="Succeeded") == 1
-        memory = [v for (name, labels), v in executor.items()
-                  if name == "taskmode_instance_memory_bytes" and ("function", "metered") in labels]
-        assert memory and all(v > 1_000_000 for v in memory)
-        assert value(executor, "taskmode_instances", function="metered") >= 1
+    executor = await scrape_until(
+        f"http://127.0.0.1:{ports['EXECUTOR']}/metrics",
+        lambda f: any(name == "taskmode_instance_memory_bytes" for name, _ in f),
+    )
+    assert value(executor, "taskmode_task_outcomes_total", function="metered", status="Succeeded") == 1
+    memory = [v for (name, labels), v in executor.items()
+              if name == "taskmode_instance_memory_bytes" and ("function", "metered") in labels]
+    assert memory and all(v > 1_000_000 for v in memory)
+    assert value(executor, "taskmode_instances", function="metered") >= 1
 
-        scheduler = await scrape_until(f"http://127.0.0.1:{ports['SCHEDULER']}/metrics", lambda f: True)
-        assert value(scheduler, "taskmode_async_dequeue_total", function="metered") == 1
+    scheduler = await scrape_until(f"http://127.0.0.1:{ports['SCHEDULER']}/metrics", lambda f: True)
+    assert value(scheduler, "taskmode_async_dequeue_total", function="metered") == 1
 
-        projection = await scrape_until(
-            f"http://127.0.0.1:{ports['PROJECTION']}/metrics",
-            lambda f: value(f, "taskmode_projection_events_applied_total") >= 4,
-        )
-        assert value(projection, "taskmode_projection_events_applied_total") >= 4
+    projection = await scrape_until(
+        f"http://127.0.0.1:{ports['PROJECTION']}/metrics",
+        lambda f: value(f, "taskmode_projection_events_applied_total") >= 4,
+    )
+    assert value(projection, "taskmode_projection_events_applied_total") >= 4
 
-        async with httpx.AsyncClient() as http:  # /metrics is served unsigned, for Prometheus
-            gateway = samples((await http.get(f"http://127.0.0.1:{stack.gateway_port}/metrics")).text)
-        assert value(gateway, "taskmode_gateway_task_submissions_total", outcome="enqueued") == 1
-    finally:
-        await fc.close()
-        stack.stop()
+    async with httpx.AsyncClient() as http:  # /metrics is served unsigned, for Prometheus
+        gateway = samples((await http.get(f"http://127.0.0.1:{stack.gateway_port}/metrics")).text)
+    assert value(gateway, "taskmode_gateway_task_submissions_total", outcome="enqueued") == 1
