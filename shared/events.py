@@ -31,10 +31,35 @@ class TaskEnqueued(TaskEvent, frozen=True, tag="task.enqueued"):
     due_at_ms: int = 0  # when the task may be dispatched (submission time plus any delay)
     max_event_age_s: int = 86400
     max_retries: int = 3
+    # True when the gateway appended the task's Processed event together with this one (a task
+    # due at once): the scheduler then has nothing to do for it.
+    dispatched: bool = False
+
+
+class Submission(msgspec.Struct, frozen=True, kw_only=True):
+    """What an executor needs of a task's Enqueued event, carried in its dispatch so that the
+    executor need not read it back from the stream (only for payloads up to CARRIED_PAYLOAD_BYTES)."""
+
+    payload: bytes
+    request_id: str
+    due_at_ms: int
+    max_retries: int
+
+
+# Larger payloads are read from the Enqueued event instead of being stored twice.
+CARRIED_PAYLOAD_BYTES = 16 * 1024
 
 
 class TaskProcessed(TaskEvent, frozen=True, tag="task.processed"):
-    pass
+    submission: Submission | None = None
+
+    @staticmethod
+    def carrying(enqueued: TaskEnqueued) -> Submission | None:
+        """The submission to carry for `enqueued`, or None when its payload is too large to copy."""
+        if len(enqueued.payload) > CARRIED_PAYLOAD_BYTES:
+            return None
+        return Submission(payload=enqueued.payload, request_id=enqueued.request_id,
+                          due_at_ms=enqueued.due_at_ms, max_retries=enqueued.max_retries)
 
 
 class TaskStarted(TaskEvent, frozen=True, tag="task.started"):

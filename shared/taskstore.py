@@ -31,6 +31,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import PyMongoError
 
 from shared.errors import InvalidArgument, InvalidNextToken, ServiceUnavailable
+from shared import wire
 from shared.wire import MONGO_DATABASE, RETENTION_S, TASKS_COLLECTION
 
 log = logging.getLogger(__name__)
@@ -421,6 +422,22 @@ class TaskStore:
             return TaskPage(tasks=docs, next_token="")
         page = docs[: query.limit]
         return TaskPage(tasks=page, next_token=_encode_token(query, page[-1]))
+
+    async def delete_partition(self, partition: int, *, partitions: int) -> int:
+        """Remove the documents of one partition's tasks (see `wire.partition_of`); how many.
+
+        A scan, not an index lookup: it runs only when a partition is projected from scratch.
+        """
+        doomed = [
+            doc["_id"]
+            async for doc in self._tasks.find({}, {"_id": 1, "functionName": 1, "taskId": 1})
+            if wire.partition_of(doc.get("functionName", ""), doc.get("taskId", ""), partitions) == partition
+        ]
+        removed = 0
+        for start in range(0, len(doomed), 500):
+            result = await self._tasks.delete_many({"_id": {"$in": doomed[start:start + 500]}})
+            removed += result.deleted_count
+        return removed
 
     async def delete_all(self) -> None:
         """Remove every task document, keeping the indexes (to rebuild the read model)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import msgspec
 from fastapi import APIRouter, Request, Response
 from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -18,8 +19,8 @@ from shared.errors import (
     ServiceUnavailable,
     TaskAlreadyExists,
 )
-from shared.events import TaskEnqueued
-from shared.eventstore import now_ms
+from shared.events import TaskEnqueued, TaskProcessed
+from shared.eventstore import StoredEvent, follow, now_ms
 from services.gateway import validation
 from services.gateway.auth import body_of, metrics_of, resources_of
 from services.gateway.errors import REQUEST_ID_HEADER, InvocationTimeout, reported_error, request_id_of
@@ -84,7 +85,15 @@ async def _submit(request: Request, function: FunctionRecord, *, qualifier: str)
         max_retries=config.max_async_retry_attempts if config else DEFAULT_MAX_RETRIES,
     )
     try:
-        await resources.events.append(event, expected_seq=0)
+        if delay_s == 0:
+            # Due now: dispatched in the same atomic append, so the scheduler is not involved.
+            event = msgspec.structs.replace(event, dispatched=True)
+            processed = follow(StoredEvent(0, event), TaskProcessed, at_ms=at_ms,
+                               submission=TaskProcessed.carrying(event))
+            await resources.events.append_together(event, processed, expected_seq=0)
+            metrics.dispatched.labels(name).inc()
+        else:
+            await resources.events.append(event, expected_seq=0)
     except ConcurrentUpdateError as err:
         metrics.submissions.labels(outcome="duplicate").inc()
         log.info(

@@ -35,7 +35,7 @@ class Projector:
         return function_arn(region=self._settings.region, account_id=self._settings.account_id, function=function)
 
     async def handle_batch(self, msgs: list[Msg]) -> None:
-        """Apply a batch in stream order, then ack it with one ack (the consumer acks all)."""
+        """Apply a batch in stream order; the consumer policy then acks it with one ack (AckAll)."""
         started = time.perf_counter()
         by_task: dict[str, list[AnyTaskEvent]] = defaultdict(list)
         redelivered = False
@@ -60,7 +60,6 @@ class Projector:
                 changed.append(doc)
         if changed:
             await self._store.save_many(changed)
-        await msgs[-1].ack_sync()
         self._metrics.batch_seconds.observe(time.perf_counter() - started)
 
     async def _apply(self, doc: dict[str, Any] | None, events: list[AnyTaskEvent]) -> dict[str, Any] | None:
