@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from services.executor import orphans
 from services.executor.code_cache import CodeCache
-from services.executor.instances import InstancePool
+from services.executor.pool import InstancePool
 from services.executor.metrics import ExecutorMetrics
 from services.executor.runner import TaskRunner
 from services.executor.settings import ExecutorSettings

@@ -13,7 +13,7 @@ from typing import ClassVar, Final
 
 import httpx
 
-from services.executor.instances import Instance, InvocationResult, InvokeContext, failure
+from services.executor.instance import Instance, InvocationResult, InvokeContext, failure
 
 INVOKE_PATH: Final = "/invoke"
 HEADER_REQUEST_ID: Final = "x-fc-request-id"

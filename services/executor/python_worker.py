@@ -1,6 +1,6 @@
 """The process of one Python-runtime function instance: `python -m services.executor.python_worker`.
 
-The parent (`services.executor.instances.PythonInstance`) talks to it over the child's stdin and
+The parent (`services.executor.python_instance.PythonInstance`) talks to it over the child's stdin and
 stdout with length-prefixed msgpack frames: first an `Init`, answered by `Ready`, then any number
 of `Request`s, each answered by one `Response`. The user's code must not be able to corrupt that
 channel, so before importing it the worker moves the protocol onto private duplicates of fds 0

@@ -17,10 +17,12 @@ import msgspec
 from nats.aio.msg import Msg
 
 from services.executor.code_cache import CodeCache
-from services.executor.instances import FunctionSpec, Instance, InstancePool, InvocationResult, InvokeContext
+from services.executor.instance import Instance, InvocationResult, InvokeContext
+from services.executor.pool import InstancePool
 from services.executor.metrics import ExecutorMetrics
 from services.executor.settings import ExecutorSettings
-from shared.catalog import Catalog, FunctionRecord
+from services.executor.specs import function_spec
+from shared.catalog import Catalog
 from shared.errors import ConcurrentUpdateError, FunctionNotFound
 from shared.events import (
     TaskEnqueued,
@@ -49,22 +51,6 @@ OUTCOME_APPEND_PATIENCE_S = 300.0
 class RunningTask:
     instance: Instance
     stop_requested: bool = False
-
-
-async def function_spec(function: FunctionRecord, code: CodeCache) -> FunctionSpec:
-    """What an instance needs to know about `function`, with its code unpacked locally."""
-    custom = function.custom_runtime_config
-    return FunctionSpec(
-        name=function.function_name,
-        runtime=function.runtime,
-        handler=function.handler,
-        timeout_s=float(function.timeout),
-        code_dir=await code.directory(function),
-        code_checksum=function.code_checksum,
-        memory_mb=function.memory_size,
-        environment=dict(function.environment_variables),
-        custom_command=[*custom.command, *custom.args] if custom else [],
-    )
 
 
 class TaskRunner:
