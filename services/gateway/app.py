@@ -21,8 +21,10 @@ from shared.catalog import Catalog
 from shared.eventstore import EventStore
 from shared.taskstore import TaskStore
 from services.gateway import async_configs, functions, invocations, tasks
-from services.gateway.auth import Resources, guard_request
-from services.gateway.errors import RequestContextMiddleware, install_exception_handlers, json_response
+from services.gateway.auth import guard_request
+from services.gateway.context import RequestContextMiddleware, install_exception_handlers
+from services.gateway.deps import Resources
+from services.gateway.errors import json_response
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.settings import GatewaySettings
 

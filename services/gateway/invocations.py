@@ -20,9 +20,10 @@ from shared.errors import (
 )
 from shared.events import TaskEnqueued
 from shared.eventstore import now_ms
-from services.gateway import validation
-from services.gateway.auth import body_of, metrics_of, resources_of
-from services.gateway.errors import REQUEST_ID_HEADER, InvocationTimeout, reported_error, request_id_of
+from services.gateway import params as validation
+from services.gateway.context import request_id_of
+from services.gateway.deps import body_of, metrics_of, resources_of
+from services.gateway.errors import REQUEST_ID_HEADER, InvocationTimeout, reported_error
 
 log = logging.getLogger(__name__)
 
