@@ -20,7 +20,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any, Final, Self
 
 import msgspec
@@ -31,39 +31,22 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import PyMongoError
 
 from shared.errors import InvalidArgument, InvalidNextToken, ServiceUnavailable
-from shared.wire import MONGO_DATABASE, RETENTION_S, TASKS_COLLECTION
+from shared.taskview import INTERNAL_FIELDS, document_id
+from shared.wire import MONGO_DATABASE, TASKS_COLLECTION
 
 log = logging.getLogger(__name__)
 
 Document = dict[str, Any]
-
-# Stored for the projection and for expiry, never shown to API callers.
-INTERNAL_FIELDS: Final = ("_id", "functionName", "version", "expireAt")
 
 # Our tokens are a few hundred characters at most (task ids are at most 128); refuse far longer.
 _MAX_TOKEN_CHARS: Final = 4096
 _TOKEN_VERSION: Final = 1
 # Each connect attempt is bounded so a dead server is retried (and logged) instead of hanging.
 _PING_TIMEOUT_S: Final = 2.0
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MAX_BACKOFF_S: Final = 2.0
 
 
 SERVER_SELECTION_TIMEOUT_MS: Final = 5000
-
-
-def task_doc_id(function: str, task_id: str) -> str:
-    """The `_id` of a task's read-model document: task ids are unique per function only."""
-    return f"{function}/{task_id}"
-
-
-def expire_at(started_time_ms: int) -> datetime:
-    """When a task submitted at `started_time_ms` leaves the read model (aware UTC datetime).
-
-    The TTL index on `expireAt` has expireAfterSeconds=0, so this is the deletion time itself:
-    submission time plus the FC retention period. Millisecond precision, like BSON dates.
-    """
-    return _EPOCH + timedelta(milliseconds=started_time_ms, seconds=RETENTION_S)
 
 
 def prefix_upper_bound(prefix: str) -> str | None:
@@ -370,7 +353,7 @@ class TaskStore:
     async def save_many(self, docs: Sequence[Document]) -> None:
         """Replace (or insert) whole documents, in one unordered bulk write.
 
-        Every document needs `_id == task_doc_id(functionName, taskId)`. If a batch holds the same
+        Every document needs `_id == taskview.document_id(functionName, taskId)`. If a batch holds the same
         `_id` twice only the last one is written, because an unordered bulk write does not
         promise to apply operations in order.
         """
@@ -378,7 +361,7 @@ class TaskStore:
         for doc in docs:
             try:
                 doc_id = doc["_id"]
-                expected = task_doc_id(doc["functionName"], doc["taskId"])
+                expected = document_id(doc["functionName"], doc["taskId"])
             except KeyError as exc:
                 raise ValueError(f"task document lacks {exc.args[0]!r}") from exc
             if doc_id != expected:
@@ -394,7 +377,7 @@ class TaskStore:
     async def get(self, function: str, task_id: str) -> Document | None:
         """One task in FC `AsyncTask` shape (with `taskPayload`, without internal fields), or None."""
         return await self._tasks.find_one(
-            {"_id": task_doc_id(function, task_id)}, _public_projection(include_payload=True)
+            {"_id": document_id(function, task_id)}, _public_projection(include_payload=True)
         )
 
     async def list_tasks(self, query: TaskQuery) -> TaskPage:

@@ -25,12 +25,24 @@ from shared.events import (
 from shared.transitions import TERMINAL, Status, check_transition
 
 RETURN_PAYLOAD_PREVIEW_BYTES: Final = 1024 * 1024
+# Stored for the projection and for expiry, never shown to API callers.
 INTERNAL_FIELDS: Final = ("_id", "functionName", "version", "expireAt")
 _DETAIL_SKIP: Final = {"task_id", "function", "version", "at_ms", "payload", "result"}
+_EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 def document_id(function: str, task_id: str) -> str:
+    """The `_id` of a task's read-model document: task ids are unique per function only."""
     return f"{function}/{task_id}"
+
+
+def expire_at(started_time_ms: int) -> dt.datetime:
+    """When a task submitted at `started_time_ms` leaves the read model (aware UTC datetime).
+
+    A document's `expireAt`: submission time plus the FC retention period, the deletion time
+    itself (the TTL index has expireAfterSeconds=0). Millisecond precision, like BSON dates.
+    """
+    return _EPOCH + dt.timedelta(milliseconds=started_time_ms, seconds=wire.RETENTION_S)
 
 
 def _text(data: bytes) -> str:
@@ -106,7 +118,7 @@ def _first(event: AnyTaskEvent, arn: str) -> dict[str, Any]:
         "functionArn": arn,
         "qualifier": enqueued.qualifier if enqueued else "LATEST",
         "destinationStatus": None,
-        "expireAt": dt.datetime.fromtimestamp(started / 1000 + wire.RETENTION_S, tz=dt.UTC),
+        "expireAt": expire_at(started),
     }
 
 

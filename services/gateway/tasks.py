@@ -19,7 +19,7 @@ from shared.catalog import function_arn
 from shared.errors import AsyncTaskNotFound, ConcurrentUpdateError, ServiceUnavailable, TaskAlreadyFinished, TaskmodeError
 from shared.events import TaskStopped, TaskStopping
 from shared.eventstore import EventStore, StoredEvent, follow
-from shared.taskstore import TaskQuery, task_doc_id
+from shared.taskstore import TaskQuery
 from shared.transitions import TERMINAL, Status
 from services.gateway import params
 from services.gateway.deps import MetricsDep, Resources, ResourcesDep, SettingsDep
@@ -47,12 +47,12 @@ async def _task_document(
     *, resources: Resources, settings: GatewaySettings, metrics: GatewayMetrics, function_name: str, task_id: str
 ) -> dict[str, Any]:
     try:
-        docs = await resources.tasks.load_many([task_doc_id(function_name, task_id)])
+        docs = await resources.tasks.load_many([taskview.document_id(function_name, task_id)])
     except PyMongoError as err:
         # The read model is unreachable: the event stream alone can still answer.
         log.warning("read model unavailable; answering from the event stream", extra={"error": repr(err)})
         docs = {}
-    doc = docs.get(task_doc_id(function_name, task_id))
+    doc = docs.get(taskview.document_id(function_name, task_id))
     last = await resources.events.last(function_name, task_id)
     if doc is None and last is None:
         raise AsyncTaskNotFound(f"task {task_id} of function {function_name} does not exist")
