@@ -29,6 +29,7 @@ from nats.js.object_store import ObjectStore
 
 from shared import wire
 from shared.errors import AsyncConfigNotFound, ConcurrentUpdateError, FunctionAlreadyExists, FunctionNotFound
+from shared.events import DEFAULT_MAX_EVENT_AGE_S, DEFAULT_MAX_RETRIES
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +71,6 @@ class Destination(msgspec.Struct, kw_only=True, omit_defaults=True):
 class DestinationConfig(msgspec.Struct, kw_only=True, rename="camel", omit_defaults=True):
     on_success: Destination | None = None
     on_failure: Destination | None = None
-
-
-DEFAULT_MAX_EVENT_AGE_S: Final = 86400
-DEFAULT_MAX_RETRIES: Final = 3
 
 
 class AsyncConfigRecord(msgspec.Struct, kw_only=True, rename="camel"):

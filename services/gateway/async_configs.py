@@ -10,7 +10,8 @@ from services.gateway import params
 from services.gateway.deps import BodyDep, ResourcesDep
 from services.gateway.errors import json_response
 from services.gateway.schemas import PutAsyncInvokeConfigInput, decode_json
-from shared.catalog import DEFAULT_MAX_EVENT_AGE_S, DEFAULT_MAX_RETRIES, AsyncConfigRecord
+from shared.catalog import AsyncConfigRecord
+from shared.events import DEFAULT_MAX_EVENT_AGE_S, DEFAULT_MAX_RETRIES
 
 log = logging.getLogger(__name__)
 

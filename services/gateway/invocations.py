@@ -10,7 +10,7 @@ from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from shared import wire
-from shared.catalog import DEFAULT_MAX_EVENT_AGE_S, DEFAULT_MAX_RETRIES, FunctionRecord
+from shared.catalog import FunctionRecord
 from shared.errors import (
     ConcurrentUpdateError,
     EntityTooLarge,
@@ -18,7 +18,7 @@ from shared.errors import (
     ServiceUnavailable,
     TaskAlreadyExists,
 )
-from shared.events import TaskEnqueued
+from shared.events import DEFAULT_MAX_EVENT_AGE_S, DEFAULT_MAX_RETRIES, TaskEnqueued
 from shared.eventstore import now_ms
 from services.gateway import params as validation
 from services.gateway.context import request_id_of
