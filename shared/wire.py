@@ -25,6 +25,25 @@ PROJECTION_DURABLE: Final = "taskmode-projection"
 SYNC_INVOKE_PREFIX: Final = "taskmode.invoke"
 EXECUTOR_QUEUE_GROUP: Final = "taskmode-executors"
 
+# NATS client names (what `nats-server` monitoring shows per connection).
+GATEWAY_CLIENT_NAME: Final = "taskmode-gateway"
+SCHEDULER_CLIENT_NAME: Final = "taskmode-scheduler"
+EXECUTOR_CLIENT_NAME: Final = "taskmode-executor"
+PROJECTION_CLIENT_NAME: Final = "taskmode-projection"
+PROJECTION_REBUILD_CLIENT_NAME: Final = "taskmode-projection-rebuild"
+
+# FC 3.0 HTTP headers: the API's (gateway) and those a custom runtime's server receives.
+FC_REQUEST_ID_HEADER: Final = "x-fc-request-id"
+FC_INVOCATION_TYPE_HEADER: Final = "x-fc-invocation-type"
+FC_TASK_ID_HEADER: Final = "x-fc-async-task-id"
+FC_DELAY_HEADER: Final = "x-fc-async-delay"
+FC_INSTANCE_ID_HEADER: Final = "x-fc-instance-id"
+FC_ERROR_TYPE_HEADER: Final = "x-fc-error-type"
+FC_FUNCTION_NAME_HEADER: Final = "x-fc-function-name"
+FC_FUNCTION_HANDLER_HEADER: Final = "x-fc-function-handler"
+FC_FUNCTION_MEMORY_HEADER: Final = "x-fc-function-memory"
+FC_FUNCTION_TIMEOUT_HEADER: Final = "x-fc-function-timeout"
+
 HEADER_MSG_ID: Final = "Nats-Msg-Id"
 HEADER_EXPECTED_LAST_SUBJECT_SEQ: Final = "Nats-Expected-Last-Subject-Sequence"
 HEADER_EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: Final = "Nats-Expected-Last-Subject-Sequence-Subject"

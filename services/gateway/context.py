@@ -23,8 +23,9 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.gateway.errors import REQUEST_ID_HEADER, InternalServerError, error_response
+from services.gateway.errors import InternalServerError, error_response
 from shared.errors import InvalidArgument, PathNotSupported, TaskmodeError
+from shared.wire import FC_REQUEST_ID_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = accepted_request_id(Headers(scope=scope).get(REQUEST_ID_HEADER)) or new_request_id()
+        request_id = accepted_request_id(Headers(scope=scope).get(FC_REQUEST_ID_HEADER)) or new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
         status = 500
         started = False
@@ -114,7 +115,7 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 started = True
                 status = int(message["status"])
-                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+                MutableHeaders(scope=message)[FC_REQUEST_ID_HEADER] = request_id
             await send(message)
 
         began = time.perf_counter()

@@ -12,8 +12,7 @@ import msgspec
 from starlette.responses import Response
 
 from shared.errors import TaskAlreadyExists, TaskmodeError
-
-REQUEST_ID_HEADER: Final = "x-fc-request-id"
+from shared.wire import FC_REQUEST_ID_HEADER
 
 
 def _enc_hook(obj: Any) -> Any:
@@ -49,7 +48,7 @@ def error_response(err: TaskmodeError, request_id: str) -> Response:
     body: dict[str, Any] = {"Code": err.code, "Message": err.message, "RequestId": request_id}
     if isinstance(err, TaskAlreadyExists):
         body["TaskId"] = err.existing_task_id
-    return json_response(body, status_code=err.http_status, headers={REQUEST_ID_HEADER: request_id})
+    return json_response(body, status_code=err.http_status, headers={FC_REQUEST_ID_HEADER: request_id})
 
 
 # FC codes an executor may report for a synchronous call where no handler ran, beyond ours.

@@ -23,17 +23,20 @@ from shared.eventstore import now_ms
 from services.gateway import params as validation
 from services.gateway.context import request_id_of
 from services.gateway.deps import body_of, metrics_of, resources_of
-from services.gateway.errors import REQUEST_ID_HEADER, InvocationTimeout, reported_error
+from services.gateway.errors import InvocationTimeout, reported_error
+from shared.wire import (
+    FC_DELAY_HEADER as DELAY_HEADER,
+    FC_ERROR_TYPE_HEADER as ERROR_TYPE_HEADER,
+    FC_INSTANCE_ID_HEADER as INSTANCE_ID_HEADER,
+    FC_INVOCATION_TYPE_HEADER as INVOCATION_TYPE_HEADER,
+    FC_REQUEST_ID_HEADER as REQUEST_ID_HEADER,
+    FC_TASK_ID_HEADER as TASK_ID_HEADER,
+)
 
 log = logging.getLogger(__name__)
 
 router = APIRouter()
 
-TASK_ID_HEADER = "x-fc-async-task-id"
-INVOCATION_TYPE_HEADER = "x-fc-invocation-type"
-DELAY_HEADER = "x-fc-async-delay"
-INSTANCE_ID_HEADER = "x-fc-instance-id"
-ERROR_TYPE_HEADER = "x-fc-error-type"
 # How much longer than the function's own timeout we wait for the executor's reply.
 SYNC_REPLY_SLACK_S = 5.0
 

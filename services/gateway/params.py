@@ -15,6 +15,7 @@ from typing import Final
 
 from shared.errors import EntityTooLarge, InvalidArgument, InvalidNextToken
 from shared.transitions import Status, parse_status
+from shared.wire import FC_DELAY_HEADER, FC_INVOCATION_TYPE_HEADER, FC_REQUEST_ID_HEADER, FC_TASK_ID_HEADER
 
 FUNCTION_NAME_RE: Final = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_-]{0,63}$")
 TASK_ID_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,127}$")
@@ -40,7 +41,7 @@ def check_function_name(name: str) -> str:
     return name
 
 
-def check_task_id(value: str, *, source: str = "x-fc-async-task-id") -> str:
+def check_task_id(value: str, *, source: str = FC_TASK_ID_HEADER) -> str:
     if not TASK_ID_RE.fullmatch(value):
         raise InvalidArgument(
             f"invalid task id {value[:140]!r} in {source}: it must start with a letter or '_', "
@@ -77,7 +78,7 @@ def choose_task_id(*, task_id_header: str | None, request_id_header: str | None)
     if task_id_header is not None and task_id_header.strip():
         return check_task_id(task_id_header.strip())
     if request_id_header is not None and request_id_header.strip():
-        return check_task_id(request_id_header.strip(), source="x-fc-request-id")
+        return check_task_id(request_id_header.strip(), source=FC_REQUEST_ID_HEADER)
     return new_task_id()
 
 
@@ -93,7 +94,7 @@ def parse_invocation_type(value: str | None) -> str:
         return "Sync"
     if normalized == "async":
         return "Async"
-    raise InvalidArgument(f"invalid x-fc-invocation-type {value[:40]!r}: use Sync or Async")
+    raise InvalidArgument(f"invalid {FC_INVOCATION_TYPE_HEADER} {value[:40]!r}: use Sync or Async")
 
 
 def parse_delay(value: str | None) -> int:
@@ -102,10 +103,12 @@ def parse_delay(value: str | None) -> int:
         return 0
     text = value.strip()
     if not text.isdigit() or not text.isascii():
-        raise InvalidArgument(f"invalid x-fc-async-delay {value[:40]!r}: an integer number of seconds is required")
+        raise InvalidArgument(
+            f"invalid {FC_DELAY_HEADER} {value[:40]!r}: an integer number of seconds is required"
+        )
     delay = int(text)
     if delay > MAX_DELAY_S:
-        raise InvalidArgument(f"x-fc-async-delay {delay} is out of range [0, {MAX_DELAY_S}]")
+        raise InvalidArgument(f"{FC_DELAY_HEADER} {delay} is out of range [0, {MAX_DELAY_S}]")
     return delay
 
 
