@@ -29,7 +29,7 @@ SHUTDOWN_GRACE_S = 10.0  # running tasks may finish; those cut off count as a lo
 async def run(settings: ExecutorSettings, stop: asyncio.Event) -> None:
     metrics = ExecutorMetrics.build(CollectorRegistry())
     serve_metrics(metrics.registry, port=settings.common.metrics_port, host=settings.common.metrics_host)
-    nc = await connect(settings.common.nats_url, name="taskmode-executor")
+    nc = await connect(settings.common.nats_url, name=wire.EXECUTOR_CLIENT_NAME)
     orphans.reap(settings.common.data_dir / "instances")
     pool = InstancePool(
         work_dir=settings.common.data_dir / "instances",

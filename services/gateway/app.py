@@ -30,7 +30,7 @@ from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
-NATS_CLIENT_NAME = "taskmode-gateway"
+NATS_CLIENT_NAME = wire.GATEWAY_CLIENT_NAME
 _DRAIN_TIMEOUT_S = 5.0
 
 

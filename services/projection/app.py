@@ -38,7 +38,7 @@ async def run(settings: ProjectionSettings, stop: asyncio.Event) -> None:
     metrics = ProjectionMetrics.build(CollectorRegistry())
     serve_metrics(metrics.registry, port=settings.common.metrics_port, host=settings.common.metrics_host)
     store = await TaskStore.connect(settings.common.mongodb_url)
-    nc = await connect(settings.common.nats_url, name="taskmode-projection")
+    nc = await connect(settings.common.nats_url, name=wire.PROJECTION_CLIENT_NAME)
     try:
         await store.ensure_indexes(ttl_index=not settings.expiry_sweep_s)
         js = nc.jetstream()
@@ -97,7 +97,7 @@ async def rebuild(settings: ProjectionSettings) -> None:
     supervisor) rebuilds on start; the documents are dropped here too for a stopped one.
     """
     store = await TaskStore.connect(settings.common.mongodb_url)
-    nc = await connect(settings.common.nats_url, name="taskmode-projection-rebuild")
+    nc = await connect(settings.common.nats_url, name=wire.PROJECTION_REBUILD_CLIENT_NAME)
     try:
         js = nc.jetstream()
         # Documents first, position second: a projection still running until it notices the

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
     metrics = SchedulerMetrics.build(CollectorRegistry())
     serve_metrics(metrics.registry, port=settings.common.metrics_port, host=settings.common.metrics_host)
-    nc = await connect(settings.common.nats_url, name="taskmode-scheduler")
+    nc = await connect(settings.common.nats_url, name=wire.SCHEDULER_CLIENT_NAME)
     try:
         js = nc.jetstream()
         await ensure_stream(js)
