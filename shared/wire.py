@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from shared.transitions import Status
+
 API_VERSION: Final = "2023-03-30"
 
 EVENT_STREAM: Final = "TASKMODE_EVENTS"
@@ -54,7 +56,7 @@ MONGO_DATABASE: Final = "taskmode"
 TASKS_COLLECTION: Final = "async_tasks"
 
 
-def event_subject(function: str, task_id: str, status: str) -> str:
+def event_subject(function: str, task_id: str, status: Status) -> str:
     """Subject of one task event; the status token lets consumers filter by transition."""
     return f"{EVENT_SUBJECT_PREFIX}.{function}.{task_id}.{status}"
 
@@ -64,7 +66,7 @@ def task_subjects(function: str, task_id: str) -> str:
     return f"{EVENT_SUBJECT_PREFIX}.{function}.{task_id}.*"
 
 
-def status_subjects(status: str) -> str:
+def status_subjects(status: Status) -> str:
     """Wildcard over one transition for every task of every function."""
     return f"{EVENT_SUBJECT_PREFIX}.*.*.{status}"
 

@@ -21,6 +21,7 @@ from shared.catalog import Catalog
 from shared.events import decode_event
 from shared.eventstore import EventStore, ensure_stream
 from shared.service import cancel_all, periodically, serve_metrics
+from shared.transitions import Status
 
 log = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 10.0  # running tasks may finish; those cut off count as a lost attempt
@@ -44,7 +45,7 @@ async def run(settings: ExecutorSettings, stop: asyncio.Event) -> None:
             js,
             stream=wire.EVENT_STREAM,
             durable=wire.EXECUTOR_DURABLE,
-            filter_subjects=[wire.status_subjects("Processed"), wire.status_subjects("Retrying")],
+            filter_subjects=[wire.status_subjects(Status.PROCESSED), wire.status_subjects(Status.RETRYING)],
             ack_wait_s=settings.ack_wait_s,
             max_ack_pending=200_000,
         )
@@ -67,7 +68,7 @@ async def run(settings: ExecutorSettings, stop: asyncio.Event) -> None:
         async def on_sync(msg: Msg) -> None:
             spawn(_guarded(sync.handle(msg), "sync invocation"))
 
-        await nc.subscribe(wire.status_subjects("Stopping"), cb=on_stopping)
+        await nc.subscribe(wire.status_subjects(Status.STOPPING), cb=on_stopping)
         await nc.subscribe(f"{wire.SYNC_INVOKE_PREFIX}.*", queue=wire.EXECUTOR_QUEUE_GROUP, cb=on_sync)
         usage = asyncio.create_task(
             periodically(UsageExporter(pool, metrics).export, every_s=5, stop=stop, what="usage export"))

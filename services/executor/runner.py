@@ -146,7 +146,7 @@ class TaskRunner:
         if running is None or running.stop_requested:
             return
         running.stop_requested = True
-        log.info("killing instance for stop", extra={"task_id": task_id, "function": function, "status": "Stopping"})
+        log.info("killing instance for stop", extra={"task_id": task_id, "function": function, "status": str(Status.STOPPING)})
         await running.instance.kill()
 
     @property
@@ -181,7 +181,7 @@ class TaskRunner:
             self._started.add((event.function, event.task_id))
             due_ms = event.retry_at_ms if isinstance(event, TaskRetrying) else enqueued.event.due_at_ms
             self._metrics.submit_to_start.labels(event.function).observe(max(0, started.at_ms - due_ms) / 1000)
-            log.info("task Running", extra={**fields, "status": "Running", "instance_id": instance.instance_id,
+            log.info("task Running", extra={**fields, "status": str(Status.RUNNING), "instance_id": instance.instance_id,
                                             "attempt": attempt})
             running = RunningTask(instance)
             self._running[(event.function, event.task_id)] = running

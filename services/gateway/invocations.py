@@ -20,6 +20,7 @@ from shared.errors import (
 )
 from shared.events import DEFAULT_MAX_EVENT_AGE_S, DEFAULT_MAX_RETRIES, TaskEnqueued
 from shared.eventstore import now_ms
+from shared.transitions import Status
 from services.gateway import params as validation
 from services.gateway.context import request_id_of
 from services.gateway.deps import body_of, metrics_of, resources_of
@@ -105,7 +106,7 @@ async def _submit(request: Request, function: FunctionRecord, *, qualifier: str)
         extra={
             "task_id": task_id,
             "function": name,
-            "status": "Enqueued",
+            "status": str(Status.ENQUEUED),
             "request_id": request_id,
             "delay_s": delay_s,
             "payload_bytes": len(payload),

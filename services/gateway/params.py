@@ -14,7 +14,7 @@ import uuid
 from typing import Final
 
 from shared.errors import EntityTooLarge, InvalidArgument, InvalidNextToken
-from shared.transitions import Status, parse_status
+from shared.transitions import STATUS_ALIASES, Status, parse_status
 from shared.wire import FC_DELAY_HEADER, FC_INVOCATION_TYPE_HEADER, FC_REQUEST_ID_HEADER, FC_TASK_ID_HEADER
 
 FUNCTION_NAME_RE: Final = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_-]{0,63}$")
@@ -173,7 +173,7 @@ def parse_status_filter(value: str | None) -> Status | None:
     try:
         return parse_status(value)
     except ValueError as err:
-        names = ", ".join([*(s.value for s in Status), "Dequeued"])
+        names = ", ".join([*(s.value for s in Status), *STATUS_ALIASES])
         raise InvalidArgument(f"invalid status {value[:40]!r}: use one of {names}") from err
 
 

@@ -13,6 +13,7 @@ from shared.bus import connect, consume, ensure_consumer
 from shared.catalog import Catalog
 from shared.eventstore import EventStore, ensure_stream
 from shared.service import cancel_all, periodically, serve_metrics
+from shared.transitions import Status
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
             js,
             stream=wire.EVENT_STREAM,
             durable=wire.SCHEDULER_DURABLE,
-            filter_subjects=[wire.status_subjects("Enqueued")],
+            filter_subjects=[wire.status_subjects(Status.ENQUEUED)],
             ack_wait_s=settings.ack_wait_s,
             max_ack_pending=settings.max_parked,
         )
