@@ -21,7 +21,7 @@ import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Final, Self
+from typing import Any, Final, Self, cast
 
 import msgspec
 import pymongo
@@ -31,7 +31,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import PyMongoError
 
 from shared.errors import InvalidArgument, InvalidNextToken, ServiceUnavailable
-from shared.taskview import INTERNAL_FIELDS, document_id
+from shared.taskview import INTERNAL_FIELDS, TaskDocument, document_id
 from shared.wire import MONGO_DATABASE, TASKS_COLLECTION
 
 log = logging.getLogger(__name__)
@@ -337,7 +337,7 @@ class TaskStore:
         result = await self._tasks.delete_many({"expireAt": {"$lt": now}})
         return int(result.deleted_count)
 
-    async def load_many(self, ids: Iterable[str]) -> dict[str, Document]:
+    async def load_many(self, ids: Iterable[str]) -> dict[str, TaskDocument]:
         """Whole stored documents (internal fields included) by `_id`, in one `$in` query.
 
         Ids that are not stored are absent from the result; duplicates are queried once.
@@ -345,19 +345,20 @@ class TaskStore:
         wanted = list(dict.fromkeys(ids))
         if not wanted:
             return {}
-        found: dict[str, Document] = {}
+        found: dict[str, TaskDocument] = {}
         async for doc in self._tasks.find({"_id": {"$in": wanted}}):
-            found[doc["_id"]] = doc
+            # Only save_many writes this collection, and only whole TaskDocuments.
+            found[doc["_id"]] = cast(TaskDocument, doc)
         return found
 
-    async def save_many(self, docs: Sequence[Document]) -> None:
+    async def save_many(self, docs: Sequence[TaskDocument]) -> None:
         """Replace (or insert) whole documents, in one unordered bulk write.
 
-        Every document needs `_id == taskview.document_id(functionName, taskId)`. If a batch holds the same
-        `_id` twice only the last one is written, because an unordered bulk write does not
-        promise to apply operations in order.
+        Every document needs `_id == taskview.document_id(functionName, taskId)`. If a batch
+        holds the same `_id` twice only the last one is written, because an unordered bulk write
+        does not promise to apply operations in order.
         """
-        latest: dict[str, Document] = {}
+        latest: dict[str, TaskDocument] = {}
         for doc in docs:
             try:
                 doc_id = doc["_id"]
@@ -369,8 +370,9 @@ class TaskStore:
             latest[doc_id] = doc
         if not latest:
             return
+        # A TaskDocument is a dict at run time; the driver's stubs only want the collection's type.
         await self._tasks.bulk_write(
-            [ReplaceOne({"_id": doc_id}, doc, upsert=True) for doc_id, doc in latest.items()],
+            [ReplaceOne({"_id": doc_id}, cast(Document, doc), upsert=True) for doc_id, doc in latest.items()],
             ordered=False,
         )
 

@@ -22,7 +22,6 @@ from services.executor.pool import InstancePool
 from services.executor.metrics import ExecutorMetrics
 from services.executor.settings import ExecutorSettings
 from services.executor.specs import function_spec
-from shared.catalog import Catalog
 from shared.errors import ConcurrentUpdateError, FunctionNotFound
 from shared.events import (
     TaskEnqueued,
@@ -36,7 +35,8 @@ from shared.events import (
     TaskSucceeded,
     decode_event,
 )
-from shared.eventstore import EventStore, StoredEvent, follow, now_ms
+from shared.eventstore import StoredEvent, follow, now_ms
+from shared.ports import EventLog, FunctionCatalog
 from shared.taskview import RETURN_PAYLOAD_PREVIEW_BYTES
 from shared.transitions import Status
 
@@ -57,8 +57,8 @@ class TaskRunner:
     def __init__(
         self,
         *,
-        events: EventStore,
-        catalog: Catalog,
+        events: EventLog,
+        catalog: FunctionCatalog,
         code: CodeCache,
         pool: InstancePool,
         metrics: ExecutorMetrics,

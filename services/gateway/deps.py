@@ -16,9 +16,7 @@ from nats.aio.client import Client
 
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.settings import GatewaySettings
-from shared.catalog import Catalog
-from shared.eventstore import EventStore
-from shared.taskstore import TaskStore
+from shared.ports import EventLog, FunctionCatalog, TaskReadModel
 
 
 @dataclass(frozen=True)
@@ -26,9 +24,9 @@ class Resources:
     """What the routes use, opened by the app's lifespan (or handed in by a test)."""
 
     nc: Client
-    catalog: Catalog
-    events: EventStore
-    tasks: TaskStore
+    catalog: FunctionCatalog
+    events: EventLog
+    tasks: TaskReadModel
 
 
 def resources_of(request: Request) -> Resources:

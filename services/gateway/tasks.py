@@ -9,7 +9,7 @@ overwrite a completion that won the race.
 from __future__ import annotations
 
 import logging
-from typing import Any, Final
+from typing import Final
 
 from fastapi import APIRouter, Response
 from pymongo.errors import PyMongoError
@@ -18,8 +18,10 @@ from shared import taskview
 from shared.catalog import function_arn
 from shared.errors import AsyncTaskNotFound, ConcurrentUpdateError, ServiceUnavailable, TaskAlreadyFinished, TaskmodeError
 from shared.events import TaskStopped, TaskStopping
-from shared.eventstore import EventStore, StoredEvent, follow
+from shared.eventstore import StoredEvent, follow
+from shared.ports import EventLog
 from shared.taskstore import TaskQuery
+from shared.taskview import TaskDocument
 from shared.transitions import TERMINAL, Status
 from services.gateway import params
 from services.gateway.deps import MetricsDep, Resources, ResourcesDep, SettingsDep
@@ -45,7 +47,7 @@ def _check_ids(function_name: str, task_id: str) -> None:
 
 async def _task_document(
     *, resources: Resources, settings: GatewaySettings, metrics: GatewayMetrics, function_name: str, task_id: str
-) -> dict[str, Any]:
+) -> TaskDocument:
     try:
         docs = await resources.tasks.load_many([taskview.document_id(function_name, task_id)])
     except PyMongoError as err:
@@ -158,7 +160,7 @@ async def stop_async_task(
     raise ServiceUnavailable(f"task {task_id} kept changing; try stopping it again")
 
 
-async def _try_stop(events: EventStore, last: StoredEvent) -> str | None:
+async def _try_stop(events: EventLog, last: StoredEvent) -> str | None:
     """Stop the task from `last`; the outcome, or None when another writer got there first."""
     status = last.event.status
     if status in TERMINAL:

@@ -9,16 +9,16 @@ import msgspec
 from nats.aio.msg import Msg
 
 from services.scheduler.metrics import SchedulerMetrics
-from shared.catalog import Catalog
 from shared.errors import ConcurrentUpdateError
-from shared.events import TaskEnqueued, TaskExpired, TaskInvalid, TaskProcessed, decode_event
-from shared.eventstore import EventStore, StoredEvent, follow, now_ms
+from shared.events import TaskEnqueued, TaskEvent, TaskExpired, TaskInvalid, TaskProcessed, decode_event
+from shared.eventstore import StoredEvent, follow, now_ms
+from shared.ports import EventLog, FunctionCatalog
 
 log = logging.getLogger(__name__)
 
 
 class Dispatcher:
-    def __init__(self, *, events: EventStore, catalog: Catalog, metrics: SchedulerMetrics) -> None:
+    def __init__(self, *, events: EventLog, catalog: FunctionCatalog, metrics: SchedulerMetrics) -> None:
         self._events = events
         self._catalog = catalog
         self._metrics = metrics
@@ -51,7 +51,7 @@ class Dispatcher:
         fields = {"task_id": event.task_id, "function": event.function}
         # The catalog answers from its local mirror: no round trip per task.
         if await self._catalog.find_function(event.function) is None:
-            outcome = follow(current, TaskInvalid, reason=f"function {event.function} was deleted")
+            outcome: TaskEvent = follow(current, TaskInvalid, reason=f"function {event.function} was deleted")
             self._metrics.invalid.labels(event.function).inc()
         elif now - event.due_at_ms > event.max_event_age_s * 1000:
             outcome = follow(
