@@ -138,7 +138,7 @@ class _Mirror(Generic[R]):
         try:
             while True:
                 try:
-                    entry = await watcher.updates(timeout=60)  # type: ignore[no-untyped-call]
+                    entry = await watcher.updates(timeout=60)  # type: ignore[no-untyped-call]  # nats-py: unannotated
                 except (NatsTimeoutError, asyncio.TimeoutError):
                     continue
                 if entry is None:  # the initial values have all arrived: from now on, live
@@ -156,7 +156,7 @@ class _Mirror(Generic[R]):
                     records.pop(entry.key, None)
         finally:
             with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+                await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py: unannotated
 
     async def _keep_current(self) -> None:
         behind_since: float | None = None

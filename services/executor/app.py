@@ -3,6 +3,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -24,6 +26,7 @@ from shared.service import cancel_all, periodically, serve_metrics
 from shared.transitions import Status
 
 log = logging.getLogger(__name__)
+Spawn = Callable[[Coroutine[Any, Any, None]], None]  # runs a coroutine as a tracked background task
 SHUTDOWN_GRACE_S = 10.0  # running tasks may finish; those cut off count as a lost attempt
 
 
@@ -56,7 +59,7 @@ async def run(settings: ExecutorSettings, stop: asyncio.Event) -> None:
                             settings=settings)
         sync = SyncInvoker(nc=nc, catalog=catalog, code=code, pool=pool)
 
-        def spawn(coro) -> None:  # type: ignore[no-untyped-def]
+        def spawn(coro: Coroutine[Any, Any, None]) -> None:
             task = asyncio.create_task(coro)
             background.add(task)
             task.add_done_callback(background.discard)
@@ -86,7 +89,7 @@ async def run(settings: ExecutorSettings, stop: asyncio.Event) -> None:
             await nc.drain()
 
 
-async def _guarded(coro, what: str) -> None:  # type: ignore[no-untyped-def]
+async def _guarded(coro: Awaitable[None], what: str) -> None:
     try:
         await coro
     except asyncio.CancelledError:
@@ -96,7 +99,7 @@ async def _guarded(coro, what: str) -> None:  # type: ignore[no-untyped-def]
 
 
 async def _dispatch_loop(js: JetStreamContext, runner: TaskRunner, settings: ExecutorSettings,
-                         stop: asyncio.Event, spawn, background: set[asyncio.Task[None]]) -> None:  # type: ignore[no-untyped-def]
+                         stop: asyncio.Event, spawn: Spawn, background: set[asyncio.Task[None]]) -> None:
     sub = await js.pull_subscribe_bind(durable=wire.EXECUTOR_DURABLE, stream=wire.EVENT_STREAM)
     in_flight = 0
     freed = asyncio.Event()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import io
 import os
 import struct
 import sys
@@ -116,10 +117,10 @@ def load_handler(handler: str) -> Callable[..., Any]:
     if not module_name or not attr:
         raise InvalidHandler(f"invalid handler {handler!r}: expected '<module>.<function>'")
     module = importlib.import_module(module_name)
-    func = getattr(module, attr, None)
+    func: object = getattr(module, attr, None)
     if not callable(func):
         raise InvalidHandler(f"module {module_name!r} has no function {attr!r}")
-    return func  # type: ignore[no-any-return]
+    return func
 
 
 def to_bytes(value: object) -> bytes:
@@ -186,8 +187,9 @@ def take_protocol_fds() -> tuple[int, int]:
     os.dup2(devnull, 0)
     os.close(devnull)
     os.dup2(2, 1)
-    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):  # always, unless something replaced them
+            stream.reconfigure(line_buffering=True)
     return proto_in, proto_out
 
 

@@ -70,8 +70,8 @@ class ReportedError(TaskmodeError):
 
     def __init__(self, message: str, *, code: str, http_status: int) -> None:
         super().__init__(message)
-        self.code = code  # type: ignore[misc]
-        self.http_status = http_status  # type: ignore[misc]
+        self.code = code
+        self.http_status = http_status
 
 
 def reported_error(code: str, message: str) -> TaskmodeError:
