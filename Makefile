@@ -18,7 +18,7 @@ run: $(STAMP)
 	$(PY) deploy/run.py
 
 test: $(STAMP)
-	$(PY) -m mypy shared
+	$(PY) -m mypy shared services
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

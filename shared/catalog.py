@@ -29,6 +29,7 @@ from nats.js.object_store import ObjectStore
 
 from shared import wire
 from shared.errors import AsyncConfigNotFound, ConcurrentUpdateError, FunctionAlreadyExists, FunctionNotFound
+from shared.events import DEFAULT_MAX_EVENT_AGE_S, DEFAULT_MAX_RETRIES
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +71,6 @@ class Destination(msgspec.Struct, kw_only=True, omit_defaults=True):
 class DestinationConfig(msgspec.Struct, kw_only=True, rename="camel", omit_defaults=True):
     on_success: Destination | None = None
     on_failure: Destination | None = None
-
-
-DEFAULT_MAX_EVENT_AGE_S: Final = 86400
-DEFAULT_MAX_RETRIES: Final = 3
 
 
 class AsyncConfigRecord(msgspec.Struct, kw_only=True, rename="camel"):
@@ -141,7 +138,7 @@ class _Mirror(Generic[R]):
         try:
             while True:
                 try:
-                    entry = await watcher.updates(timeout=60)  # type: ignore[no-untyped-call]
+                    entry = await watcher.updates(timeout=60)  # type: ignore[no-untyped-call]  # nats-py: unannotated
                 except (NatsTimeoutError, asyncio.TimeoutError):
                     continue
                 if entry is None:  # the initial values have all arrived: from now on, live
@@ -159,7 +156,7 @@ class _Mirror(Generic[R]):
                     records.pop(entry.key, None)
         finally:
             with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+                await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py: unannotated
 
     async def _keep_current(self) -> None:
         behind_since: float | None = None

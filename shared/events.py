@@ -12,6 +12,11 @@ import msgspec
 
 from shared.transitions import Status
 
+# FC's defaults for a function without an async config (maxAsyncEventAgeInSeconds,
+# maxAsyncRetryAttempts); the catalog's AsyncConfigRecord defaults to them as well.
+DEFAULT_MAX_EVENT_AGE_S: Final = 86400
+DEFAULT_MAX_RETRIES: Final = 3
+
 
 class TaskEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     task_id: str
@@ -29,8 +34,8 @@ class TaskEnqueued(TaskEvent, frozen=True, tag="task.enqueued"):
     request_id: str = ""
     qualifier: str = "LATEST"
     due_at_ms: int = 0  # when the task may be dispatched (submission time plus any delay)
-    max_event_age_s: int = 86400
-    max_retries: int = 3
+    max_event_age_s: int = DEFAULT_MAX_EVENT_AGE_S
+    max_retries: int = DEFAULT_MAX_RETRIES
     # True when the gateway appended the task's Processed event together with this one (a task
     # due at once): the scheduler then has nothing to do for it.
     dispatched: bool = False

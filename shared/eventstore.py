@@ -24,7 +24,7 @@ from nats.js.errors import APIError, NotFoundError
 from shared import wire
 from shared.errors import ConcurrentUpdateError, ServiceUnavailable
 from shared.events import AnyTaskEvent, TaskEvent, decode_event, encode_event
-from shared.transitions import check_transition
+from shared.transitions import Status, check_transition
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ class EventStore:
         """The task's latest event, or None if the task has none in the stream."""
         return await self._last_on(wire.task_subjects(function, task_id))
 
-    async def last_with_status(self, function: str, task_id: str, status: str) -> StoredEvent | None:
+    async def last_with_status(self, function: str, task_id: str, status: Status) -> StoredEvent | None:
         """The task's latest event of one status (e.g. its `Enqueued` event, which has the payload)."""
         return await self._last_on(wire.task_status_subject(function, task_id, status))
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import zlib
 from typing import Final
 
+from shared.transitions import Status
+
 API_VERSION: Final = "2023-03-30"
 
 EVENT_STREAM: Final = "TASKMODE_EVENTS"
@@ -25,15 +27,27 @@ PROJECTION_DURABLE: Final = "taskmode-projection"
 # Which instance of a partitioned service owns which partition: leases in this KV bucket.
 LEASES_BUCKET: Final = "taskmode_leases"
 
-# NATS client names, as `nats-server` lists connections.
-CLIENT_GATEWAY: Final = "taskmode-gateway"
-CLIENT_SCHEDULER: Final = "taskmode-scheduler"
-CLIENT_EXECUTOR: Final = "taskmode-executor"
-CLIENT_PROJECTION: Final = "taskmode-projection"
-CLIENT_PROJECTION_REBUILD: Final = "taskmode-projection-rebuild"
-
 SYNC_INVOKE_PREFIX: Final = "taskmode.invoke"
 EXECUTOR_QUEUE_GROUP: Final = "taskmode-executors"
+
+# NATS client names (what `nats-server` monitoring shows per connection).
+GATEWAY_CLIENT_NAME: Final = "taskmode-gateway"
+SCHEDULER_CLIENT_NAME: Final = "taskmode-scheduler"
+EXECUTOR_CLIENT_NAME: Final = "taskmode-executor"
+PROJECTION_CLIENT_NAME: Final = "taskmode-projection"
+PROJECTION_REBUILD_CLIENT_NAME: Final = "taskmode-projection-rebuild"
+
+# FC 3.0 HTTP headers: the API's (gateway) and those a custom runtime's server receives.
+FC_REQUEST_ID_HEADER: Final = "x-fc-request-id"
+FC_INVOCATION_TYPE_HEADER: Final = "x-fc-invocation-type"
+FC_TASK_ID_HEADER: Final = "x-fc-async-task-id"
+FC_DELAY_HEADER: Final = "x-fc-async-delay"
+FC_INSTANCE_ID_HEADER: Final = "x-fc-instance-id"
+FC_ERROR_TYPE_HEADER: Final = "x-fc-error-type"
+FC_FUNCTION_NAME_HEADER: Final = "x-fc-function-name"
+FC_FUNCTION_HANDLER_HEADER: Final = "x-fc-function-handler"
+FC_FUNCTION_MEMORY_HEADER: Final = "x-fc-function-memory"
+FC_FUNCTION_TIMEOUT_HEADER: Final = "x-fc-function-timeout"
 
 HEADER_MSG_ID: Final = "Nats-Msg-Id"
 HEADER_EXPECTED_LAST_SUBJECT_SEQ: Final = "Nats-Expected-Last-Subject-Sequence"
@@ -54,7 +68,7 @@ def partition_of(function: str, task_id: str, partitions: int) -> int:
     return zlib.crc32(f"{function}.{task_id}".encode()) % partitions
 
 
-def event_subject(function: str, task_id: str, status: str, *, partitions: int) -> str:
+def event_subject(function: str, task_id: str, status: Status, *, partitions: int) -> str:
     """Subject of one task event: `taskmode.events.<partition>.<function>.<taskId>.<Status>`.
 
     The partition token lets N schedulers and projections split the tasks between them while
@@ -73,7 +87,7 @@ def task_subjects(function: str, task_id: str) -> str:
     return f"{EVENT_SUBJECT_PREFIX}.*.{function}.{task_id}.*"
 
 
-def task_status_subject(function: str, task_id: str, status: str) -> str:
+def task_status_subject(function: str, task_id: str, status: Status) -> str:
     """Wildcard over one task's events of one status."""
     return f"{EVENT_SUBJECT_PREFIX}.*.{function}.{task_id}.{status}"
 
@@ -83,7 +97,7 @@ def function_subjects(function: str) -> str:
     return f"{EVENT_SUBJECT_PREFIX}.*.{function}.*.*"
 
 
-def status_subjects(status: str, *, partition: int | None = None) -> str:
+def status_subjects(status: Status, *, partition: int | None = None) -> str:
     """Wildcard over one transition for every task of every function (of one partition)."""
     return f"{EVENT_SUBJECT_PREFIX}.{'*' if partition is None else partition}.*.*.{status}"
 

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from services.executor import orphans
 from services.executor.code_cache import CodeCache
-from services.executor.instances import InstancePool
+from services.executor.pool import InstancePool
 from services.executor.metrics import ExecutorMetrics
 from services.executor.runner import TaskRunner
 from services.executor.settings import ExecutorSettings
@@ -24,9 +24,11 @@ from shared import wire
 from shared.bootstrap import open_bus, open_catalog
 from shared.bus import Verdict, decoded, ensure_consumer, fetch, settle
 from shared.events import AnyTaskEvent, decode_event
+from shared.transitions import Status
 from shared.service import Readiness, background, periodically, serve_http
 
 log = logging.getLogger(__name__)
+Spawn = Callable[[Coroutine[Any, Any, None]], None]  # runs a coroutine as a tracked background task
 SHUTDOWN_GRACE_S = 10.0  # running tasks may finish; those cut off count as a lost attempt
 
 
@@ -35,7 +37,7 @@ async def run(settings: ExecutorSettings, stop: asyncio.Event, stack: AsyncExitS
     readiness = Readiness()
     serve_http(metrics.registry, readiness, port=settings.common.metrics_port, host=settings.common.metrics_host,
                stack=stack)
-    bus = await open_bus(settings.common, stack, name=wire.CLIENT_EXECUTOR, stop=stop)
+    bus = await open_bus(settings.common, stack, name=wire.EXECUTOR_CLIENT_NAME, stop=stop)
     orphans.reap(settings.common.data_dir / "instances")
     pool = InstancePool(
         work_dir=settings.common.data_dir / "instances",
@@ -47,7 +49,7 @@ async def run(settings: ExecutorSettings, stop: asyncio.Event, stack: AsyncExitS
         bus.js,
         stream=wire.EVENT_STREAM,
         durable=wire.EXECUTOR_DURABLE,
-        filter_subjects=[wire.status_subjects("Processed"), wire.status_subjects("Retrying")],
+        filter_subjects=[wire.status_subjects(Status.PROCESSED), wire.status_subjects(Status.RETRYING)],
         ack_wait_s=settings.ack_wait_s,
         max_ack_pending=200_000,
     )
@@ -74,7 +76,7 @@ async def run(settings: ExecutorSettings, stop: asyncio.Event, stack: AsyncExitS
     async def on_sync(msg: Msg) -> None:
         spawn(_guarded(sync.handle(msg), "sync invocation"))
 
-    await bus.nc.subscribe(wire.status_subjects("Stopping"), cb=on_stopping)
+    await bus.nc.subscribe(wire.status_subjects(Status.STOPPING), cb=on_stopping)
     await bus.nc.subscribe(f"{wire.SYNC_INVOKE_PREFIX}.*", queue=wire.EXECUTOR_QUEUE_GROUP, cb=on_sync)
     readiness.add("nats", lambda: bus.nc.is_connected)
     background(stack, periodically(UsageExporter(pool, metrics).export, every_s=5, stop=stop, what="usage export"))

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from nats.aio.msg import Msg
 
 from services.executor.code_cache import CodeCache
-from services.executor.instances import FunctionSpec, Instance, InstancePool, InvocationResult, InvokeContext
+from services.executor.instance import Instance, InvocationResult, InvokeContext
+from services.executor.pool import InstancePool
 from services.executor.metrics import ExecutorMetrics
 from services.executor.settings import ExecutorSettings
-from shared.catalog import Catalog, FunctionRecord
+from services.executor.specs import function_spec
 from shared.errors import ConcurrentUpdateError, FunctionNotFound
 from shared.bus import ACK, Nak, Term, Verdict
 from shared.events import (
@@ -35,7 +36,8 @@ from shared.events import (
     TaskStopped,
     TaskSucceeded,
 )
-from shared.eventstore import EventStore, StoredEvent, follow, now_ms
+from shared.eventstore import StoredEvent, follow, now_ms
+from shared.ports import EventLog, FunctionCatalog
 from shared.taskview import RETURN_PAYLOAD_PREVIEW_BYTES
 from shared.transitions import Status
 
@@ -52,28 +54,12 @@ class RunningTask:
     stop_requested: bool = False
 
 
-async def function_spec(function: FunctionRecord, code: CodeCache) -> FunctionSpec:
-    """What an instance needs to know about `function`, with its code unpacked locally."""
-    custom = function.custom_runtime_config
-    return FunctionSpec(
-        name=function.function_name,
-        runtime=function.runtime,
-        handler=function.handler,
-        timeout_s=float(function.timeout),
-        code_dir=await code.directory(function),
-        code_checksum=function.code_checksum,
-        memory_mb=function.memory_size,
-        environment=dict(function.environment_variables),
-        custom_command=[*custom.command, *custom.args] if custom else [],
-    )
-
-
 class TaskRunner:
     def __init__(
         self,
         *,
-        events: EventStore,
-        catalog: Catalog,
+        events: EventLog,
+        catalog: FunctionCatalog,
         code: CodeCache,
         pool: InstancePool,
         metrics: ExecutorMetrics,
@@ -151,7 +137,7 @@ class TaskRunner:
         if running is None or running.stop_requested:
             return
         running.stop_requested = True
-        log.info("killing instance for stop", extra={"task_id": task_id, "function": function, "status": "Stopping"})
+        log.info("killing instance for stop", extra={"task_id": task_id, "function": function, "status": str(Status.STOPPING)})
         await running.instance.kill()
 
     @property
@@ -161,6 +147,7 @@ class TaskRunner:
     async def _run(self, current: StoredEvent) -> None:
         """Run the dispatched task, or end it (Invalid) when it cannot run."""
         event = current.event
+        assert isinstance(event, TaskProcessed | TaskRetrying), "only dispatches are run"
         fields = {"task_id": event.task_id, "function": event.function}
         function = await self._catalog.find_function(event.function)
         if function is None:
@@ -186,7 +173,7 @@ class TaskRunner:
             self._started.add((event.function, event.task_id))
             due_ms = event.retry_at_ms if isinstance(event, TaskRetrying) else submission.due_at_ms
             self._metrics.submit_to_start.labels(event.function).observe(max(0, started.at_ms - due_ms) / 1000)
-            log.info("task Running", extra={**fields, "status": "Running", "instance_id": instance.instance_id,
+            log.info("task Running", extra={**fields, "status": str(Status.RUNNING), "instance_id": instance.instance_id,
                                             "attempt": attempt})
             running = RunningTask(instance)
             self._running[(event.function, event.task_id)] = running

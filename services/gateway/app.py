@@ -18,8 +18,10 @@ from shared import wire
 from shared.bootstrap import open_bus, open_catalog
 from shared.taskstore import TaskStore
 from services.gateway import async_configs, functions, invocations, tasks
-from services.gateway.auth import Resources, guard_request
-from services.gateway.errors import RequestContextMiddleware, install_exception_handlers, json_response
+from services.gateway.auth import guard_request
+from services.gateway.context import RequestContextMiddleware, install_exception_handlers
+from services.gateway.deps import Resources
+from services.gateway.errors import json_response
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.settings import GatewaySettings
 
@@ -31,7 +33,7 @@ async def open_resources(settings: GatewaySettings, stack: AsyncExitStack) -> Re
     Each close is registered on `stack` as soon as its resource is open, so a failure halfway
     still closes what was opened, in reverse order.
     """
-    bus = await open_bus(settings.common, stack, name=wire.CLIENT_GATEWAY)
+    bus = await open_bus(settings.common, stack, name=wire.GATEWAY_CLIENT_NAME)
     catalog = await open_catalog(bus, stack)
     log.info("nats ready", extra={"stream": wire.EVENT_STREAM})
     task_store = await TaskStore.connect(settings.common.mongodb_url)

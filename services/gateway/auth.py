@@ -1,63 +1,22 @@
-"""The guard in front of every API route, and the app state routes read.
+"""Authentication: the guard in front of every API route.
 
 `guard_request` reads the body (capped), then checks its ACS3-HMAC-SHA256 signature against the
-configured access keys unless auth is disabled. Routes get the body back with `body_of` and the
-shared resources with `resources_of`, so nothing is a module-level global.
+configured access keys unless auth is disabled. Routes get the body back from `deps.body_of`.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from fastapi import Request
-from nats.aio.client import Client
 
-from shared.catalog import Catalog
-from shared.errors import EntityTooLarge
-from shared.eventstore import EventStore
+from services.gateway.deps import settings_of
 from shared import acs3
-
-if TYPE_CHECKING:
-    from shared.taskstore import TaskStore
-    from services.gateway.metrics import GatewayMetrics
-    from services.gateway.settings import GatewaySettings
+from shared.errors import EntityTooLarge
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Resources:
-    """What the routes use, opened by the app's lifespan (or handed in by a test)."""
-
-    nc: Client
-    catalog: Catalog
-    events: EventStore
-    tasks: TaskStore
-
-
-def resources_of(request: Request) -> Resources:
-    resources: Resources = request.app.state.resources
-    return resources
-
-
-def settings_of(request: Request) -> GatewaySettings:
-    settings: GatewaySettings = request.app.state.settings
-    return settings
-
-
-def metrics_of(request: Request) -> GatewayMetrics:
-    metrics: GatewayMetrics = request.app.state.metrics
-    return metrics
-
-
-def body_of(request: Request) -> bytes:
-    """The request body `guard_request` read."""
-    body: bytes = getattr(request.state, "body", b"")
-    return body
 
 
 async def read_body(request: Request, *, limit: int) -> bytes:

@@ -11,7 +11,7 @@ from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from shared import wire
-from shared.catalog import DEFAULT_MAX_EVENT_AGE_S, DEFAULT_MAX_RETRIES, FunctionRecord
+from shared.catalog import FunctionRecord
 from shared.errors import (
     ConcurrentUpdateError,
     EntityTooLarge,
@@ -19,21 +19,26 @@ from shared.errors import (
     ServiceUnavailable,
     TaskAlreadyExists,
 )
-from shared.events import TaskEnqueued, TaskProcessed
+from shared.events import DEFAULT_MAX_EVENT_AGE_S, DEFAULT_MAX_RETRIES, TaskEnqueued, TaskProcessed
 from shared.eventstore import StoredEvent, follow, now_ms
-from services.gateway import validation
-from services.gateway.auth import body_of, metrics_of, resources_of
-from services.gateway.errors import REQUEST_ID_HEADER, InvocationTimeout, reported_error, request_id_of
+from shared.transitions import Status
+from services.gateway import params as validation
+from services.gateway.context import request_id_of
+from services.gateway.deps import body_of, metrics_of, resources_of
+from services.gateway.errors import InvocationTimeout, reported_error
+from shared.wire import (
+    FC_DELAY_HEADER as DELAY_HEADER,
+    FC_ERROR_TYPE_HEADER as ERROR_TYPE_HEADER,
+    FC_INSTANCE_ID_HEADER as INSTANCE_ID_HEADER,
+    FC_INVOCATION_TYPE_HEADER as INVOCATION_TYPE_HEADER,
+    FC_REQUEST_ID_HEADER as REQUEST_ID_HEADER,
+    FC_TASK_ID_HEADER as TASK_ID_HEADER,
+)
 
 log = logging.getLogger(__name__)
 
 router = APIRouter()
 
-TASK_ID_HEADER = "x-fc-async-task-id"
-INVOCATION_TYPE_HEADER = "x-fc-invocation-type"
-DELAY_HEADER = "x-fc-async-delay"
-INSTANCE_ID_HEADER = "x-fc-instance-id"
-ERROR_TYPE_HEADER = "x-fc-error-type"
 # How much longer than the function's own timeout we wait for the executor's reply.
 SYNC_REPLY_SLACK_S = 5.0
 
@@ -110,7 +115,7 @@ async def _submit(request: Request, function: FunctionRecord, *, qualifier: str)
         extra={
             "task_id": task_id,
             "function": name,
-            "status": "Enqueued",
+            "status": str(Status.ENQUEUED),
             "request_id": request_id,
             "delay_s": delay_s,
             "payload_bytes": len(payload),

@@ -46,7 +46,7 @@ async def run(settings: ProjectionSettings, stop: asyncio.Event, stack: AsyncExi
     store = await TaskStore.connect(settings.common.mongodb_url)
     stack.push_async_callback(store.close)
     await store.ensure_indexes(ttl_index=not settings.expiry_sweep_s)
-    bus = await open_bus(settings.common, stack, name=wire.CLIENT_PROJECTION, stop=stop)
+    bus = await open_bus(settings.common, stack, name=wire.PROJECTION_CLIENT_NAME, stop=stop)
     projector = Projector(store=store, events=bus.events, metrics=metrics, settings=settings.common)
     partitions = settings.common.partitions
     leases = PartitionLeases(await open_leases(bus.js, replicas=settings.common.stream_replicas),
@@ -102,7 +102,7 @@ async def rebuild(settings: ProjectionSettings) -> None:
     async with AsyncExitStack() as stack:
         store = await TaskStore.connect(settings.common.mongodb_url)
         stack.push_async_callback(store.close)
-        bus = await open_bus(settings.common, stack, name=wire.CLIENT_PROJECTION_REBUILD)
+        bus = await open_bus(settings.common, stack, name=wire.PROJECTION_REBUILD_CLIENT_NAME)
         # Documents first, positions second: a projection still running until it notices the
         # lost consumer can only write documents that its restart wipes again.
         await store.delete_all()

@@ -14,6 +14,7 @@ from shared import wire
 from shared.bootstrap import open_bus, open_catalog
 from shared.bus import Batching, consume, decoded, ensure_consumer
 from shared.partitions import PartitionLeases, open_leases, run_partitioned
+from shared.transitions import Status
 from shared.service import Readiness, background, periodically, serve_http
 
 
@@ -22,7 +23,7 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event, stack: AsyncExit
     readiness = Readiness()
     serve_http(metrics.registry, readiness, port=settings.common.metrics_port, host=settings.common.metrics_host,
                stack=stack)
-    bus = await open_bus(settings.common, stack, name=wire.CLIENT_SCHEDULER, stop=stop)
+    bus = await open_bus(settings.common, stack, name=wire.SCHEDULER_CLIENT_NAME, stop=stop)
     catalog = await open_catalog(bus, stack)
     dispatcher = Dispatcher(events=bus.events, catalog=catalog, metrics=metrics)
     leases = PartitionLeases(await open_leases(bus.js, replicas=settings.common.stream_replicas),
@@ -36,7 +37,7 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event, stack: AsyncExit
             bus.js,
             stream=wire.EVENT_STREAM,
             durable=durable,
-            filter_subjects=[wire.status_subjects("Enqueued", partition=partition)],
+            filter_subjects=[wire.status_subjects(Status.ENQUEUED, partition=partition)],
             ack_wait_s=settings.ack_wait_s,
             max_ack_pending=settings.max_parked,
         )

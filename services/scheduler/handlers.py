@@ -12,16 +12,16 @@ from nats.aio.msg import Msg
 
 from services.scheduler.metrics import SchedulerMetrics
 from shared.bus import ACK, Nak, Term, Verdict
-from shared.catalog import Catalog
 from shared.errors import ConcurrentUpdateError
 from shared.events import AnyTaskEvent, TaskEnqueued, TaskExpired, TaskInvalid, TaskProcessed
-from shared.eventstore import EventStore, StoredEvent, follow, now_ms
+from shared.eventstore import StoredEvent, follow, now_ms
+from shared.ports import EventLog, FunctionCatalog
 
 log = logging.getLogger(__name__)
 
 
 class Dispatcher:
-    def __init__(self, *, events: EventStore, catalog: Catalog, metrics: SchedulerMetrics) -> None:
+    def __init__(self, *, events: EventLog, catalog: FunctionCatalog, metrics: SchedulerMetrics) -> None:
         self._events = events
         self._catalog = catalog
         self._metrics = metrics
