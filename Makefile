@@ -2,6 +2,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 
 .PHONY: install run test bench rebuild-projection clean
 
@@ -14,6 +15,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The Celery + Redis reference (bench/compare.py) needs the bench extra.
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
 run: $(STAMP)
 	$(PY) deploy/run.py
 
@@ -21,10 +27,14 @@ test: $(STAMP)
 	$(PY) -m mypy shared services
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
+# The benches also need a redis-server: Debian's, installed on first use (a fresh machine may need apt-get update).
+bench: $(BENCH_STAMP)
+	command -v redis-server >/dev/null || apt-get install -y redis-server || \
+		(apt-get update && apt-get install -y redis-server)
 	$(PY) -m bench.store_bench
 	$(PY) -m bench.full_stack
 	$(PY) -m bench.cpu_per_task
+	$(PY) -m bench.compare
 
 rebuild-projection: $(STAMP)
 	$(PY) -m services.projection rebuild
