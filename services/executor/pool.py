@@ -7,6 +7,7 @@ function and reaps the idle ones; `new_instance` picks the instance class for a 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -38,13 +39,25 @@ class _Slots:
     current: FunctionSpec | None = None  # the newest spec leased; other versions are not kept
     idle: list[Instance] = field(default_factory=list)
     busy: int = 0
-    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    waiters: collections.deque[asyncio.Future[None]] = field(default_factory=collections.deque)
 
-    def wake(self) -> None:
-        for waiter in self.waiters:
+    def wake_one(self) -> None:
+        """Hand a freed instance slot to the longest waiter (FIFO).
+
+        Only one: waking every waiter for each freed slot made a backlog of N waiting
+        dispatches cost O(N) per completed task, which dominated the executor's CPU.
+        """
+        while self.waiters:
+            waiter = self.waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-        self.waiters.clear()
+                return
+
+    def wake_all(self) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 class InstancePool:
@@ -72,7 +85,12 @@ class InstancePool:
         while slots.busy >= self._max and not self._closed:
             waiter = asyncio.get_running_loop().create_future()
             slots.waiters.append(waiter)
-            await waiter
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    slots.wake_one()  # the slot handed to us goes to the next in line
+                raise
         if self._closed:
             raise ServiceUnavailable("the instance pool is closed")
         if self._reaper is None:
@@ -82,7 +100,7 @@ class InstancePool:
             instance = await self._acquire(slots, spec)
         except BaseException:
             slots.busy -= 1
-            slots.wake()
+            slots.wake_one()
             raise
         try:
             yield instance
@@ -102,7 +120,7 @@ class InstancePool:
                 await self._reaper
         for slots in self._functions.values():
             slots.idle.clear()
-            slots.wake()
+            slots.wake_all()
         doomed, self._live = list(self._live), set()
         await asyncio.gather(*(instance.kill() for instance in doomed))
 
@@ -131,7 +149,7 @@ class InstancePool:
                 await self._discard(instance)
         finally:
             slots.busy -= 1
-            slots.wake()
+            slots.wake_one()
 
     async def _discard(self, instance: Instance) -> None:
         # Forgotten only once gone, so that close() still awaits a discard it interrupted.
