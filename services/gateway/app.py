@@ -22,6 +22,7 @@ from services.gateway.auth import guard_request
 from services.gateway.context import RequestContextMiddleware, install_exception_handlers
 from services.gateway.deps import Resources
 from services.gateway.errors import json_response
+from services.gateway.fast_path import AsyncSubmissionFastPath
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.settings import GatewaySettings
 
@@ -82,6 +83,8 @@ def create_app(
     if resources is not None:  # usable at once, even by a test transport that skips the lifespan
         app.state.resources = resources
     install_exception_handlers(app)
+    # Added first, so it runs inside the request context (request id, timing, 500s).
+    app.add_middleware(AsyncSubmissionFastPath, state=app.state)
     app.add_middleware(RequestContextMiddleware, observe=gateway_metrics.observe_request)
 
     api = APIRouter(prefix=f"/{wire.API_VERSION}", dependencies=[Depends(guard_request)])
