@@ -36,9 +36,6 @@ class TaskEnqueued(TaskEvent, frozen=True, tag="task.enqueued"):
     due_at_ms: int = 0  # when the task may be dispatched (submission time plus any delay)
     max_event_age_s: int = DEFAULT_MAX_EVENT_AGE_S
     max_retries: int = DEFAULT_MAX_RETRIES
-    # True when the gateway appended the task's Processed event together with this one (a task
-    # due at once): the scheduler then has nothing to do for it.
-    dispatched: bool = False
 
 
 class Submission(msgspec.Struct, frozen=True, kw_only=True):

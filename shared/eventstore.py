@@ -11,9 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -39,19 +38,6 @@ class StoredEvent:
     event: AnyTaskEvent
 
 
-class _AckError(msgspec.Struct):
-    err_code: int = 0
-    description: str = ""
-
-
-class _BatchAck(msgspec.Struct):
-    seq: int = 0
-    error: _AckError | None = None
-
-
-_batch_ack: Final = msgspec.json.Decoder(_BatchAck)
-
-
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -66,7 +52,6 @@ def stream_config(*, replicas: int = 1) -> StreamConfig:
         discard=DiscardPolicy.OLD,
         duplicate_window=120,
         allow_direct=True,
-        allow_atomic=True,  # a submission's Enqueued and Processed land together or not at all
         num_replicas=replicas,
     )
 
@@ -100,7 +85,6 @@ class EventStore:
 
     def __init__(self, js: JetStreamContext, *, partitions: int, publish_timeout_s: float = 5.0) -> None:
         self._js = js
-        self._nc = js._nc  # atomic batches are plain publishes with batch headers
         self._partitions = partitions
         self._timeout_s = publish_timeout_s
 
@@ -110,47 +94,6 @@ class EventStore:
 
     def _subject(self, event: TaskEvent) -> str:
         return wire.event_subject(event.function, event.task_id, event.status, partitions=self._partitions)
-
-    async def append_together(self, first: TaskEvent, second: TaskEvent, *, expected_seq: int) -> int:
-        """Append two consecutive events of one task atomically: both are stored, or neither.
-
-        `expected_seq` guards `first` exactly as in `append`. Returns the second event's sequence.
-        One round trip instead of two, and no moment where only the first is visible.
-        """
-        batch_id = uuid.uuid4().hex
-        await self._nc.publish(
-            self._subject(first),
-            encode_event(first),
-            headers={
-                wire.HEADER_BATCH_ID: batch_id,
-                wire.HEADER_BATCH_SEQUENCE: "1",
-                wire.HEADER_EXPECTED_LAST_SUBJECT_SEQ: str(expected_seq),
-                wire.HEADER_EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: wire.task_subjects(first.function, first.task_id),
-            },
-        )
-        try:
-            reply = await self._nc.request(
-                self._subject(second),
-                encode_event(second),
-                timeout=self._timeout_s,
-                headers={
-                    wire.HEADER_BATCH_ID: batch_id,
-                    wire.HEADER_BATCH_SEQUENCE: "2",
-                    wire.HEADER_BATCH_COMMIT: "1",
-                },
-            )
-        except (NatsTimeoutError, asyncio.TimeoutError) as err:
-            # Committed or not, we cannot tell: the caller answers 503 and the batch id is lost.
-            landed = await self.last(first.function, first.task_id)
-            if landed is not None and landed.event == second:
-                return landed.seq
-            raise ServiceUnavailable("event store did not acknowledge the append") from err
-        ack = _batch_ack.decode(reply.data)
-        if ack.error is not None:
-            if ack.error.err_code == wire.JS_ERR_WRONG_LAST_SEQUENCE:
-                raise ConcurrentUpdateError(f"task {first.task_id}: another transition was recorded first")
-            raise ServiceUnavailable(f"event store refused the append: {ack.error.description}")
-        return ack.seq
 
     async def append(self, event: TaskEvent, *, expected_seq: int) -> int:
         """Append `event` if the task's last event is still at `expected_seq` (0: no events).

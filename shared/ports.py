@@ -26,10 +26,6 @@ class EventLog(Protocol):
         """Append if the task's last event is at `expected_seq`; its stream sequence."""
         ...
 
-    async def append_together(self, first: TaskEvent, second: TaskEvent, *, expected_seq: int) -> int:
-        """Append two consecutive events of one task atomically; the second's stream sequence."""
-        ...
-
     @property
     def partitions(self) -> int:
         """How many partitions tasks are split into."""

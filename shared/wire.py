@@ -52,10 +52,6 @@ FC_FUNCTION_TIMEOUT_HEADER: Final = "x-fc-function-timeout"
 HEADER_MSG_ID: Final = "Nats-Msg-Id"
 HEADER_EXPECTED_LAST_SUBJECT_SEQ: Final = "Nats-Expected-Last-Subject-Sequence"
 HEADER_EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: Final = "Nats-Expected-Last-Subject-Sequence-Subject"
-# JetStream atomic batch publish (nats-server 2.12+): all messages of a batch are stored, or none.
-HEADER_BATCH_ID: Final = "Nats-Batch-Id"
-HEADER_BATCH_SEQUENCE: Final = "Nats-Batch-Sequence"
-HEADER_BATCH_COMMIT: Final = "Nats-Batch-Commit"
 # JetStream's error code for a failed Nats-Expected-Last-Subject-Sequence check.
 JS_ERR_WRONG_LAST_SEQUENCE: Final = 10071
 

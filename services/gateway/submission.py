@@ -1,4 +1,4 @@
-"""Submitting an async task: every check, then the single (atomic) append that creates it.
+"""Submitting an async task: every check, then the single append that creates it.
 
 Shared by the InvokeFunction route and the submission fast path, so both behave alike.
 """
@@ -8,15 +8,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-import msgspec
-
 from services.gateway import params
 from services.gateway.deps import Resources
 from services.gateway.metrics import GatewayMetrics
 from shared.catalog import FunctionRecord
 from shared.errors import ConcurrentUpdateError, TaskAlreadyExists
-from shared.events import DEFAULT_MAX_EVENT_AGE_S, DEFAULT_MAX_RETRIES, TaskEnqueued, TaskProcessed
-from shared.eventstore import StoredEvent, follow, now_ms
+from shared.events import DEFAULT_MAX_EVENT_AGE_S, DEFAULT_MAX_RETRIES, TaskEnqueued
+from shared.eventstore import now_ms
 from shared.transitions import Status
 from shared.wire import FC_DELAY_HEADER, FC_REQUEST_ID_HEADER, FC_TASK_ID_HEADER
 
@@ -60,15 +58,7 @@ async def submit_task(
         max_retries=config.max_async_retry_attempts if config else DEFAULT_MAX_RETRIES,
     )
     try:
-        if delay_s == 0:
-            # Due now: dispatched in the same atomic append, so the scheduler is not involved.
-            event = msgspec.structs.replace(event, dispatched=True)
-            processed = follow(StoredEvent(0, event), TaskProcessed, at_ms=at_ms,
-                               submission=TaskProcessed.carrying(event))
-            await resources.events.append_together(event, processed, expected_seq=0)
-            metrics.dispatched.labels(name).inc()
-        else:
-            await resources.events.append(event, expected_seq=0)
+        await resources.events.append(event, expected_seq=0)
     except ConcurrentUpdateError as err:
         metrics.submissions.labels(outcome="duplicate").inc()
         log.info(

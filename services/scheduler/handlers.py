@@ -1,7 +1,7 @@
 """Turns due Enqueued tasks into dispatches (Processed), or Expired / Invalid.
 
-A task due at submission is dispatched by the gateway itself (its Enqueued and Processed events
-are appended together), so only delayed tasks need anything here.
+The dispatch carries what the executor needs of the submission (payloads up to 16 KB), so the
+executor reads nothing back from the stream.
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ class Dispatcher:
     async def handle(self, event: AnyTaskEvent, msg: Msg) -> Verdict:
         if not isinstance(event, TaskEnqueued):
             return Term(f"not an Enqueued event: {type(event).__name__}")
-        if event.dispatched:
-            return ACK
         now = now_ms()
         if now < event.due_at_ms:
             return Nak((event.due_at_ms - now) / 1000)
