@@ -103,18 +103,26 @@ async def throughput_phase(fc: FcClient, base_url: str, n: int) -> dict[str, flo
 
 
 async def paced_phase(fc: FcClient, n: int, rate: float, *, name: str = "bench_latency") -> dict[str, list[float]]:
+    """Submit `n` tasks at `rate` per second (each at its own moment, not waiting for the last
+    answer), then read each task's timeline: submit -> Running and submit -> Succeeded."""
     await fc.create_function(name, code={"index.py": NOOP})
+    await fc.invoke_async(name, b"{}", task_id="warm")  # a warm instance, as the goal states
+    await fc.wait_for(name, "warm", {"Succeeded"}, deadline_s=60)
     submitted: dict[str, float] = {}
-    t0 = time.perf_counter()
-    for i in range(n):
-        target = t0 + i / rate
-        delay = target - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)  # pacing the load generator, not synchronization
-        task_id = f"lat{i:05d}"
+
+    async def submit(task_id: str) -> None:
         submitted[task_id] = time.time() * 1000
         response = await fc.invoke_async(name, b"{}", task_id=task_id)
         assert response.status_code == 202, response.text
+
+    pending = []
+    t0 = time.perf_counter()
+    for i in range(n):
+        delay = t0 + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)  # pacing the load generator, not synchronization
+        pending.append(asyncio.create_task(submit(f"lat{i:05d}")))
+    await asyncio.gather(*pending)
     to_running, to_succeeded = [], []
     for task_id, at_ms in submitted.items():
         task = await fc.wait_for(name, task_id, {"Succeeded"}, deadline_s=60)
@@ -127,6 +135,25 @@ async def paced_phase(fc: FcClient, n: int, rate: float, *, name: str = "bench_l
         await fc.get_task(name, task_id)
         get_ms.append((time.perf_counter() - started) * 1000)
     return {"to_running": to_running, "to_succeeded": to_succeeded, "get": get_ms}
+
+
+async def projection_lag_phase(fc: FcClient, n: int, *, name: str = "bench_lag") -> list[float]:
+    """On an idle system: once GetAsyncTask shows a task Succeeded, how long until
+    ListAsyncTasks (the read model) does too. One task at a time."""
+    await fc.create_function(name, code={"index.py": NOOP})
+    lags = []
+    for i in range(n):
+        task_id = f"lag{i:04d}"
+        await fc.invoke_async(name, b"{}", task_id=task_id)
+        await fc.wait_for(name, task_id, {"Succeeded"}, deadline_s=60, interval_s=0.001)
+        seen_by_get = time.perf_counter()
+        while True:
+            page = (await fc.list_tasks(name, prefix=task_id, status="Succeeded")).json()
+            if page["tasks"]:
+                break
+            await asyncio.sleep(0.001)  # polling the read model, not synchronization
+        lags.append((time.perf_counter() - seen_by_get) * 1000)
+    return lags
 
 
 async def jetstream_baseline(url: str, n: int) -> dict[str, float]:
@@ -177,6 +204,8 @@ async def main() -> None:
     parser.add_argument("--tasks", type=int, default=2000)
     parser.add_argument("--paced", type=int, default=300)
     parser.add_argument("--rate", type=float, default=50.0)
+    parser.add_argument("--fast-rate", type=float, default=500.0)
+    parser.add_argument("--lag-samples", type=int, default=50)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         stack, fc, base = start_stack(Path(tmp))
@@ -184,6 +213,8 @@ async def main() -> None:
             baseline = await jetstream_baseline(stack.nats_url, args.tasks)
             tp = await throughput_phase(fc, base, args.tasks)
             lat = await paced_phase(fc, args.paced, args.rate)
+            fast = await paced_phase(fc, args.paced * 5, args.fast_rate, name="bench_latency_fast")
+            lag = await projection_lag_phase(fc, args.lag_samples)
             memory = rss_mb(stack)
         finally:
             await fc.close()
@@ -195,6 +226,11 @@ async def main() -> None:
     print(f"submit -> Running          {fmt_ms(lat['to_running'])}")
     print(f"submit -> Succeeded        {fmt_ms(lat['to_succeeded'])}")
     print(f"GetAsyncTask               {fmt_ms(lat['get'])}   mean {statistics.mean(lat['get']):.1f} ms")
+    print(f"\n== latency at {args.fast_rate:.0f} tasks/s, {args.paced * 5} tasks, warm instances ==")
+    print(f"submit -> Running          {fmt_ms(fast['to_running'])}")
+    print(f"submit -> Succeeded        {fmt_ms(fast['to_succeeded'])}")
+    print(f"\n== projection lag when idle, {args.lag_samples} tasks one at a time ==")
+    print(f"GetAsyncTask Succeeded -> in ListAsyncTasks  {fmt_ms(lag)}")
     print("\n== resident memory after the run ==")
     for name, mb in memory.items():
         print(f"{name:26s} {mb:8.1f} MiB")

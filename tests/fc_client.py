@@ -90,7 +90,8 @@ class FcClient:
     async def stop_task(self, name: str, task_id: str) -> httpx.Response:
         return await self.request("PUT", f"/functions/{name}/async-tasks/{task_id}/stop")
 
-    async def wait_for(self, name: str, task_id: str, statuses: set[str], *, deadline_s: float = 30) -> dict[str, Any]:
+    async def wait_for(self, name: str, task_id: str, statuses: set[str], *, deadline_s: float = 30,
+                       interval_s: float = 0.05) -> dict[str, Any]:
         """Poll GetAsyncTask until the task's status is one of `statuses`, or fail at the deadline."""
         end = time.monotonic() + deadline_s
         last: dict[str, Any] = {}
@@ -100,5 +101,5 @@ class FcClient:
                 last = response.json()
                 if last["status"] in statuses:
                     return last
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(interval_s)
         raise AssertionError(f"task {task_id} did not reach {statuses} in {deadline_s}s; last seen {last}")
