@@ -58,9 +58,11 @@ async def connect(
     last: Exception | None = None
     for attempt in range(1, attempts + 1):
         try:
+            # nats-py's server selection loops until max_reconnect_attempts is exceeded, even
+            # with reconnects off: 1 makes each of our attempts a single try (plus one retry).
             nc = await nats.connect(
-                url, name=name, allow_reconnect=False, connect_timeout=2, error_cb=quiet,
-                user=user, password=password,
+                url, name=name, allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=0.1,
+                connect_timeout=2, error_cb=quiet, user=user, password=password,
             )
         except Exception as err:  # noqa: BLE001 - every connect failure is retried the same way
             last = err

@@ -167,8 +167,24 @@ class PartitionLeases:
         log.info("partition released", extra={"group": self._group, "partition": partition, "member": self.member})
 
     async def release_all(self) -> None:
+        """Free every lease and leave the group, so the others take over at once."""
         for partition in list(self._held):
             await self.release(partition)
+        with contextlib.suppress(Exception):
+            await self._leave()
+
+    async def _leave(self) -> None:
+        key = f"{self._group}.members"
+        for _ in range(5):
+            entry = await self._kv.get(key)
+            members = msgspec.json.decode(entry.value or b"{}", type=Members)
+            members.until_ms.pop(self.member, None)
+            try:
+                assert entry.revision is not None
+                await self._kv.update(key, msgspec.json.encode(members), last=entry.revision)
+                return
+            except KeyWrongLastSequenceError:
+                continue
 
 
 ConsumePartition = Callable[[int, asyncio.Event], Coroutine[Any, Any, None]]

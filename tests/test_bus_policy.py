@@ -1,0 +1,165 @@
+"""The one consumer policy and the bounded first connect, against a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, StreamConfig
+
+from shared.bus import (
+    ACK,
+    Batching,
+    BusUnreachable,
+    Nak,
+    Term,
+    Verdict,
+    connect,
+    consume,
+    decoded,
+    ensure_consumer,
+)
+from shared.devstack import ChildProcess, free_port, start_nats
+from shared.events import AnyTaskEvent, TaskEnqueued, encode_event
+
+pytestmark = pytest.mark.timeout(60)
+
+STREAM = "POLICY"
+
+
+@pytest.fixture(scope="module")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChildProcess]:
+    server = start_nats(Path(tmp_path_factory.mktemp("nats")))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def js(nats_server: ChildProcess, request: pytest.FixtureRequest) -> AsyncIterator[JetStreamContext]:
+    nc = await nats.connect(nats_server.url)
+    context = nc.jetstream()
+    await context.add_stream(StreamConfig(name=STREAM, subjects=["policy.>"]))
+    await context.purge_stream(STREAM)
+    yield context
+    await nc.close()
+
+
+async def run_consumer(js: JetStreamContext, durable: str, *, ack_wait_s: float = 30, **handlers: object) -> tuple[
+        asyncio.Event, asyncio.Task[None]]:
+    ack_policy = AckPolicy.ALL if "on_batch" in handlers else AckPolicy.EXPLICIT
+    await ensure_consumer(js, stream=STREAM, durable=durable, filter_subjects=[f"policy.{durable}.>"],
+                          ack_wait_s=ack_wait_s, max_ack_pending=1000, ack_policy=ack_policy)
+    stop = asyncio.Event()
+    task = asyncio.create_task(consume(js, stream=STREAM, durable=durable, stop=stop,
+                                       batching=Batching(size=16, wait_s=0.2), **handlers))  # type: ignore[arg-type]
+    return stop, task
+
+
+async def until(predicate, *, deadline_s: float = 20) -> None:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + deadline_s
+    while not predicate():
+        assert time.monotonic() < end, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def pending(js: JetStreamContext, durable: str) -> tuple[int, int]:
+    info = await js.consumer_info(STREAM, durable)
+    return info.num_pending, info.num_ack_pending
+
+
+async def test_a_handler_error_is_redelivered_soon_not_after_the_ack_wait(js: JetStreamContext) -> None:
+    deliveries: list[float] = []
+
+    async def flaky(msg: Msg) -> Verdict:
+        deliveries.append(time.monotonic())
+        if len(deliveries) == 1:
+            raise RuntimeError("boom")
+        return ACK
+
+    stop, task = await run_consumer(js, "flaky", ack_wait_s=30, on_message=flaky)
+    await js.publish("policy.flaky.1", b"x")
+    await until(lambda: len(deliveries) >= 2)
+    stop.set()
+    await task
+    # The error became a nak with a ~1 s delay: far sooner than the 30 s ack wait.
+    assert 0.5 < deliveries[1] - deliveries[0] < 10
+    assert await pending(js, "flaky") == (0, 0)
+
+
+async def test_verdicts_nak_with_delay_and_term(js: JetStreamContext) -> None:
+    seen: dict[bytes, list[float]] = {}
+
+    async def judge(msg: Msg) -> Verdict:
+        seen.setdefault(msg.data, []).append(time.monotonic())
+        if msg.data == b"later" and len(seen[msg.data]) == 1:
+            return Nak(0.5)
+        if msg.data == b"poison":
+            return Term("poison")
+        return ACK
+
+    stop, task = await run_consumer(js, "judge", on_message=judge)
+    for body in (b"later", b"poison", b"fine"):
+        await js.publish("policy.judge.x", body)
+    await until(lambda: len(seen.get(b"later", [])) >= 2 and b"poison" in seen and b"fine" in seen)
+    stop.set()
+    await task
+    assert seen[b"later"][1] - seen[b"later"][0] >= 0.4
+    assert len(seen[b"poison"]) == 1 and len(seen[b"fine"]) == 1  # termed and acked: never again
+    assert await pending(js, "judge") == (0, 0)
+
+
+async def test_an_undecodable_event_is_termed_and_a_good_one_handled(js: JetStreamContext) -> None:
+    handled: list[str] = []
+
+    async def on_event(event: AnyTaskEvent, msg: Msg) -> Verdict:
+        handled.append(event.task_id)
+        return ACK
+
+    stop, task = await run_consumer(js, "decoding", on_message=decoded(on_event))
+    await js.publish("policy.decoding.bad", b"not json")
+    await js.publish("policy.decoding.good", encode_event(
+        TaskEnqueued(task_id="t1", function="f", version=1, at_ms=1)))
+    await until(lambda: handled == ["t1"])
+    await until(lambda: True)
+    stop.set()
+    await task
+    assert await pending(js, "decoding") == (0, 0)
+
+
+async def test_a_failing_batch_is_redelivered_whole(js: JetStreamContext) -> None:
+    batches: list[list[bytes]] = []
+
+    async def fold(msgs: list[Msg]) -> None:
+        batches.append([m.data for m in msgs])
+        if len(batches) == 1:
+            raise RuntimeError("store away")
+
+    for i in range(5):
+        await js.publish("policy.batch.x", str(i).encode())
+    stop, task = await run_consumer(js, "batch", on_batch=fold)
+    await until(lambda: sum(len(b) for b in batches[1:]) >= 5)
+    stop.set()
+    await task
+    redelivered = [data for batch in batches[1:] for data in batch]
+    assert sorted(redelivered) == sorted(batches[0]) == [str(i).encode() for i in range(5)]
+    assert await pending(js, "batch") == (0, 0)
+
+
+async def test_first_connect_gives_up_naming_the_url_and_stops_on_request() -> None:
+    url = f"nats://127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.monotonic()
+    with pytest.raises(BusUnreachable, match=url):
+        await connect(url, name="probe", attempts=3, delay_s=0.1)
+    assert time.monotonic() - started < 15
+    stop = asyncio.Event()
+    stop.set()
+    started = time.monotonic()
+    with pytest.raises(BusUnreachable):
+        await connect(url, name="probe", attempts=1000, delay_s=1.0, stop=stop)
+    assert time.monotonic() - started < 5  # stopped at once, not after 1000 attempts
