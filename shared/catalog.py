@@ -29,6 +29,7 @@ from nats.js.object_store import ObjectStore
 
 from shared import wire
 from shared.errors import AsyncConfigNotFound, ConcurrentUpdateError, FunctionAlreadyExists, FunctionNotFound
+from shared.settings import stream_replicas
 
 log = logging.getLogger(__name__)
 
@@ -220,14 +221,20 @@ class Catalog:
                 await mirror.stop()
 
     @classmethod
-    async def open(cls, js: JetStreamContext) -> Catalog:
-        """Open (creating when missing) the catalog's buckets."""
-        functions = await _key_value(js, wire.FUNCTIONS_BUCKET)
-        async_configs = await _key_value(js, wire.ASYNC_CONFIG_BUCKET)
+    async def open(cls, js: JetStreamContext, *, replicas: int | None = None) -> Catalog:
+        """Open (creating when missing) the catalog's buckets.
+
+        New buckets get `replicas` copies, by default TASKMODE_STREAM_REPLICAS; existing ones
+        keep theirs.
+        """
+        copies = stream_replicas() if replicas is None else replicas
+        functions = await _key_value(js, wire.FUNCTIONS_BUCKET, replicas=copies)
+        async_configs = await _key_value(js, wire.ASYNC_CONFIG_BUCKET, replicas=copies)
         try:
             code = await js.object_store(wire.CODE_BUCKET)
         except BucketNotFoundError:
-            code = await js.create_object_store(wire.CODE_BUCKET, config=ObjectStoreConfig(description="function code"))
+            code = await js.create_object_store(
+                wire.CODE_BUCKET, config=ObjectStoreConfig(description="function code", replicas=copies))
         return cls(functions=functions, async_configs=async_configs, code=code)
 
     async def put_code(self, checksum: str, archive: bytes) -> None:
@@ -347,11 +354,11 @@ class Catalog:
         return out
 
 
-async def _key_value(js: JetStreamContext, bucket: str) -> KeyValue:
+async def _key_value(js: JetStreamContext, bucket: str, *, replicas: int) -> KeyValue:
     try:
         return await js.key_value(bucket)
     except BucketNotFoundError:
-        return await js.create_key_value(KeyValueConfig(bucket=bucket, history=1))
+        return await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, replicas=replicas))
 
 
 async def _keys(kv: KeyValue) -> list[str]:

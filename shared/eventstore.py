@@ -23,6 +23,7 @@ from nats.js.errors import APIError, NotFoundError
 from shared import wire
 from shared.errors import ConcurrentUpdateError, ServiceUnavailable
 from shared.events import AnyTaskEvent, TaskEvent, decode_event, encode_event
+from shared.settings import stream_replicas
 from shared.transitions import check_transition
 
 log = logging.getLogger(__name__)
@@ -56,9 +57,12 @@ def stream_config(*, replicas: int = 1) -> StreamConfig:
     )
 
 
-async def ensure_stream(js: JetStreamContext) -> None:
-    """Create the event stream, or bring an existing one to the current configuration."""
-    config = stream_config()
+async def ensure_stream(js: JetStreamContext, *, replicas: int | None = None) -> None:
+    """Create the event stream, or bring an existing one to the current configuration.
+
+    `replicas` defaults to TASKMODE_STREAM_REPLICAS (an existing stream is scaled to it).
+    """
+    config = stream_config(replicas=stream_replicas() if replicas is None else replicas)
     try:
         await js.stream_info(wire.EVENT_STREAM)
     except NotFoundError:

@@ -45,6 +45,22 @@ def env_bool(name: str, default: bool) -> bool:
     raise InvalidArgument(f"{name} must be true or false, got {raw!r}")
 
 
+STREAM_REPLICAS_VAR = "TASKMODE_STREAM_REPLICAS"
+
+
+def stream_replicas() -> int:
+    """How many NATS nodes keep each copy of the event stream, the catalog's buckets and the
+    code store (TASKMODE_STREAM_REPLICAS, default 1; 3 on a 3-node cluster).
+
+    Read where the stream and buckets are created, so every service agrees without passing it
+    around; JetStream accepts 1 to 5.
+    """
+    replicas = env_int(STREAM_REPLICAS_VAR, 1)
+    if not 1 <= replicas <= 5:
+        raise InvalidArgument(f"{STREAM_REPLICAS_VAR} must be between 1 and 5, got {replicas}")
+    return replicas
+
+
 class CommonSettings(msgspec.Struct, frozen=True, kw_only=True):
     """What every service needs: where the bus and the read model are, and who we are."""
 
