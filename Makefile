@@ -27,7 +27,7 @@ bench: $(STAMP)
 	$(PY) -m bench.cpu_per_task
 
 rebuild-projection: $(STAMP)
-	$(PY) -m services.projection rebuild
+	$(PY) deploy/rebuild_projection.py
 
 clean:
 	rm -rf $(VENV) .data
