@@ -125,6 +125,11 @@ def _spawn(name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] |
         log.close()
 
 
+def start_program(name: str, argv: Sequence[str], *, log_path: Path, env: dict[str, str] | None = None) -> ChildProcess:
+    """Any other server a test needs (Prometheus, Alertmanager), started and logged like ours."""
+    return ChildProcess(name, _spawn(name, argv, log_path, env), log_path)
+
+
 # FC accepts synchronous payloads up to 32 MB; the bus must carry them plus headers.
 NATS_MAX_PAYLOAD_BYTES = 40 * 1024 * 1024
 
