@@ -280,3 +280,18 @@ def test_a_requested_restart_is_immediate_and_not_counted(tmp_path: Path) -> Non
     assert child.quick_failures == 0
     assert child.process is not None
     child.process.wait()
+
+
+def test_the_banner_says_loudly_that_authentication_is_off(tmp_path: Path) -> None:
+    from deploy.preflight import LaunchPlan
+    from deploy.run import Launcher as RunLauncher
+    from shared.devstack import Stack
+
+    plan = LaunchPlan.from_env({"TASKMODE_DATA_DIR": str(tmp_path), "TASKMODE_AUTH_DISABLED": "true",
+                                "TASKMODE_EXECUTOR_METRICS_PORT": "0", "TASKMODE_GATEWAY_PORT": "9555"})
+    stack = Stack(data_dir=tmp_path, access_keys="", gateway_port=9555, nats_url="nats://127.0.0.1:1",
+                  mongodb_url="mongodb://127.0.0.1:2", auth_disabled=True)
+    banner = RunLauncher(plan, stack, threading.Event()).banner()
+    assert "AUTHENTICATION IS OFF" in banner and "access secret" not in banner
+    assert "http://127.0.0.1:9555/2023-03-30/" in banner
+    assert "executor off" in banner and ":9101 scheduler" in banner
