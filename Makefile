@@ -2,6 +2,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 
 .PHONY: install run test bench rebuild-projection clean lock monitoring-tools test-rules
 
@@ -14,13 +15,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The Celery + Redis reference (bench/compare.py) needs the bench extra.
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
 run: $(STAMP)
 	$(PY) deploy/run.py
 
 # The monitoring and compose tests need promtool/Prometheus/Alertmanager and a compose CLI;
 # with TASKMODE_REQUIRE_TOOLS=1 a missing one fails those tests instead of skipping them.
 test: $(STAMP) monitoring-tools compose-cli
-	$(PY) -m mypy shared
+	$(PY) -m mypy shared services
 	TASKMODE_REQUIRE_TOOLS=1 $(PY) -m pytest -q
 
 # Only the alert rules' unit tests (tests/test_monitoring_config.py runs them too).
@@ -28,10 +34,14 @@ test-rules: monitoring-tools
 	promtool check rules deploy/prometheus/rules.yml
 	promtool test rules deploy/prometheus/tests/*.test.yml
 
-bench: $(STAMP)
+# The benches also need a redis-server: Debian's, installed on first use (a fresh machine may need apt-get update).
+bench: $(BENCH_STAMP)
+	command -v redis-server >/dev/null || apt-get install -y redis-server || \
+		(apt-get update && apt-get install -y redis-server)
 	$(PY) -m bench.store_bench
 	$(PY) -m bench.full_stack
 	$(PY) -m bench.cpu_per_task
+	$(PY) -m bench.compare
 
 rebuild-projection: $(STAMP)
 	$(PY) deploy/rebuild_projection.py

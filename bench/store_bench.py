@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from shared.devstack import start_mongo_wire
-from shared.taskstore import TaskQuery, TaskStore, expire_at, task_doc_id
+from shared.taskstore import TaskQuery, TaskStore
+from shared.taskview import document_id, expire_at
 
 FUNCTION = "bench-fn"
 STATUSES = ("Succeeded", "Succeeded", "Succeeded", "Failed", "Running", "Enqueued")
@@ -48,7 +49,7 @@ def make_doc(i: int, *, now_ms: int, rnd: random.Random) -> dict[str, Any]:
     started = now_ms - 3_600_000 + (i // 3)  # three tasks per millisecond: ties on startedTime
     status = rnd.choice(STATUSES)
     return {
-        "_id": task_doc_id(FUNCTION, task_id),
+        "_id": document_id(FUNCTION, task_id),
         "functionName": FUNCTION,
         "version": 3,
         "expireAt": expire_at(started),

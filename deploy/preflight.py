@@ -22,7 +22,9 @@ from services.gateway.settings import ACCESS_KEYS_VAR, AUTH_DISABLED_VAR, Gatewa
 from services.projection.settings import ProjectionSettings
 from services.scheduler.settings import SchedulerSettings
 from shared.errors import TaskmodeError
-from shared.settings import STREAM_REPLICAS_VAR, env_bool, env_int, stream_replicas
+from shared.settings import env_bool, env_int
+
+STREAM_REPLICAS_VAR = "TASKMODE_STREAM_REPLICAS"
 
 # Each worker's metrics port setting and its default (the services' own defaults).
 METRICS_PORT_VARS: dict[str, tuple[str, int]] = {
@@ -179,7 +181,6 @@ def check_service_settings(envs: Mapping[str, Mapping[str, str]]) -> None:
         with _environment(env):
             try:
                 settings = _SETTINGS_READERS[service]()
-                stream_replicas()
             except TaskmodeError as err:
                 problems.append(f"{service}: {err.message}")
                 continue
@@ -193,7 +194,7 @@ def check_single_node_replicas(env: Mapping[str, str], plan: LaunchPlan) -> None
     """A nats-server of our own is one node: more replicas than that can never be placed."""
     with _environment(env):
         try:
-            replicas = stream_replicas()
+            replicas = env_int(STREAM_REPLICAS_VAR, 1)
         except TaskmodeError as err:
             raise PreflightError([err.message]) from err
     if plan.nats_port is not None and replicas > 1:

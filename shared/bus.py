@@ -1,4 +1,10 @@
-"""Connecting to NATS with bounded, logged retries, and the consumer loop every service uses."""
+"""The bus, as every service uses it: a bounded first connect, and one consumer policy.
+
+The policy: each message is decoded, handled, and then gets exactly one verdict: ack, nak with a
+delay, or term. A handler returns its verdict; an unexpected exception is logged with its
+traceback and becomes a delayed nak, so a message is never left to its ack-wait timeout and an
+error never ends a service silently. Only a deleted consumer ends a service (`ConsumerGone`).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final
 
+import msgspec
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -15,22 +24,130 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from shared.events import AnyTaskEvent, decode_event
+
 log = logging.getLogger(__name__)
 
+# A message whose handler failed unexpectedly comes back after this long.
+RETRY_AFTER_ERROR_S: Final = 1.0
 
-async def connect(url: str, *, name: str, attempts: int = 30, delay_s: float = 0.5) -> Client:
-    """Connect to `url`, retrying `attempts` times; reconnects forever once connected."""
+
+class BusUnreachable(ConnectionError):
+    """NATS could not be reached at start within the allowed attempts."""
+
+
+async def connect(
+    url: str,
+    *,
+    name: str,
+    attempts: int = 30,
+    delay_s: float = 0.5,
+    stop: asyncio.Event | None = None,
+    user_credentials: tuple[str, str] | None = None,
+) -> Client:
+    """Connect to `url`: `attempts` tries `delay_s` apart (stopped early by `stop`), then give up.
+
+    The first connect is ours to bound: nats-py would retry it forever when reconnects are
+    unlimited, so reconnecting is switched on only once a connection exists, from then on forever.
+    """
+    user, password = user_credentials or (None, None)
+
+    async def quiet(err: Exception) -> None:
+        log.warning("nats connection trouble", extra={"url": url, "error": repr(err)})
+
     last: Exception | None = None
     for attempt in range(1, attempts + 1):
         try:
-            return await nats.connect(
-                url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2
+            nc = await nats.connect(
+                url, name=name, allow_reconnect=False, connect_timeout=2, error_cb=quiet,
+                user=user, password=password,
             )
         except Exception as err:  # noqa: BLE001 - every connect failure is retried the same way
             last = err
-            log.warning("nats connect failed", extra={"url": url, "attempt": attempt, "error": str(err)})
-            await asyncio.sleep(delay_s)
-    raise ConnectionError(f"could not connect to NATS at {url}") from last
+            log.warning("nats connect failed", extra={"url": url, "attempt": attempt, "of": attempts,
+                                                      "error": repr(err)})
+            if stop is not None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay_s)
+                if stop.is_set():
+                    break
+            else:
+                await asyncio.sleep(delay_s)
+            continue
+        nc.options["allow_reconnect"] = True
+        nc.options["max_reconnect_attempts"] = -1
+        nc.options["reconnect_time_wait"] = 0.5
+        return nc
+    raise BusUnreachable(f"could not connect to NATS at {url} after {attempts} attempts: {last!r}") from last
+
+
+# --- verdicts -------------------------------------------------------------------------------
+
+
+class Ack:
+    """Done with the message."""
+
+
+@dataclass(frozen=True)
+class Nak:
+    """Deliver the message again after `delay_s`."""
+
+    delay_s: float
+
+
+@dataclass(frozen=True)
+class Term:
+    """Never deliver the message again."""
+
+    reason: str
+
+
+Verdict = Ack | Nak | Term
+ACK: Final = Ack()
+
+MessageHandler = Callable[[Msg], Awaitable[Verdict]]
+EventHandler = Callable[[AnyTaskEvent, Msg], Awaitable[Verdict]]
+
+
+async def apply_verdict(msg: Msg, verdict: Verdict) -> None:
+    if isinstance(verdict, Ack):
+        await msg.ack()
+    elif isinstance(verdict, Nak):
+        await msg.nak(delay=verdict.delay_s if verdict.delay_s > 0 else None)
+    else:
+        log.warning("message terminated", extra={"subject": msg.subject, "reason": verdict.reason})
+        await msg.term()
+
+
+async def settle(msg: Msg, handler: MessageHandler) -> None:
+    """Run `handler` on `msg` and give the message exactly one verdict (see the module doc)."""
+    try:
+        verdict = await handler(msg)
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # noqa: BLE001 - the policy: log, then deliver again shortly
+        log.exception("message handler failed; redelivering", extra={"subject": msg.subject})
+        verdict = Nak(RETRY_AFTER_ERROR_S)
+    try:
+        await apply_verdict(msg, verdict)
+    except Exception as err:  # noqa: BLE001 - the bus is away: the ack wait redelivers it
+        log.warning("could not settle message", extra={"subject": msg.subject, "error": repr(err)})
+
+
+def decoded(handler: EventHandler) -> MessageHandler:
+    """A message handler that decodes the task event first; an undecodable message is termed."""
+
+    async def handle(msg: Msg) -> Verdict:
+        try:
+            event = decode_event(msg.data)
+        except msgspec.DecodeError:
+            return Term("undecodable event")
+        return await handler(event, msg)
+
+    return handle
+
+
+# --- consumers ------------------------------------------------------------------------------
 
 
 async def ensure_consumer(
@@ -45,7 +162,7 @@ async def ensure_consumer(
 ) -> None:
     """Create or update a durable pull consumer that starts from the beginning of the stream.
 
-    `max_deliver` is unlimited because handlers park not-yet-due work with a delayed nak.
+    `max_deliver` is unlimited because handlers park not-yet-ready work with a delayed nak.
     """
     config = ConsumerConfig(
         durable_name=durable,
@@ -93,34 +210,82 @@ async def fetch(
         return []
 
 
+# Messages already waiting are taken at once; this is only how long a busy loop lingers for more.
+_DRAIN_WAIT_S: Final = 0.002
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How a consumer loop gathers messages.
+
+    Idle, a message is handled the moment it arrives. Busy (a fetch brought at least
+    `busy_at` messages), the loop pauses `gather_s` before the next fetch, so that more
+    events of the same tasks arrive together and are written once.
+    """
+
+    size: int = 256
+    wait_s: float = 0.5
+    gather_s: float = 0.0
+    busy_at: int = 64
+
+
 async def consume(
     js: JetStreamContext,
     *,
     stream: str,
     durable: str,
-    handle_batch: Callable[[list[Msg]], Awaitable[None]],
     stop: asyncio.Event,
-    batch: int = 256,
-    wait_s: float = 0.5,
-    min_interval_s: float = 0.0,
+    on_message: MessageHandler | None = None,
+    on_batch: Callable[[list[Msg]], Awaitable[None]] | None = None,
+    batching: Batching = Batching(),
 ) -> None:
-    """Fetch batches from a durable pull consumer and hand them over until `stop` is set.
+    """Fetch from a durable pull consumer until `stop`, settling every message by the policy.
 
-    The handler owns each message's outcome (ack, nak with delay, or term); this loop only
-    fetches, so one place per service decides the fate of every message. With `min_interval_s`
-    a partial batch is followed by a pause, so that under load more work arrives per batch.
+    `on_message` settles each message of a batch concurrently; `on_batch` takes a whole batch
+    (for a consumer with AckPolicy.ALL): if it returns, the last message is acked, which acks
+    them all; if it raises, every message of the batch is nak'd with a delay.
     """
+    if (on_message is None) == (on_batch is None):
+        raise ValueError("give exactly one of on_message and on_batch")
     sub = await js.pull_subscribe_bind(durable=durable, stream=stream)
-    loop = asyncio.get_running_loop()
+    idle = True
     try:
         while not stop.is_set():
-            msgs = await fetch(js, sub, stream=stream, durable=durable, batch=batch, wait_s=wait_s)
-            if msgs:
-                started = loop.time()
-                await handle_batch(msgs)
-                rest = min_interval_s - (loop.time() - started)
-                if len(msgs) < batch and rest > 0:
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(stop.wait(), rest)
+            # Idle: wait for one message, then drain what else is there, so a lone event is
+            # handled at once instead of lingering until a full batch or the fetch timeout.
+            msgs = await fetch(js, sub, stream=stream, durable=durable,
+                               batch=1 if idle else batching.size, wait_s=batching.wait_s)
+            if msgs and idle and batching.size > 1:
+                msgs += await fetch(js, sub, stream=stream, durable=durable,
+                                    batch=batching.size - 1, wait_s=_DRAIN_WAIT_S)
+            idle = not msgs
+            if not msgs:
+                continue
+            if on_message is not None:
+                await asyncio.gather(*(settle(msg, on_message) for msg in msgs))
+            else:
+                assert on_batch is not None
+                await _settle_batch(msgs, on_batch)
+            if len(msgs) >= batching.busy_at and len(msgs) < batching.size and batching.gather_s > 0:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), batching.gather_s)
     finally:
-        await sub.unsubscribe()
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
+async def _settle_batch(msgs: list[Msg], on_batch: Callable[[list[Msg]], Awaitable[None]]) -> None:
+    try:
+        await on_batch(msgs)
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # noqa: BLE001 - the policy: log, then deliver the batch again shortly
+        log.exception("batch handler failed; redelivering", extra={"count": len(msgs), "first": msgs[0].subject})
+        for msg in msgs:
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=RETRY_AFTER_ERROR_S)
+        return
+    try:
+        await msgs[-1].ack_sync()
+    except Exception as err:  # noqa: BLE001 - the ack wait redelivers the batch; folds are idempotent
+        log.warning("could not ack batch", extra={"count": len(msgs), "error": repr(err)})

@@ -21,6 +21,7 @@ from nats.js.errors import (
     KeyNotFoundError,
     KeyWrongLastSequenceError,
     NoKeysError,
+    NotFoundError,
     ObjectNotFoundError,
 )
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -29,7 +30,7 @@ from nats.js.object_store import ObjectStore
 
 from shared import wire
 from shared.errors import AsyncConfigNotFound, ConcurrentUpdateError, FunctionAlreadyExists, FunctionNotFound
-from shared.settings import stream_replicas
+from shared.events import DEFAULT_MAX_EVENT_AGE_S, DEFAULT_MAX_RETRIES
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,6 @@ class Destination(msgspec.Struct, kw_only=True, omit_defaults=True):
 class DestinationConfig(msgspec.Struct, kw_only=True, rename="camel", omit_defaults=True):
     on_success: Destination | None = None
     on_failure: Destination | None = None
-
-
-DEFAULT_MAX_EVENT_AGE_S: Final = 86400
-DEFAULT_MAX_RETRIES: Final = 3
 
 
 class AsyncConfigRecord(msgspec.Struct, kw_only=True, rename="camel"):
@@ -142,7 +139,7 @@ class _Mirror(Generic[R]):
         try:
             while True:
                 try:
-                    entry = await watcher.updates(timeout=60)  # type: ignore[no-untyped-call]
+                    entry = await watcher.updates(timeout=60)  # type: ignore[no-untyped-call]  # nats-py: unannotated
                 except (NatsTimeoutError, asyncio.TimeoutError):
                     continue
                 if entry is None:  # the initial values have all arrived: from now on, live
@@ -160,7 +157,7 @@ class _Mirror(Generic[R]):
                     records.pop(entry.key, None)
         finally:
             with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+                await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py: unannotated
 
     async def _keep_current(self) -> None:
         behind_since: float | None = None
@@ -224,10 +221,11 @@ class Catalog:
     async def open(cls, js: JetStreamContext, *, replicas: int | None = None) -> Catalog:
         """Open (creating when missing) the catalog's buckets.
 
-        New buckets get `replicas` copies, by default TASKMODE_STREAM_REPLICAS; existing ones
-        keep theirs.
+        New buckets get `replicas` copies; by default as many as the event stream has (which
+        TASKMODE_STREAM_REPLICAS set when the service ensured it), so a NATS cluster that keeps
+        every event on 3 nodes keeps functions and code on 3 as well. Existing ones keep theirs.
         """
-        copies = stream_replicas() if replicas is None else replicas
+        copies = replicas if replicas is not None else await _stream_replicas(js)
         functions = await _key_value(js, wire.FUNCTIONS_BUCKET, replicas=copies)
         async_configs = await _key_value(js, wire.ASYNC_CONFIG_BUCKET, replicas=copies)
         try:
@@ -352,6 +350,14 @@ class Catalog:
             if record is not None:
                 out.append((name, record))
         return out
+
+
+async def _stream_replicas(js: JetStreamContext) -> int:
+    try:
+        info = await js.stream_info(wire.EVENT_STREAM)
+    except NotFoundError:
+        return 1
+    return int(info.config.num_replicas or 1)
 
 
 async def _key_value(js: JetStreamContext, bucket: str, *, replicas: int) -> KeyValue:

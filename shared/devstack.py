@@ -393,15 +393,18 @@ class Stack:
                 env[f"TASKMODE_{name}_METRICS_PORT"] = "0"
         return {**env, **self.service_env}
 
-    def start_service(self, service: str, *, name: str | None = None) -> ChildProcess:
-        """Start one service (`name` tells apart several of a kind, e.g. two executors)."""
+    def start_service(self, service: str, *, name: str | None = None, env: dict[str, str] | None = None) -> ChildProcess:
+        """Start one service (`name` tells apart several of a kind, e.g. two executors; `env`
+        overrides its settings, e.g. a second gateway's port)."""
         label = name or service
+        service_env = {**self.env_for(service), **(env or {})}
         child = start_service(
-            f"services.{service}", env=self.env_for(service), log_path=self.data_dir / "logs" / f"{label}.log", name=label
+            f"services.{service}", env=service_env, log_path=self.data_dir / "logs" / f"{label}.log", name=label
         )
         self.services[label] = child
         if service == "gateway":
-            wait_for_port(self.gateway_port, deadline_s=30, process=child.process)
+            port = int(service_env.get("TASKMODE_GATEWAY_PORT", self.gateway_port))
+            wait_for_port(port, deadline_s=30, process=child.process)
         return child
 
     def start_services(self) -> None:

@@ -7,14 +7,16 @@ and consumers can decide ack/nak/term from its type.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 
 class TaskmodeError(Exception):
-    """Root of every deliberate error; `code` and `http_status` follow FC 3.0."""
+    """Root of every deliberate error; `code` and `http_status` follow FC 3.0.
 
-    code: ClassVar[str] = "InternalServerError"
-    http_status: ClassVar[int] = 500
+    Each subclass sets both as class attributes; they are not ClassVars only so that an error
+    reported by code from another service (the gateway's `ReportedError`) can set them per instance.
+    """
+
+    code: str = "InternalServerError"
+    http_status: int = 500
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

@@ -12,6 +12,11 @@ import msgspec
 
 from shared.transitions import Status
 
+# FC's defaults for a function without an async config (maxAsyncEventAgeInSeconds,
+# maxAsyncRetryAttempts); the catalog's AsyncConfigRecord defaults to them as well.
+DEFAULT_MAX_EVENT_AGE_S: Final = 86400
+DEFAULT_MAX_RETRIES: Final = 3
+
 
 class TaskEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     task_id: str
@@ -29,12 +34,37 @@ class TaskEnqueued(TaskEvent, frozen=True, tag="task.enqueued"):
     request_id: str = ""
     qualifier: str = "LATEST"
     due_at_ms: int = 0  # when the task may be dispatched (submission time plus any delay)
-    max_event_age_s: int = 86400
-    max_retries: int = 3
+    max_event_age_s: int = DEFAULT_MAX_EVENT_AGE_S
+    max_retries: int = DEFAULT_MAX_RETRIES
+    # True when the gateway appended the task's Processed event together with this one (a task
+    # due at once): the scheduler then has nothing to do for it.
+    dispatched: bool = False
+
+
+class Submission(msgspec.Struct, frozen=True, kw_only=True):
+    """What an executor needs of a task's Enqueued event, carried in its dispatch so that the
+    executor need not read it back from the stream (only for payloads up to CARRIED_PAYLOAD_BYTES)."""
+
+    payload: bytes
+    request_id: str
+    due_at_ms: int
+    max_retries: int
+
+
+# Larger payloads are read from the Enqueued event instead of being stored twice.
+CARRIED_PAYLOAD_BYTES = 16 * 1024
 
 
 class TaskProcessed(TaskEvent, frozen=True, tag="task.processed"):
-    pass
+    submission: Submission | None = None
+
+    @staticmethod
+    def carrying(enqueued: TaskEnqueued) -> Submission | None:
+        """The submission to carry for `enqueued`, or None when its payload is too large to copy."""
+        if len(enqueued.payload) > CARRIED_PAYLOAD_BYTES:
+            return None
+        return Submission(payload=enqueued.payload, request_id=enqueued.request_id,
+                          due_at_ms=enqueued.due_at_ms, max_retries=enqueued.max_retries)
 
 
 class TaskStarted(TaskEvent, frozen=True, tag="task.started"):

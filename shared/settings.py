@@ -45,22 +45,6 @@ def env_bool(name: str, default: bool) -> bool:
     raise InvalidArgument(f"{name} must be true or false, got {raw!r}")
 
 
-STREAM_REPLICAS_VAR = "TASKMODE_STREAM_REPLICAS"
-
-
-def stream_replicas() -> int:
-    """How many NATS nodes keep each copy of the event stream, the catalog's buckets and the
-    code store (TASKMODE_STREAM_REPLICAS, default 1; 3 on a 3-node cluster).
-
-    Read where the stream and buckets are created, so every service agrees without passing it
-    around; JetStream accepts 1 to 5.
-    """
-    replicas = env_int(STREAM_REPLICAS_VAR, 1)
-    if not 1 <= replicas <= 5:
-        raise InvalidArgument(f"{STREAM_REPLICAS_VAR} must be between 1 and 5, got {replicas}")
-    return replicas
-
-
 class CommonSettings(msgspec.Struct, frozen=True, kw_only=True):
     """What every service needs: where the bus and the read model are, and who we are."""
 
@@ -71,6 +55,14 @@ class CommonSettings(msgspec.Struct, frozen=True, kw_only=True):
     account_id: str
     metrics_port: int  # 0: no metrics endpoint
     metrics_host: str = "127.0.0.1"  # another address only where Prometheus scrapes from elsewhere
+    # Tasks are split into this many partitions by a hash of their id; every service of one
+    # deployment must agree, and it may change only on an empty stream.
+    partitions: int = 4
+    stream_replicas: int = 1  # 3 on a NATS cluster
+    nats_credentials: tuple[str, str] | None = None  # user and password, where NATS asks for them
+    # Partitioned services hold a partition by a lease this long; a dead instance's partitions
+    # move to the others after it runs out.
+    lease_s: float = 6.0
 
     @classmethod
     def from_env(cls, *, metrics_port_var: str, metrics_port_default: int) -> CommonSettings:
@@ -84,4 +76,21 @@ class CommonSettings(msgspec.Struct, frozen=True, kw_only=True):
             account_id=env_str("TASKMODE_ACCOUNT_ID", "0000000000000000"),
             metrics_port=env_int(metrics_port_var, metrics_port_default),
             metrics_host=env_str("TASKMODE_METRICS_HOST", "127.0.0.1"),
+            partitions=_positive("TASKMODE_PARTITIONS", env_int("TASKMODE_PARTITIONS", 4), most=64),
+            stream_replicas=_positive("TASKMODE_STREAM_REPLICAS", env_int("TASKMODE_STREAM_REPLICAS", 1), most=5),
+            nats_credentials=_credentials(),
+            lease_s=env_float("TASKMODE_LEASE_S", 6.0),
         )
+
+
+def _positive(name: str, value: int, *, most: int) -> int:
+    if not 1 <= value <= most:
+        raise InvalidArgument(f"{name} must be between 1 and {most}, got {value}")
+    return value
+
+
+def _credentials() -> tuple[str, str] | None:
+    user = os.environ.get("NATS_USER", "")
+    if not user:
+        return None
+    return user, os.environ.get("NATS_PASSWORD", "")

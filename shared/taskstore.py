@@ -20,8 +20,8 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from typing import Any, Final, Self
+from datetime import datetime, timezone
+from typing import Any, Final, Self, cast
 
 import msgspec
 import pymongo
@@ -31,39 +31,23 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import PyMongoError
 
 from shared.errors import InvalidArgument, InvalidNextToken, ServiceUnavailable
-from shared.wire import MONGO_DATABASE, RETENTION_S, TASKS_COLLECTION
+from shared import wire
+from shared.taskview import INTERNAL_FIELDS, TaskDocument, document_id
+from shared.wire import MONGO_DATABASE, TASKS_COLLECTION
 
 log = logging.getLogger(__name__)
 
 Document = dict[str, Any]
-
-# Stored for the projection and for expiry, never shown to API callers.
-INTERNAL_FIELDS: Final = ("_id", "functionName", "version", "expireAt")
 
 # Our tokens are a few hundred characters at most (task ids are at most 128); refuse far longer.
 _MAX_TOKEN_CHARS: Final = 4096
 _TOKEN_VERSION: Final = 1
 # Each connect attempt is bounded so a dead server is retried (and logged) instead of hanging.
 _PING_TIMEOUT_S: Final = 2.0
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MAX_BACKOFF_S: Final = 2.0
 
 
 SERVER_SELECTION_TIMEOUT_MS: Final = 5000
-
-
-def task_doc_id(function: str, task_id: str) -> str:
-    """The `_id` of a task's read-model document: task ids are unique per function only."""
-    return f"{function}/{task_id}"
-
-
-def expire_at(started_time_ms: int) -> datetime:
-    """When a task submitted at `started_time_ms` leaves the read model (aware UTC datetime).
-
-    The TTL index on `expireAt` has expireAfterSeconds=0, so this is the deletion time itself:
-    submission time plus the FC retention period. Millisecond precision, like BSON dates.
-    """
-    return _EPOCH + timedelta(milliseconds=started_time_ms, seconds=RETENTION_S)
 
 
 def prefix_upper_bound(prefix: str) -> str | None:
@@ -354,7 +338,7 @@ class TaskStore:
         result = await self._tasks.delete_many({"expireAt": {"$lt": now}})
         return int(result.deleted_count)
 
-    async def load_many(self, ids: Iterable[str]) -> dict[str, Document]:
+    async def load_many(self, ids: Iterable[str]) -> dict[str, TaskDocument]:
         """Whole stored documents (internal fields included) by `_id`, in one `$in` query.
 
         Ids that are not stored are absent from the result; duplicates are queried once.
@@ -362,23 +346,24 @@ class TaskStore:
         wanted = list(dict.fromkeys(ids))
         if not wanted:
             return {}
-        found: dict[str, Document] = {}
+        found: dict[str, TaskDocument] = {}
         async for doc in self._tasks.find({"_id": {"$in": wanted}}):
-            found[doc["_id"]] = doc
+            # Only save_many writes this collection, and only whole TaskDocuments.
+            found[doc["_id"]] = cast(TaskDocument, doc)
         return found
 
-    async def save_many(self, docs: Sequence[Document]) -> None:
+    async def save_many(self, docs: Sequence[TaskDocument]) -> None:
         """Replace (or insert) whole documents, in one unordered bulk write.
 
-        Every document needs `_id == task_doc_id(functionName, taskId)`. If a batch holds the same
-        `_id` twice only the last one is written, because an unordered bulk write does not
-        promise to apply operations in order.
+        Every document needs `_id == taskview.document_id(functionName, taskId)`. If a batch
+        holds the same `_id` twice only the last one is written, because an unordered bulk write
+        does not promise to apply operations in order.
         """
-        latest: dict[str, Document] = {}
+        latest: dict[str, TaskDocument] = {}
         for doc in docs:
             try:
                 doc_id = doc["_id"]
-                expected = task_doc_id(doc["functionName"], doc["taskId"])
+                expected = document_id(doc["functionName"], doc["taskId"])
             except KeyError as exc:
                 raise ValueError(f"task document lacks {exc.args[0]!r}") from exc
             if doc_id != expected:
@@ -386,15 +371,16 @@ class TaskStore:
             latest[doc_id] = doc
         if not latest:
             return
+        # A TaskDocument is a dict at run time; the driver's stubs only want the collection's type.
         await self._tasks.bulk_write(
-            [ReplaceOne({"_id": doc_id}, doc, upsert=True) for doc_id, doc in latest.items()],
+            [ReplaceOne({"_id": doc_id}, cast(Document, doc), upsert=True) for doc_id, doc in latest.items()],
             ordered=False,
         )
 
     async def get(self, function: str, task_id: str) -> Document | None:
         """One task in FC `AsyncTask` shape (with `taskPayload`, without internal fields), or None."""
         return await self._tasks.find_one(
-            {"_id": task_doc_id(function, task_id)}, _public_projection(include_payload=True)
+            {"_id": document_id(function, task_id)}, _public_projection(include_payload=True)
         )
 
     async def list_tasks(self, query: TaskQuery) -> TaskPage:
@@ -421,6 +407,22 @@ class TaskStore:
             return TaskPage(tasks=docs, next_token="")
         page = docs[: query.limit]
         return TaskPage(tasks=page, next_token=_encode_token(query, page[-1]))
+
+    async def delete_partition(self, partition: int, *, partitions: int) -> int:
+        """Remove the documents of one partition's tasks (see `wire.partition_of`); how many.
+
+        A scan, not an index lookup: it runs only when a partition is projected from scratch.
+        """
+        doomed = [
+            doc["_id"]
+            async for doc in self._tasks.find({}, {"_id": 1, "functionName": 1, "taskId": 1})
+            if wire.partition_of(doc.get("functionName", ""), doc.get("taskId", ""), partitions) == partition
+        ]
+        removed = 0
+        for start in range(0, len(doomed), 500):
+            result = await self._tasks.delete_many({"_id": {"$in": doomed[start:start + 500]}})
+            removed += result.deleted_count
+        return removed
 
     async def delete_all(self) -> None:
         """Remove every task document, keeping the indexes (to rebuild the read model)."""

@@ -8,7 +8,8 @@ Documents carry FC 3.0 `AsyncTask` field names plus `_id`, `functionName`, `vers
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Final
+from collections.abc import Mapping
+from typing import Any, Final, TypedDict
 
 import msgspec
 
@@ -25,12 +26,63 @@ from shared.events import (
 from shared.transitions import TERMINAL, Status, check_transition
 
 RETURN_PAYLOAD_PREVIEW_BYTES: Final = 1024 * 1024
+
+
+class TaskEventEntry(TypedDict):
+    """One transition in a task's `events` list, as FC's `AsyncTask.events` shows it."""
+
+    eventId: int  # the event's version
+    status: str
+    timestamp: int  # epoch milliseconds
+    eventDetail: str  # the transition's own fields as a JSON string ("" for none)
+
+
+class TaskDocument(TypedDict):
+    """A task's read-model document: FC's `AsyncTask` fields plus the internal ones.
+
+    What `evolve` folds, `taskstore` saves and loads whole, and the gateway answers from
+    (through `public_view`, which drops `INTERNAL_FIELDS`).
+    """
+
+    _id: str  # document_id(functionName, taskId)
+    functionName: str
+    taskId: str
+    version: int  # of the last event applied
+    status: str  # a Status value
+    events: list[TaskEventEntry]
+    taskPayload: str | None
+    returnPayload: str | None
+    taskErrorMessage: str | None
+    alreadyRetriedTimes: int
+    startedTime: int  # epoch milliseconds of submission
+    endTime: int | None
+    durationMs: int | None
+    requestId: str
+    instanceId: str | None
+    functionArn: str
+    qualifier: str
+    destinationStatus: str | None
+    expireAt: dt.datetime  # expire_at(startedTime)
+
+
+# Stored for the projection and for expiry, never shown to API callers.
 INTERNAL_FIELDS: Final = ("_id", "functionName", "version", "expireAt")
 _DETAIL_SKIP: Final = {"task_id", "function", "version", "at_ms", "payload", "result"}
+_EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 def document_id(function: str, task_id: str) -> str:
+    """The `_id` of a task's read-model document: task ids are unique per function only."""
     return f"{function}/{task_id}"
+
+
+def expire_at(started_time_ms: int) -> dt.datetime:
+    """When a task submitted at `started_time_ms` leaves the read model (aware UTC datetime).
+
+    A document's `expireAt`: submission time plus the FC retention period, the deletion time
+    itself (the TTL index has expireAfterSeconds=0). Millisecond precision, like BSON dates.
+    """
+    return _EPOCH + dt.timedelta(milliseconds=started_time_ms, seconds=wire.RETENTION_S)
 
 
 def _text(data: bytes) -> str:
@@ -48,7 +100,7 @@ def event_detail(event: AnyTaskEvent) -> str:
     return msgspec.json.encode(fields).decode() if fields else ""
 
 
-def evolve(doc: dict[str, Any] | None, event: AnyTaskEvent, *, arn: str = "") -> dict[str, Any]:
+def evolve(doc: TaskDocument | None, event: AnyTaskEvent, *, arn: str = "") -> TaskDocument:
     """Apply one event to a task document (None: the task has no document yet).
 
     Pure: returns a new dict, never mutates `doc`. Raises `VersionGap` unless the event is the
@@ -60,7 +112,11 @@ def evolve(doc: dict[str, Any] | None, event: AnyTaskEvent, *, arn: str = "") ->
         raise VersionGap(f"task {event.task_id}: event version {event.version}, expected {expected}")
     current = None if doc is None else Status(doc["status"])
     check_transition(current, event.status, task_id=event.task_id)
-    new = _first(event, arn) if doc is None else {**doc, "events": list(doc["events"])}
+    if doc is None:
+        new = _first(event, arn)
+    else:
+        new = doc.copy()
+        new["events"] = list(doc["events"])
     new["version"] = event.version
     new["status"] = str(event.status)
     new["events"].append(
@@ -84,7 +140,7 @@ def evolve(doc: dict[str, Any] | None, event: AnyTaskEvent, *, arn: str = "") ->
     return new
 
 
-def _first(event: AnyTaskEvent, arn: str) -> dict[str, Any]:
+def _first(event: AnyTaskEvent, arn: str) -> TaskDocument:
     enqueued = event if isinstance(event, TaskEnqueued) else None
     started = event.at_ms
     return {
@@ -106,19 +162,19 @@ def _first(event: AnyTaskEvent, arn: str) -> dict[str, Any]:
         "functionArn": arn,
         "qualifier": enqueued.qualifier if enqueued else "LATEST",
         "destinationStatus": None,
-        "expireAt": dt.datetime.fromtimestamp(started / 1000 + wire.RETENTION_S, tz=dt.UTC),
+        "expireAt": expire_at(started),
     }
 
 
-def fold(events: list[AnyTaskEvent], *, arn: str = "") -> dict[str, Any] | None:
+def fold(events: list[AnyTaskEvent], *, arn: str = "") -> TaskDocument | None:
     """The document of a task from its whole history (None for no events)."""
-    doc: dict[str, Any] | None = None
+    doc: TaskDocument | None = None
     for event in events:
         doc = evolve(doc, event, arn=arn)
     return doc
 
 
-def public_view(doc: dict[str, Any], *, include_payload: bool = True) -> dict[str, Any]:
+def public_view(doc: Mapping[str, Any], *, include_payload: bool = True) -> dict[str, Any]:
     """The AsyncTask JSON a client sees: internal fields dropped, payload on request."""
     view = {k: v for k, v in doc.items() if k not in INTERNAL_FIELDS}
     if not include_payload:

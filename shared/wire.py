@@ -5,7 +5,10 @@ Services never spell these as literals; a rename happens here and nowhere else.
 
 from __future__ import annotations
 
+import zlib
 from typing import Final
+
+from shared.transitions import Status
 
 API_VERSION: Final = "2023-03-30"
 
@@ -21,13 +24,38 @@ CODE_BUCKET: Final = "taskmode_code"
 SCHEDULER_DURABLE: Final = "taskmode-scheduler"
 EXECUTOR_DURABLE: Final = "taskmode-executor"
 PROJECTION_DURABLE: Final = "taskmode-projection"
+# Which instance of a partitioned service owns which partition: leases in this KV bucket.
+LEASES_BUCKET: Final = "taskmode_leases"
 
 SYNC_INVOKE_PREFIX: Final = "taskmode.invoke"
 EXECUTOR_QUEUE_GROUP: Final = "taskmode-executors"
 
+# NATS client names (what `nats-server` monitoring shows per connection).
+GATEWAY_CLIENT_NAME: Final = "taskmode-gateway"
+SCHEDULER_CLIENT_NAME: Final = "taskmode-scheduler"
+EXECUTOR_CLIENT_NAME: Final = "taskmode-executor"
+PROJECTION_CLIENT_NAME: Final = "taskmode-projection"
+PROJECTION_REBUILD_CLIENT_NAME: Final = "taskmode-projection-rebuild"
+
+# FC 3.0 HTTP headers: the API's (gateway) and those a custom runtime's server receives.
+FC_REQUEST_ID_HEADER: Final = "x-fc-request-id"
+FC_INVOCATION_TYPE_HEADER: Final = "x-fc-invocation-type"
+FC_TASK_ID_HEADER: Final = "x-fc-async-task-id"
+FC_DELAY_HEADER: Final = "x-fc-async-delay"
+FC_INSTANCE_ID_HEADER: Final = "x-fc-instance-id"
+FC_ERROR_TYPE_HEADER: Final = "x-fc-error-type"
+FC_FUNCTION_NAME_HEADER: Final = "x-fc-function-name"
+FC_FUNCTION_HANDLER_HEADER: Final = "x-fc-function-handler"
+FC_FUNCTION_MEMORY_HEADER: Final = "x-fc-function-memory"
+FC_FUNCTION_TIMEOUT_HEADER: Final = "x-fc-function-timeout"
+
 HEADER_MSG_ID: Final = "Nats-Msg-Id"
 HEADER_EXPECTED_LAST_SUBJECT_SEQ: Final = "Nats-Expected-Last-Subject-Sequence"
 HEADER_EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: Final = "Nats-Expected-Last-Subject-Sequence-Subject"
+# JetStream atomic batch publish (nats-server 2.12+): all messages of a batch are stored, or none.
+HEADER_BATCH_ID: Final = "Nats-Batch-Id"
+HEADER_BATCH_SEQUENCE: Final = "Nats-Batch-Sequence"
+HEADER_BATCH_COMMIT: Final = "Nats-Batch-Commit"
 # JetStream's error code for a failed Nats-Expected-Last-Subject-Sequence check.
 JS_ERR_WRONG_LAST_SEQUENCE: Final = 10071
 
@@ -35,19 +63,53 @@ MONGO_DATABASE: Final = "taskmode"
 TASKS_COLLECTION: Final = "async_tasks"
 
 
-def event_subject(function: str, task_id: str, status: str) -> str:
-    """Subject of one task event; the status token lets consumers filter by transition."""
-    return f"{EVENT_SUBJECT_PREFIX}.{function}.{task_id}.{status}"
+def partition_of(function: str, task_id: str, partitions: int) -> int:
+    """The partition of a task: a stable hash, so every service (and language) agrees on it."""
+    return zlib.crc32(f"{function}.{task_id}".encode()) % partitions
+
+
+def event_subject(function: str, task_id: str, status: Status, *, partitions: int) -> str:
+    """Subject of one task event: `taskmode.events.<partition>.<function>.<taskId>.<Status>`.
+
+    The partition token lets N schedulers and projections split the tasks between them while
+    each task's events stay in one partition, in order; the status token lets consumers filter
+    by transition.
+    """
+    partition = partition_of(function, task_id, partitions)
+    return f"{EVENT_SUBJECT_PREFIX}.{partition}.{function}.{task_id}.{status}"
 
 
 def task_subjects(function: str, task_id: str) -> str:
-    """Wildcard over all events of one task (the unit of optimistic concurrency)."""
-    return f"{EVENT_SUBJECT_PREFIX}.{function}.{task_id}.*"
+    """Wildcard over all events of one task (the unit of optimistic concurrency).
+
+    The partition is a wildcard so that readers need not know the partition count.
+    """
+    return f"{EVENT_SUBJECT_PREFIX}.*.{function}.{task_id}.*"
 
 
-def status_subjects(status: str) -> str:
-    """Wildcard over one transition for every task of every function."""
-    return f"{EVENT_SUBJECT_PREFIX}.*.*.{status}"
+def task_status_subject(function: str, task_id: str, status: Status) -> str:
+    """Wildcard over one task's events of one status."""
+    return f"{EVENT_SUBJECT_PREFIX}.*.{function}.{task_id}.{status}"
+
+
+def function_subjects(function: str) -> str:
+    """Wildcard over every event of every task of one function."""
+    return f"{EVENT_SUBJECT_PREFIX}.*.{function}.*.*"
+
+
+def status_subjects(status: Status, *, partition: int | None = None) -> str:
+    """Wildcard over one transition for every task of every function (of one partition)."""
+    return f"{EVENT_SUBJECT_PREFIX}.{'*' if partition is None else partition}.*.*.{status}"
+
+
+def partition_subjects(partition: int) -> str:
+    """Wildcard over every event of one partition."""
+    return f"{EVENT_SUBJECT_PREFIX}.{partition}.>"
+
+
+def partition_durable(base: str, partition: int) -> str:
+    """Durable consumer name of one partition of a partitioned service (e.g. taskmode-projection-p3)."""
+    return f"{base}-p{partition}"
 
 
 def sync_invoke_subject(function: str) -> str:

@@ -4,9 +4,12 @@ through the one table, and wire names are not spelled out in the services."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
+
+from shared.transitions import STATUS_ALIASES, Status
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ["gateway", "scheduler", "executor", "projection"]
@@ -65,4 +68,36 @@ def test_events_are_only_built_through_the_transition_check() -> None:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in constructors:
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} builds {node.func.id} directly")
+    assert offenders == []
+
+
+def _string_constants(path: Path) -> list[tuple[int, str]]:
+    return [
+        (node.lineno, node.value)
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+    ]
+
+
+def test_no_service_spells_an_fc_header_or_a_nats_name() -> None:
+    """`x-fc-*` headers, client and durable names live in shared/wire.py only."""
+    offenders = [
+        f"{path.relative_to(ROOT)}:{lineno} spells {value!r}"
+        for path in (ROOT / "services").rglob("*.py")
+        for lineno, value in _string_constants(path)
+        if re.fullmatch(r"x-fc-[a-z-]+|taskmode-[a-z-]+", value)
+    ]
+    assert offenders == []
+
+
+def test_statuses_are_spelled_only_in_the_transition_table() -> None:
+    names = {str(status) for status in Status} | set(STATUS_ALIASES)
+    offenders = [
+        f"{path.relative_to(ROOT)}:{lineno} spells {value!r}"
+        for root in ("services", "shared")
+        for path in (ROOT / root).rglob("*.py")
+        if path != ROOT / "shared" / "transitions.py"
+        for lineno, value in _string_constants(path)
+        if value in names
+    ]
     assert offenders == []

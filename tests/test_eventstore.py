@@ -39,7 +39,7 @@ def enqueued(task_id: str) -> TaskEnqueued:
 
 
 async def test_first_event_is_unique_per_task(js: JetStreamContext) -> None:
-    store = EventStore(js)
+    store = EventStore(js, partitions=4)
     await store.append(enqueued("a"), expected_seq=0)
     with pytest.raises(ConcurrentUpdateError):
         await store.append(enqueued("a"), expected_seq=0)
@@ -47,7 +47,7 @@ async def test_first_event_is_unique_per_task(js: JetStreamContext) -> None:
 
 
 async def test_racing_writers_on_one_task_exactly_one_wins(js: JetStreamContext) -> None:
-    store = EventStore(js)
+    store = EventStore(js, partitions=4)
     await store.append(enqueued("race"), expected_seq=0)
     current = await store.last("f", "race")
     assert current is not None
@@ -61,7 +61,7 @@ async def test_racing_writers_on_one_task_exactly_one_wins(js: JetStreamContext)
 
 
 async def test_history_is_in_order_and_last_sees_the_newest(js: JetStreamContext) -> None:
-    store = EventStore(js)
+    store = EventStore(js, partitions=4)
     seq = await store.append(enqueued("h"), expected_seq=0)
     current = await store.last("f", "h")
     assert current is not None and current.seq == seq
@@ -77,7 +77,7 @@ async def test_history_is_in_order_and_last_sees_the_newest(js: JetStreamContext
 
 
 async def test_follow_refuses_an_edge_outside_the_table(js: JetStreamContext) -> None:
-    store = EventStore(js)
+    store = EventStore(js, partitions=4)
     await store.append(enqueued("edge"), expected_seq=0)
     current = await store.last("f", "edge")
     assert current is not None

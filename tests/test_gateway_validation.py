@@ -17,10 +17,10 @@ import httpx
 import msgspec
 import pytest
 
-from services.gateway import validation as v
+from services.gateway import function_records, params, schemas
 from tests.fc_client import zip_code
 from services.gateway.app import create_app
-from services.gateway.auth import Resources
+from services.gateway.deps import Resources
 from services.gateway.settings import GatewaySettings, parse_access_keys
 from shared.acs3 import sign_request
 from shared.catalog import AsyncConfigRecord, CustomRuntimeConfig, FunctionRecord
@@ -49,79 +49,79 @@ def zip_b64(files: dict[str, str] | None = None) -> str:
 
 @pytest.mark.parametrize("name", ["f", "_f", "my-func_1", "A" * 64])
 def test_function_name_accepted(name: str) -> None:
-    assert v.check_function_name(name) == name
+    assert params.check_function_name(name) == name
 
 
 @pytest.mark.parametrize("name", ["", "1abc", "-a", "a b", "a.b", "a*", "a>", "A" * 65, "é"])
 def test_function_name_refused(name: str) -> None:
     with pytest.raises(InvalidArgument):
-        v.check_function_name(name)
+        params.check_function_name(name)
 
 
 def test_task_id_from_header_wins_over_request_id() -> None:
-    assert v.choose_task_id(task_id_header="job-1", request_id_header="req_1") == "job-1"
+    assert params.choose_task_id(task_id_header="job-1", request_id_header="req_1") == "job-1"
 
 
 def test_task_id_falls_back_to_request_id() -> None:
-    assert v.choose_task_id(task_id_header=None, request_id_header="req_1") == "req_1"
-    assert v.choose_task_id(task_id_header="", request_id_header="req_2") == "req_2"
+    assert params.choose_task_id(task_id_header=None, request_id_header="req_1") == "req_1"
+    assert params.choose_task_id(task_id_header="", request_id_header="req_2") == "req_2"
 
 
 def test_request_id_used_as_task_id_must_follow_the_rule() -> None:
     with pytest.raises(InvalidArgument, match="x-fc-request-id"):
-        v.choose_task_id(task_id_header=None, request_id_header="1-abc")
+        params.choose_task_id(task_id_header=None, request_id_header="1-abc")
 
 
 @pytest.mark.parametrize("task_id", ["1abc", "a.b", "a b", "a" * 129, "-x", "a*"])
 def test_bad_task_ids_refused(task_id: str) -> None:
     with pytest.raises(InvalidArgument):
-        v.choose_task_id(task_id_header=task_id, request_id_header=None)
+        params.choose_task_id(task_id_header=task_id, request_id_header=None)
 
 
 def test_generated_task_ids_follow_the_rule_and_differ() -> None:
-    ids = {v.choose_task_id(task_id_header=None, request_id_header=None) for _ in range(50)}
+    ids = {params.choose_task_id(task_id_header=None, request_id_header=None) for _ in range(50)}
     assert len(ids) == 50
-    assert all(v.TASK_ID_RE.fullmatch(task_id) for task_id in ids)
+    assert all(params.TASK_ID_RE.fullmatch(task_id) for task_id in ids)
 
 
 def test_longest_task_id_accepted() -> None:
     task_id = "a" + "b" * 127
-    assert v.check_task_id(task_id) == task_id
+    assert params.check_task_id(task_id) == task_id
 
 
 @pytest.mark.parametrize(("given", "expected"), [(None, "Sync"), ("", "Sync"), ("sync", "Sync"), ("ASYNC", "Async"), ("Async", "Async")])
 def test_invocation_type(given: str | None, expected: str) -> None:
-    assert v.parse_invocation_type(given) == expected
+    assert params.parse_invocation_type(given) == expected
 
 
 def test_invocation_type_refused() -> None:
     with pytest.raises(InvalidArgument):
-        v.parse_invocation_type("Later")
+        params.parse_invocation_type("Later")
 
 
 @pytest.mark.parametrize(("given", "expected"), [(None, 0), ("", 0), ("0", 0), ("5", 5), (" 3600 ", 3600)])
 def test_delay_accepted(given: str | None, expected: int) -> None:
-    assert v.parse_delay(given) == expected
+    assert params.parse_delay(given) == expected
 
 
 @pytest.mark.parametrize("given", ["3601", "-1", "1.5", "abc", "١٢"])
 def test_delay_refused(given: str) -> None:
     with pytest.raises(InvalidArgument):
-        v.parse_delay(given)
+        params.parse_delay(given)
 
 
 def test_payload_limit() -> None:
-    v.check_payload_size(b"x" * v.MAX_ASYNC_PAYLOAD_BYTES, limit=v.MAX_ASYNC_PAYLOAD_BYTES)
+    params.check_payload_size(b"x" * params.MAX_ASYNC_PAYLOAD_BYTES, limit=params.MAX_ASYNC_PAYLOAD_BYTES)
     with pytest.raises(EntityTooLarge):
-        v.check_payload_size(b"x" * (v.MAX_ASYNC_PAYLOAD_BYTES + 1), limit=v.MAX_ASYNC_PAYLOAD_BYTES)
+        params.check_payload_size(b"x" * (params.MAX_ASYNC_PAYLOAD_BYTES + 1), limit=params.MAX_ASYNC_PAYLOAD_BYTES)
 
 
 def test_qualifier_defaults_to_latest() -> None:
-    assert v.check_qualifier(None) == "LATEST"
-    assert v.check_qualifier("") == "LATEST"
-    assert v.check_qualifier("prod") == "prod"
+    assert params.check_qualifier(None) == "LATEST"
+    assert params.check_qualifier("") == "LATEST"
+    assert params.check_qualifier("prod") == "prod"
     with pytest.raises(InvalidArgument):
-        v.check_qualifier("a b")
+        params.check_qualifier("a b")
 
 
 # --- query parameters -------------------------------------------------------------------------
@@ -129,63 +129,63 @@ def test_qualifier_defaults_to_latest() -> None:
 
 @pytest.mark.parametrize(("given", "expected"), [(None, False), ("True", True), ("true", True), ("FALSE", False)])
 def test_bool_query_is_case_insensitive(given: str | None, expected: bool) -> None:
-    assert v.parse_bool("includePayload", given, default=False) is expected
+    assert params.parse_bool("includePayload", given, default=False) is expected
 
 
 @pytest.mark.parametrize("given", ["yes", "1", "on", "t"])
 def test_bool_query_refuses_anything_else(given: str) -> None:
     with pytest.raises(InvalidArgument):
-        v.parse_bool("includePayload", given, default=False)
+        params.parse_bool("includePayload", given, default=False)
 
 
 def test_limit() -> None:
-    assert v.parse_limit(None) == 20
-    assert v.parse_limit("1") == 1
-    assert v.parse_limit("100") == 100
+    assert params.parse_limit(None) == 20
+    assert params.parse_limit("1") == 1
+    assert params.parse_limit("100") == 100
     for bad in ("0", "101", "x", "-5", "2.5"):
         with pytest.raises(InvalidArgument):
-            v.parse_limit(bad)
+            params.parse_limit(bad)
 
 
 def test_time_bounds() -> None:
-    assert v.parse_time_ms("startedTimeBegin", None) is None
-    assert v.parse_time_ms("startedTimeBegin", "1700000000000") == 1700000000000
+    assert params.parse_time_ms("startedTimeBegin", None) is None
+    assert params.parse_time_ms("startedTimeBegin", "1700000000000") == 1700000000000
     with pytest.raises(InvalidArgument):
-        v.parse_time_ms("startedTimeBegin", "yesterday")
+        params.parse_time_ms("startedTimeBegin", "yesterday")
 
 
 def test_sort_order() -> None:
-    assert v.parse_sort_order(None) is False
-    assert v.parse_sort_order("asc") is False
-    assert v.parse_sort_order("desc") is True
+    assert params.parse_sort_order(None) is False
+    assert params.parse_sort_order("asc") is False
+    assert params.parse_sort_order("desc") is True
     with pytest.raises(InvalidArgument):
-        v.parse_sort_order("random")
+        params.parse_sort_order("random")
 
 
 def test_status_filter_accepts_dequeued_for_processed() -> None:
-    assert v.parse_status_filter("Dequeued") is Status.PROCESSED
-    assert v.parse_status_filter("Processed") is Status.PROCESSED
-    assert v.parse_status_filter("Running") is Status.RUNNING
-    assert v.parse_status_filter(None) is None
+    assert params.parse_status_filter("Dequeued") is Status.PROCESSED
+    assert params.parse_status_filter("Processed") is Status.PROCESSED
+    assert params.parse_status_filter("Running") is Status.RUNNING
+    assert params.parse_status_filter(None) is None
     with pytest.raises(InvalidArgument):
-        v.parse_status_filter("Bogus")
+        params.parse_status_filter("Bogus")
 
 
 def test_name_pagination_round_trip() -> None:
     names = [f"f{i}" for i in range(5)]
-    page, token = v.paginate(names, after=None, limit=2)
+    page, token = params.paginate(names, after=None, limit=2)
     assert page == ["f0", "f1"] and token
-    page, token = v.paginate(names, after=v.decode_token(token), limit=2)
+    page, token = params.paginate(names, after=params.decode_token(token), limit=2)
     assert page == ["f2", "f3"] and token
-    page, token = v.paginate(names, after=v.decode_token(token), limit=2)
+    page, token = params.paginate(names, after=params.decode_token(token), limit=2)
     assert page == ["f4"] and token == ""
-    assert v.paginate(names, after=None, limit=5) == (names, "")
+    assert params.paginate(names, after=None, limit=5) == (names, "")
 
 
 @pytest.mark.parametrize("token", ["%%%", "!!", base64.urlsafe_b64encode(b"a b").decode()])
 def test_bad_name_token(token: str) -> None:
     with pytest.raises(InvalidNextToken):
-        v.decode_token(token)
+        params.decode_token(token)
 
 
 # --- bodies -----------------------------------------------------------------------------------
@@ -195,13 +195,13 @@ def test_bad_name_token(token: str) -> None:
     "runtime", ["python3", "python3.9", "python3.10", "python3.12", "custom", "custom.debian10", "custom.debian12"]
 )
 def test_runtimes_accepted(runtime: str) -> None:
-    assert v.check_runtime(runtime) == runtime
+    assert params.check_runtime(runtime) == runtime
 
 
 @pytest.mark.parametrize("runtime", ["python2.7", "python3.", "nodejs18", "custom.debian9", "custom-container", "", "python3.x"])
 def test_runtimes_refused(runtime: str) -> None:
     with pytest.raises(InvalidArgument):
-        v.check_runtime(runtime)
+        params.check_runtime(runtime)
 
 
 @pytest.mark.parametrize(
@@ -210,7 +210,7 @@ def test_runtimes_refused(runtime: str) -> None:
 )
 def test_create_function_body_refused(body: bytes) -> None:
     with pytest.raises(InvalidArgument):
-        v.decode_json(body, v.CreateFunctionInput)
+        schemas.decode_json(body, schemas.CreateFunctionInput)
 
 
 @pytest.mark.parametrize(
@@ -221,36 +221,36 @@ def test_create_function_body_refused(body: bytes) -> None:
 def test_function_field_ranges(field: dict[str, Any]) -> None:
     body = msgspec.json.encode({"functionName": "f", "runtime": "python3", "handler": "index.handler", **field})
     with pytest.raises(InvalidArgument):
-        v.decode_json(body, v.CreateFunctionInput)
+        schemas.decode_json(body, schemas.CreateFunctionInput)
 
 
 def test_unknown_fields_ignored() -> None:
-    body = v.decode_json(b'{"functionName": "f", "vpcConfig": {"vpcId": "x"}}', v.CreateFunctionInput)
+    body = schemas.decode_json(b'{"functionName": "f", "vpcConfig": {"vpcId": "x"}}', schemas.CreateFunctionInput)
     assert body.function_name == "f"
 
 
 def test_code_decoding() -> None:
-    archive = v.decode_code(v.InputCode(zip_file=zip_b64()), required=True)
+    archive = function_records.decode_code(schemas.InputCode(zip_file=zip_b64()), required=True)
     assert archive is not None and len(archive.checksum) == 64 and archive.data[:2] == b"PK"
-    assert v.decode_code(None, required=False) is None
-    for bad in (v.InputCode(zip_file="not base64!"), v.InputCode(zip_file=base64.b64encode(b"hello").decode())):
+    assert function_records.decode_code(None, required=False) is None
+    for bad in (schemas.InputCode(zip_file="not base64!"), schemas.InputCode(zip_file=base64.b64encode(b"hello").decode())):
         with pytest.raises(InvalidArgument):
-            v.decode_code(bad, required=True)
+            function_records.decode_code(bad, required=True)
     with pytest.raises(InvalidArgument, match="required"):
-        v.decode_code(None, required=True)
+        function_records.decode_code(None, required=True)
     with pytest.raises(InvalidArgument, match="OSS"):
-        v.decode_code(v.InputCode(oss_bucket_name="b", oss_object_name="o"), required=True)
+        function_records.decode_code(schemas.InputCode(oss_bucket_name="b", oss_object_name="o"), required=True)
 
 
-def _create(**fields: Any) -> v.CreateFunctionInput:
+def _create(**fields: Any) -> schemas.CreateFunctionInput:
     body = {"functionName": "f", "runtime": "python3.10", "handler": "index.handler", "code": {"zipFile": zip_b64()}, **fields}
-    return v.decode_json(msgspec.json.encode(body), v.CreateFunctionInput)
+    return schemas.decode_json(msgspec.json.encode(body), schemas.CreateFunctionInput)
 
 
-def _build(body: v.CreateFunctionInput) -> FunctionRecord:
-    code = v.decode_code(body.code, required=True)
+def _build(body: schemas.CreateFunctionInput) -> FunctionRecord:
+    code = function_records.decode_code(body.code, required=True)
     assert code is not None
-    return v.build_function(body, function_id="id", arn="arn", code=code, now="2024-01-01T00:00:00Z")
+    return function_records.build_function(body, function_id="id", arn="arn", code=code, now="2024-01-01T00:00:00Z")
 
 
 def test_build_function_defaults() -> None:
@@ -271,8 +271,8 @@ def test_custom_runtime_needs_a_command() -> None:
 
 def test_apply_update_is_partial_and_pure() -> None:
     record = _build(_create(description="old", environmentVariables={"A": "1"}))
-    body = v.decode_json(b'{"timeout": 60, "description": "new"}', v.UpdateFunctionInput)
-    updated = v.apply_update(record, body, code=None, now="2024-02-02T00:00:00Z")
+    body = schemas.decode_json(b'{"timeout": 60, "description": "new"}', schemas.UpdateFunctionInput)
+    updated = function_records.apply_update(record, body, code=None, now="2024-02-02T00:00:00Z")
     assert (updated.timeout, updated.description, updated.environment_variables) == (60, "new", {"A": "1"})
     assert updated.last_modified_time == "2024-02-02T00:00:00Z"
     assert updated.created_time == record.created_time
@@ -282,7 +282,7 @@ def test_apply_update_is_partial_and_pure() -> None:
 def test_apply_update_checks_the_result_as_a_whole() -> None:
     record = _build(_create())
     with pytest.raises(InvalidArgument, match="command"):
-        v.apply_update(record, v.UpdateFunctionInput(runtime="custom"), code=None, now="t")
+        function_records.apply_update(record, schemas.UpdateFunctionInput(runtime="custom"), code=None, now="t")
 
 
 @pytest.mark.parametrize(
@@ -291,7 +291,7 @@ def test_apply_update_checks_the_result_as_a_whole() -> None:
 )
 def test_async_config_ranges(body: bytes) -> None:
     with pytest.raises(InvalidArgument):
-        v.decode_json(body, v.PutAsyncInvokeConfigInput)
+        schemas.decode_json(body, schemas.PutAsyncInvokeConfigInput)
 
 
 def test_access_keys() -> None:
@@ -569,10 +569,10 @@ async def test_stop_of_unknown_task_is_404(fakes: tuple[FakeCatalog, FakeEvents]
 def test_code_that_cannot_be_unpacked_is_refused_up_front() -> None:
     clash = zip_code({"lib": "a file", "lib/mod.py": "x = 1\n"})
     with pytest.raises(InvalidArgument, match="both as a file and as a folder"):
-        v.decode_code(v.InputCode(zip_file=clash), required=True)
+        function_records.decode_code(schemas.InputCode(zip_file=clash), required=True)
     good = base64.b64decode(zip_code({"index.py": "def handler(e, c):\n    return e\n" * 50}))
     corrupt = bytearray(good)
     start = good.index(b"def handler")  # flip a byte of the stored (uncompressed) member's data
     corrupt[start] ^= 0xFF
     with pytest.raises(InvalidArgument, match="corrupt"):
-        v.decode_code(v.InputCode(zip_file=base64.b64encode(bytes(corrupt)).decode()), required=True)
+        function_records.decode_code(schemas.InputCode(zip_file=base64.b64encode(bytes(corrupt)).decode()), required=True)

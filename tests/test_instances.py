@@ -14,7 +14,8 @@ from typing import Any
 import psutil
 import pytest
 
-from services.executor.instances import FunctionSpec, InstancePool, InvokeContext
+from services.executor.instance import FunctionSpec, InvokeContext
+from services.executor.pool import InstancePool
 from shared.errors import ServiceUnavailable
 
 pytestmark = pytest.mark.timeout(20)

@@ -55,7 +55,10 @@ async def test_each_service_exports_its_metrics(stack_with: StackFactory) -> Non
     assert memory and all(v > 1_000_000 for v in memory)
     assert value(executor, "taskmode_instances", function="metered") >= 1
 
-    scheduler = await scrape_until(f"http://127.0.0.1:{ports['SCHEDULER']}/metrics", lambda f: True)
+    # Due at once, so the gateway dispatched it; the scheduler dispatches only delayed tasks.
+    await fc.invoke_async("metered", b"0.1", task_id="m2", delay_s=1)
+    scheduler = await scrape_until(f"http://127.0.0.1:{ports['SCHEDULER']}/metrics",
+                                   lambda f: value(f, "taskmode_async_dequeue_total", function="metered") >= 1)
     assert value(scheduler, "taskmode_async_dequeue_total", function="metered") == 1
 
     projection = await scrape_until(
@@ -66,4 +69,5 @@ async def test_each_service_exports_its_metrics(stack_with: StackFactory) -> Non
 
     async with httpx.AsyncClient() as http:  # /metrics is served unsigned, for Prometheus
         gateway = samples((await http.get(f"http://127.0.0.1:{stack.gateway_port}/metrics")).text)
-    assert value(gateway, "taskmode_gateway_task_submissions_total", outcome="enqueued") == 1
+    assert value(gateway, "taskmode_gateway_task_submissions_total", outcome="enqueued") == 2
+    assert value(gateway, "taskmode_async_dequeue_total", function="metered") == 1

@@ -107,11 +107,13 @@ async def test_dedup_survives_restart_of_every_service(own_stack: Stack, own_fc:
 
 async def test_task_not_dispatched_within_max_age_expires(own_stack: Stack, own_fc: FcClient) -> None:
     await make_function(own_fc, "ttl_fn", max_age_s=1)
-    own_stack.services["scheduler"].stop()  # nothing dispatches: the queue just waits
+    # A delayed task waits for the scheduler (one due at once is dispatched by the gateway):
+    # with no scheduler running, nothing dispatches it and it just waits.
+    own_stack.services["scheduler"].stop()
     submitted = time.monotonic()
-    assert (await own_fc.invoke_async("ttl_fn", b"", task_id="stale")).status_code == 202
+    assert (await own_fc.invoke_async("ttl_fn", b"", task_id="stale", delay_s=1)).status_code == 202
     assert (await own_fc.get_task("ttl_fn", "stale")).json()["status"] == "Enqueued"
-    while time.monotonic() - submitted < 1.2:  # let the task age past its 1 s budget
+    while time.monotonic() - submitted < 2.2:  # past its due time plus its 1 s budget
         await asyncio.sleep(0.05)
     own_stack.start_service("scheduler")
     task = await own_fc.wait_for("ttl_fn", "stale", {"Expired"}, deadline_s=20)

@@ -21,14 +21,8 @@ import pytest
 
 from shared.devstack import free_port, start_mongo_wire
 from shared.errors import InvalidArgument, InvalidNextToken, ServiceUnavailable
-from shared.taskstore import (
-    INTERNAL_FIELDS,
-    TaskQuery,
-    TaskStore,
-    expire_at,
-    prefix_upper_bound,
-    task_doc_id,
-)
+from shared.taskstore import TaskQuery, TaskStore, prefix_upper_bound
+from shared.taskview import INTERNAL_FIELDS, document_id, expire_at
 from shared.wire import RETENTION_S
 
 Doc = dict[str, Any]
@@ -57,7 +51,7 @@ def make_task(
     if finished:
         events.append({"eventId": 3, "status": status, "timestamp": started + 50, "eventDetail": "done"})
     return {
-        "_id": task_doc_id(function, task_id),
+        "_id": document_id(function, task_id),
         "functionName": function,
         "version": version,
         "expireAt": expire_at(started),

@@ -4,4 +4,4 @@ from shared import service
 
 if __name__ == "__main__":
     settings = ExecutorSettings.from_env()
-    service.run("executor", lambda stop: run(settings, stop))
+    service.run("executor", lambda stop, stack: run(settings, stop, stack))

@@ -3,6 +3,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Coroutine
+from contextlib import AsyncExitStack
+from typing import Any
+
+import msgspec
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -10,82 +15,86 @@ from prometheus_client import CollectorRegistry
 
 from services.executor import orphans
 from services.executor.code_cache import CodeCache
-from services.executor.instances import InstancePool
+from services.executor.pool import InstancePool
 from services.executor.metrics import ExecutorMetrics
 from services.executor.runner import TaskRunner
 from services.executor.settings import ExecutorSettings
 from services.executor.sync_invoke import SyncInvoker
 from shared import wire
-from shared.bus import connect, ensure_consumer, fetch
-from shared.catalog import Catalog
-from shared.events import decode_event
-from shared.eventstore import EventStore, ensure_stream
-from shared.service import cancel_all, periodically, serve_metrics
+from shared.bootstrap import open_bus, open_catalog
+from shared.bus import Verdict, decoded, ensure_consumer, fetch, settle
+from shared.events import AnyTaskEvent, decode_event
+from shared.transitions import Status
+from shared.service import Readiness, background, periodically, serve_http
 
 log = logging.getLogger(__name__)
+Spawn = Callable[[Coroutine[Any, Any, None]], None]  # runs a coroutine as a tracked background task
 SHUTDOWN_GRACE_S = 10.0  # running tasks may finish; those cut off count as a lost attempt
 
 
-async def run(settings: ExecutorSettings, stop: asyncio.Event) -> None:
+async def run(settings: ExecutorSettings, stop: asyncio.Event, stack: AsyncExitStack) -> None:
     metrics = ExecutorMetrics.build(CollectorRegistry())
-    serve_metrics(metrics.registry, port=settings.common.metrics_port, host=settings.common.metrics_host)
-    nc = await connect(settings.common.nats_url, name="taskmode-executor")
+    readiness = Readiness()
+    serve_http(metrics.registry, readiness, port=settings.common.metrics_port, host=settings.common.metrics_host,
+               stack=stack)
+    bus = await open_bus(settings.common, stack, name=wire.EXECUTOR_CLIENT_NAME, stop=stop)
     orphans.reap(settings.common.data_dir / "instances")
     pool = InstancePool(
         work_dir=settings.common.data_dir / "instances",
         max_instances_per_function=settings.max_instances_per_function,
         idle_timeout_s=settings.idle_timeout_s,
     )
-    background: set[asyncio.Task[None]] = set()
-    try:
-        js = nc.jetstream()
-        await ensure_stream(js)
-        await ensure_consumer(
-            js,
-            stream=wire.EVENT_STREAM,
-            durable=wire.EXECUTOR_DURABLE,
-            filter_subjects=[wire.status_subjects("Processed"), wire.status_subjects("Retrying")],
-            ack_wait_s=settings.ack_wait_s,
-            max_ack_pending=200_000,
-        )
-        catalog = await Catalog.open(js)
-        await catalog.watch()
-        code = CodeCache(catalog=catalog, root=settings.common.data_dir / "code")
-        runner = TaskRunner(events=EventStore(js), catalog=catalog, code=code, pool=pool, metrics=metrics,
-                            settings=settings)
-        sync = SyncInvoker(nc=nc, catalog=catalog, code=code, pool=pool)
+    stack.push_async_callback(pool.close)
+    await ensure_consumer(
+        bus.js,
+        stream=wire.EVENT_STREAM,
+        durable=wire.EXECUTOR_DURABLE,
+        filter_subjects=[wire.status_subjects(Status.PROCESSED), wire.status_subjects(Status.RETRYING)],
+        ack_wait_s=settings.ack_wait_s,
+        max_ack_pending=200_000,
+    )
+    catalog = await open_catalog(bus, stack)
+    # Closed first: running tasks still have the bus, the catalog and their instances meanwhile.
+    background_tasks: set[asyncio.Task[None]] = set()
+    stack.push_async_callback(_finish_or_cancel, background_tasks)
+    code = CodeCache(catalog=catalog, root=settings.common.data_dir / "code")
+    runner = TaskRunner(events=bus.events, catalog=catalog, code=code, pool=pool, metrics=metrics, settings=settings)
+    sync = SyncInvoker(nc=bus.nc, catalog=catalog, code=code, pool=pool)
 
-        def spawn(coro) -> None:  # type: ignore[no-untyped-def]
-            task = asyncio.create_task(coro)
-            background.add(task)
-            task.add_done_callback(background.discard)
+    def spawn(coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        background_tasks.add(task)
+        task.add_done_callback(background_tasks.discard)
 
-        async def on_stopping(msg: Msg) -> None:
+    async def on_stopping(msg: Msg) -> None:
+        try:
             event = decode_event(msg.data)
-            spawn(runner.stop_requested(event.function, event.task_id))
+        except msgspec.DecodeError:
+            return
+        spawn(runner.stop_requested(event.function, event.task_id))
 
-        async def on_sync(msg: Msg) -> None:
-            spawn(_guarded(sync.handle(msg), "sync invocation"))
+    async def on_sync(msg: Msg) -> None:
+        spawn(_guarded(sync.handle(msg), "sync invocation"))
 
-        await nc.subscribe(wire.status_subjects("Stopping"), cb=on_stopping)
-        await nc.subscribe(f"{wire.SYNC_INVOKE_PREFIX}.*", queue=wire.EXECUTOR_QUEUE_GROUP, cb=on_sync)
-        usage = asyncio.create_task(
-            periodically(UsageExporter(pool, metrics).export, every_s=5, stop=stop, what="usage export"))
-        await _dispatch_loop(js, runner, settings, stop, spawn, background)
-        await cancel_all(usage)
-    finally:
-        pending = [t for t in background if not t.done()]
-        if pending:
-            _, still = await asyncio.wait(pending, timeout=SHUTDOWN_GRACE_S)
-            for task in still:  # unacked: another executor picks these up after ack_wait
-                task.cancel()
-            await asyncio.gather(*still, return_exceptions=True)
-        await pool.close()
-        with contextlib.suppress(Exception):
-            await nc.drain()
+    await bus.nc.subscribe(wire.status_subjects(Status.STOPPING), cb=on_stopping)
+    await bus.nc.subscribe(f"{wire.SYNC_INVOKE_PREFIX}.*", queue=wire.EXECUTOR_QUEUE_GROUP, cb=on_sync)
+    readiness.add("nats", lambda: bus.nc.is_connected)
+    background(stack, periodically(UsageExporter(pool, metrics).export, every_s=5, stop=stop, what="usage export"))
+    await _dispatch_loop(bus.js, runner, settings, stop, spawn)
 
 
-async def _guarded(coro, what: str) -> None:  # type: ignore[no-untyped-def]
+async def _finish_or_cancel(tasks: set[asyncio.Task[None]]) -> None:
+    """Let running tasks finish for a while; those cut off are unacked and run again elsewhere."""
+    pending = [t for t in tasks if not t.done()]
+    if not pending:
+        return
+    _, still = await asyncio.wait(pending, timeout=SHUTDOWN_GRACE_S)
+    for task in still:
+        task.cancel()
+    await asyncio.gather(*still, return_exceptions=True)
+
+
+async def _guarded(coro: Coroutine[Any, Any, None], what: str) -> None:
     try:
         await coro
     except asyncio.CancelledError:
@@ -95,7 +104,7 @@ async def _guarded(coro, what: str) -> None:  # type: ignore[no-untyped-def]
 
 
 async def _dispatch_loop(js: JetStreamContext, runner: TaskRunner, settings: ExecutorSettings,
-                         stop: asyncio.Event, spawn, background: set[asyncio.Task[None]]) -> None:  # type: ignore[no-untyped-def]
+                         stop: asyncio.Event, spawn: Callable[[Coroutine[Any, Any, None]], None]) -> None:
     sub = await js.pull_subscribe_bind(durable=wire.EXECUTOR_DURABLE, stream=wire.EVENT_STREAM)
     in_flight = 0
     freed = asyncio.Event()
@@ -112,8 +121,11 @@ async def _dispatch_loop(js: JetStreamContext, runner: TaskRunner, settings: Exe
                 in_flight -= 1
                 freed.set()
 
+        async def handle(event: AnyTaskEvent, msg: Msg) -> Verdict:
+            return await runner.handle(event, msg, release_slot=release_slot)
+
         try:
-            await _guarded(runner.handle(msg, release_slot=release_slot), "dispatch")
+            await settle(msg, decoded(handle))
         finally:
             release_slot()
 

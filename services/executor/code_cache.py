@@ -9,11 +9,12 @@ import uuid
 import zipfile
 from pathlib import Path
 
-from shared.catalog import Catalog, FunctionRecord
+from shared.catalog import FunctionRecord
+from shared.ports import FunctionCatalog
 
 
 class CodeCache:
-    def __init__(self, *, catalog: Catalog, root: Path) -> None:
+    def __init__(self, *, catalog: FunctionCatalog, root: Path) -> None:
         self._catalog = catalog
         self._root = root
         self._locks: dict[str, asyncio.Lock] = {}

@@ -13,15 +13,10 @@ from typing import ClassVar, Final
 
 import httpx
 
-from services.executor.instances import Instance, InvocationResult, InvokeContext, failure
+from services.executor.instance import Instance, InvocationResult, InvokeContext, failure
+from shared import wire
 
 INVOKE_PATH: Final = "/invoke"
-HEADER_REQUEST_ID: Final = "x-fc-request-id"
-HEADER_TASK_ID: Final = "x-fc-async-task-id"
-HEADER_FUNCTION_NAME: Final = "x-fc-function-name"
-HEADER_FUNCTION_HANDLER: Final = "x-fc-function-handler"
-HEADER_FUNCTION_MEMORY: Final = "x-fc-function-memory"
-HEADER_FUNCTION_TIMEOUT: Final = "x-fc-function-timeout"
 READY_POLL_S: Final = 0.02
 ERROR_BODY_CHARS: Final = 1024
 
@@ -86,14 +81,14 @@ class CustomRuntimeInstance(Instance):
     async def _call(self, payload: bytes, context: InvokeContext) -> InvocationResult:
         assert self._client is not None
         headers = {
-            HEADER_REQUEST_ID: context.request_id,
-            HEADER_FUNCTION_NAME: self.spec.name,
-            HEADER_FUNCTION_HANDLER: self.spec.handler,
-            HEADER_FUNCTION_MEMORY: str(self.spec.memory_mb),
-            HEADER_FUNCTION_TIMEOUT: f"{self.spec.timeout_s:g}",
+            wire.FC_REQUEST_ID_HEADER: context.request_id,
+            wire.FC_FUNCTION_NAME_HEADER: self.spec.name,
+            wire.FC_FUNCTION_HANDLER_HEADER: self.spec.handler,
+            wire.FC_FUNCTION_MEMORY_HEADER: str(self.spec.memory_mb),
+            wire.FC_FUNCTION_TIMEOUT_HEADER: f"{self.spec.timeout_s:g}",
         }
         if context.task_id:
-            headers[HEADER_TASK_ID] = context.task_id
+            headers[wire.FC_TASK_ID_HEADER] = context.task_id
         response = await self._client.post(INVOKE_PATH, content=payload, headers=headers)
         if response.is_success:
             return InvocationResult(ok=True, payload=response.content)

@@ -41,7 +41,8 @@ def unregister(path: Path) -> None:
 
 def _owner_alive(pid: int, created: float) -> bool:
     try:
-        return abs(psutil.Process(pid).create_time() - created) < 0.01
+        started: float = psutil.Process(pid).create_time()
+        return abs(started - created) < 0.01
     except psutil.Error:
         return False
 

@@ -1,6 +1,6 @@
 """The process of one Python-runtime function instance: `python -m services.executor.python_worker`.
 
-The parent (`services.executor.instances.PythonInstance`) talks to it over the child's stdin and
+The parent (`services.executor.python_instance.PythonInstance`) talks to it over the child's stdin and
 stdout with length-prefixed msgpack frames: first an `Init`, answered by `Ready`, then any number
 of `Request`s, each answered by one `Response`. The user's code must not be able to corrupt that
 channel, so before importing it the worker moves the protocol onto private duplicates of fds 0
@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import io
 import os
 import struct
 import sys
@@ -116,10 +117,10 @@ def load_handler(handler: str) -> Callable[..., Any]:
     if not module_name or not attr:
         raise InvalidHandler(f"invalid handler {handler!r}: expected '<module>.<function>'")
     module = importlib.import_module(module_name)
-    func = getattr(module, attr, None)
+    func: object = getattr(module, attr, None)
     if not callable(func):
         raise InvalidHandler(f"module {module_name!r} has no function {attr!r}")
-    return func  # type: ignore[no-any-return]
+    return func
 
 
 def to_bytes(value: object) -> bytes:
@@ -186,8 +187,9 @@ def take_protocol_fds() -> tuple[int, int]:
     os.dup2(devnull, 0)
     os.close(devnull)
     os.dup2(2, 1)
-    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):  # always, unless something replaced them
+            stream.reconfigure(line_buffering=True)
     return proto_in, proto_out
 
 

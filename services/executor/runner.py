@@ -13,16 +13,19 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import msgspec
 from nats.aio.msg import Msg
 
 from services.executor.code_cache import CodeCache
-from services.executor.instances import FunctionSpec, Instance, InstancePool, InvocationResult, InvokeContext
+from services.executor.instance import Instance, InvocationResult, InvokeContext
+from services.executor.pool import InstancePool
 from services.executor.metrics import ExecutorMetrics
 from services.executor.settings import ExecutorSettings
-from shared.catalog import Catalog, FunctionRecord
+from services.executor.specs import function_spec
 from shared.errors import ConcurrentUpdateError, FunctionNotFound
+from shared.bus import ACK, Nak, Term, Verdict
 from shared.events import (
+    AnyTaskEvent,
+    Submission,
     TaskEnqueued,
     TaskEvent,
     TaskFailed,
@@ -32,9 +35,9 @@ from shared.events import (
     TaskStarted,
     TaskStopped,
     TaskSucceeded,
-    decode_event,
 )
-from shared.eventstore import EventStore, StoredEvent, follow, now_ms
+from shared.eventstore import StoredEvent, follow, now_ms
+from shared.ports import EventLog, FunctionCatalog
 from shared.taskview import RETURN_PAYLOAD_PREVIEW_BYTES
 from shared.transitions import Status
 
@@ -51,28 +54,12 @@ class RunningTask:
     stop_requested: bool = False
 
 
-async def function_spec(function: FunctionRecord, code: CodeCache) -> FunctionSpec:
-    """What an instance needs to know about `function`, with its code unpacked locally."""
-    custom = function.custom_runtime_config
-    return FunctionSpec(
-        name=function.function_name,
-        runtime=function.runtime,
-        handler=function.handler,
-        timeout_s=float(function.timeout),
-        code_dir=await code.directory(function),
-        code_checksum=function.code_checksum,
-        memory_mb=function.memory_size,
-        environment=dict(function.environment_variables),
-        custom_command=[*custom.command, *custom.args] if custom else [],
-    )
-
-
 class TaskRunner:
     def __init__(
         self,
         *,
-        events: EventStore,
-        catalog: Catalog,
+        events: EventLog,
+        catalog: FunctionCatalog,
         code: CodeCache,
         pool: InstancePool,
         metrics: ExecutorMetrics,
@@ -90,27 +77,19 @@ class TaskRunner:
         self._parked = 0  # ... of which wait for a busy function without holding a fetch slot
         self._holding: dict[str, int] = {}  # ... per function, those holding a fetch slot
 
-    async def handle(self, msg: Msg, *, release_slot: Callable[[], None] = lambda: None) -> None:
-        """Decide the fate of one dispatch message; exactly one of ack / nak / term.
+    async def handle(self, event: AnyTaskEvent, msg: Msg, *, release_slot: Callable[[], None] = lambda: None) -> Verdict:
+        """Run one dispatch and give its verdict (the consumer policy in shared/bus settles it).
 
         `release_slot` gives up this dispatch's fetch slot while it waits for a busy function.
         """
-        try:
-            event = decode_event(msg.data)
-        except msgspec.DecodeError:
-            log.error("undecodable dispatch dropped", extra={"subject": msg.subject})
-            await msg.term()
-            return
         if not isinstance(event, TaskProcessed | TaskRetrying):
-            await msg.term()
-            return
+            return Term(f"not a dispatch: {type(event).__name__}")
         if isinstance(event, TaskRetrying) and now_ms() < event.retry_at_ms:
-            await msg.nak(delay=(event.retry_at_ms - now_ms()) / 1000)
-            return
+            return Nak((event.retry_at_ms - now_ms()) / 1000)
         key = (event.function, event.task_id)
-        if key in self._handling:  # redelivered while this executor still works on it
-            await msg.in_progress()
-            return
+        if key in self._handling:
+            # Redelivered while this executor still works on it: the holder acks it when done.
+            return Nak(self._settings.ack_wait_s)
         current = StoredEvent(msg.metadata.sequence.stream, event)
         if msg.metadata.num_delivered > 1:
             # Recovery first: a dead executor's Running or Stopping task must not wait behind
@@ -118,8 +97,7 @@ class TaskRunner:
             last = await self._events.last(event.function, event.task_id)
             if last is None or last.seq != current.seq:
                 await self._recover(last, current)
-                await msg.ack()
-                return
+                return ACK
         parked = False
         holding = self._holding.get(event.function, 0)
         if holding >= self._settings.max_instances_per_function + self._settings.max_queued_per_function:
@@ -127,8 +105,7 @@ class TaskRunner:
             # each: wait without one (up to max_parked), so other functions' tasks get fetched;
             # past that, hand it back for a while.
             if self._parked >= self._settings.max_parked:
-                await msg.nak(delay=self._settings.saturated_retry_s)
-                return
+                return Nak(self._settings.saturated_retry_s)
             release_slot()
             parked = True
             self._parked += 1
@@ -152,7 +129,7 @@ class TaskRunner:
             self._started.discard(key)
             keep_alive.cancel()
             await asyncio.gather(keep_alive, return_exceptions=True)
-        await msg.ack()
+        return ACK
 
     async def stop_requested(self, function: str, task_id: str) -> None:
         """A task went Stopping: if it runs here, end its instance now."""
@@ -160,7 +137,7 @@ class TaskRunner:
         if running is None or running.stop_requested:
             return
         running.stop_requested = True
-        log.info("killing instance for stop", extra={"task_id": task_id, "function": function, "status": "Stopping"})
+        log.info("killing instance for stop", extra={"task_id": task_id, "function": function, "status": str(Status.STOPPING)})
         await running.instance.kill()
 
     @property
@@ -170,13 +147,14 @@ class TaskRunner:
     async def _run(self, current: StoredEvent) -> None:
         """Run the dispatched task, or end it (Invalid) when it cannot run."""
         event = current.event
+        assert isinstance(event, TaskProcessed | TaskRetrying), "only dispatches are run"
         fields = {"task_id": event.task_id, "function": event.function}
         function = await self._catalog.find_function(event.function)
         if function is None:
             await self._invalid(current, f"function {event.function} was deleted")
             return
-        enqueued = await self._events.last_with_status(event.function, event.task_id, Status.ENQUEUED)
-        if enqueued is None or not isinstance(enqueued.event, TaskEnqueued):
+        submission = await self._submission(event)
+        if submission is None:
             await self._invalid(current, "the task's submission is no longer in the event store")
             return
         attempt = event.attempt + 1 if isinstance(event, TaskRetrying) else 0
@@ -193,31 +171,41 @@ class TaskRunner:
                 await self._recover(await self._events.last(event.function, event.task_id), current)
                 return
             self._started.add((event.function, event.task_id))
-            due_ms = event.retry_at_ms if isinstance(event, TaskRetrying) else enqueued.event.due_at_ms
+            due_ms = event.retry_at_ms if isinstance(event, TaskRetrying) else submission.due_at_ms
             self._metrics.submit_to_start.labels(event.function).observe(max(0, started.at_ms - due_ms) / 1000)
-            log.info("task Running", extra={**fields, "status": "Running", "instance_id": instance.instance_id,
+            log.info("task Running", extra={**fields, "status": str(Status.RUNNING), "instance_id": instance.instance_id,
                                             "attempt": attempt})
             running = RunningTask(instance)
             self._running[(event.function, event.task_id)] = running
             self._metrics.in_process.inc()
             try:
-                context = InvokeContext(request_id=enqueued.event.request_id, task_id=event.task_id, attempt=attempt)
-                result = await instance.invoke(enqueued.event.payload, context)
+                context = InvokeContext(request_id=submission.request_id, task_id=event.task_id, attempt=attempt)
+                result = await instance.invoke(submission.payload, context)
             finally:
                 del self._running[(event.function, event.task_id)]
                 self._metrics.in_process.dec()
         self._metrics.run_seconds.labels(event.function).observe(result.duration_ms / 1000)
-        await self._finish(StoredEvent(started_seq, started), result, enqueued.event, running)
+        await self._finish(StoredEvent(started_seq, started), result, submission.max_retries, running)
+
+    async def _submission(self, event: TaskProcessed | TaskRetrying) -> Submission | None:
+        """What the task was submitted with: carried in the dispatch, else read from its Enqueued event."""
+        if isinstance(event, TaskProcessed) and event.submission is not None:
+            return event.submission
+        enqueued = await self._events.last_with_status(event.function, event.task_id, Status.ENQUEUED)
+        if enqueued is None or not isinstance(enqueued.event, TaskEnqueued):
+            return None
+        return Submission(payload=enqueued.event.payload, request_id=enqueued.event.request_id,
+                          due_at_ms=enqueued.event.due_at_ms, max_retries=enqueued.event.max_retries)
 
     async def _invalid(self, current: StoredEvent, reason: str) -> None:
         await self._append_or_log(follow(current, TaskInvalid, reason=reason), expected_seq=current.seq)
 
     async def _finish(
-        self, started: StoredEvent, result: InvocationResult, enqueued: TaskEnqueued, running: RunningTask
+        self, started: StoredEvent, result: InvocationResult, max_retries: int, running: RunningTask
     ) -> None:
         if running.stop_requested and await self._finish_stopping(started, result):
             return
-        outcome = self._outcome(started, result, enqueued)
+        outcome = self._outcome(started, result, max_retries)
         try:
             await self._append_durably(outcome, expected_seq=started.seq)
         except ConcurrentUpdateError:
@@ -240,12 +228,12 @@ class TaskRunner:
         await self._append_or_log(outcome, expected_seq=last.seq)
         return True
 
-    def _outcome(self, started: StoredEvent, result: InvocationResult, enqueued: TaskEnqueued) -> TaskEvent:
+    def _outcome(self, started: StoredEvent, result: InvocationResult, max_retries: int) -> TaskEvent:
         attempt = _attempt(started)
         if result.ok:
             return follow(started, TaskSucceeded, result=_preview(result), instance_id=_instance(started), attempt=attempt)
         error = result.error_message or "function error"
-        if attempt < enqueued.max_retries:
+        if attempt < max_retries:
             return follow(started, TaskRetrying, error=error, attempt=attempt,
                           retry_at_ms=now_ms() + self._settings.backoff_ms(attempt))
         return follow(started, TaskFailed, error=error, instance_id=_instance(started), attempt=attempt)
@@ -262,7 +250,7 @@ class TaskRunner:
             if enqueued is None or not isinstance(enqueued.event, TaskEnqueued):
                 return
             lost = InvocationResult(ok=False, payload=b"", error_message="instance lost: its executor stopped")
-            outcome = self._outcome(last, lost, enqueued.event)
+            outcome = self._outcome(last, lost, enqueued.event.max_retries)
             if await self._append_or_log(outcome, expected_seq=last.seq):
                 self._record(outcome)
 

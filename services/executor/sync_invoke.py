@@ -8,17 +8,18 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from services.executor.code_cache import CodeCache
-from services.executor.instances import InstancePool, InvokeContext
-from services.executor.runner import function_spec
+from services.executor.instance import InvokeContext
+from services.executor.pool import InstancePool
+from services.executor.specs import function_spec
 from shared import wire
-from shared.catalog import Catalog
 from shared.errors import FunctionNotFound
+from shared.ports import FunctionCatalog
 
 log = logging.getLogger(__name__)
 
 
 class SyncInvoker:
-    def __init__(self, *, nc: Client, catalog: Catalog, code: CodeCache, pool: InstancePool) -> None:
+    def __init__(self, *, nc: Client, catalog: FunctionCatalog, code: CodeCache, pool: InstancePool) -> None:
         self._nc = nc
         self._catalog = catalog
         self._code = code

@@ -7,38 +7,26 @@ closes. Nothing is built at import time.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
-from nats.aio.client import Client
 from prometheus_client import start_http_server
 
-from shared import bus, eventstore, wire
-from shared.catalog import Catalog
-from shared.eventstore import EventStore
+from shared import wire
+from shared.bootstrap import open_bus, open_catalog
 from shared.taskstore import TaskStore
 from services.gateway import async_configs, functions, invocations, tasks
-from services.gateway.auth import Resources, guard_request
-from services.gateway.errors import RequestContextMiddleware, install_exception_handlers, json_response
+from services.gateway.auth import guard_request
+from services.gateway.context import RequestContextMiddleware, install_exception_handlers
+from services.gateway.deps import Resources
+from services.gateway.errors import json_response
+from services.gateway.fast_path import AsyncSubmissionFastPath
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
-
-NATS_CLIENT_NAME = "taskmode-gateway"
-_DRAIN_TIMEOUT_S = 5.0
-
-
-async def _close_nats(nc: Client) -> None:
-    try:
-        await asyncio.wait_for(nc.drain(), timeout=_DRAIN_TIMEOUT_S)
-    except Exception as err:  # noqa: BLE001 - closing anyway is the only thing left to do
-        log.warning("nats drain failed; closing", extra={"error": str(err)})
-        await nc.close()
-
 
 async def open_resources(settings: GatewaySettings, stack: AsyncExitStack) -> Resources:
     """Connect to NATS (ensuring the event stream and catalog buckets) and MongoDB.
@@ -46,17 +34,12 @@ async def open_resources(settings: GatewaySettings, stack: AsyncExitStack) -> Re
     Each close is registered on `stack` as soon as its resource is open, so a failure halfway
     still closes what was opened, in reverse order.
     """
-    nc = await bus.connect(settings.common.nats_url, name=NATS_CLIENT_NAME)
-    stack.push_async_callback(_close_nats, nc)
-    js = nc.jetstream()
-    await eventstore.ensure_stream(js)
-    catalog = await Catalog.open(js)
-    await catalog.watch()
-    stack.push_async_callback(catalog.close)
+    bus = await open_bus(settings.common, stack, name=wire.GATEWAY_CLIENT_NAME)
+    catalog = await open_catalog(bus, stack)
     log.info("nats ready", extra={"stream": wire.EVENT_STREAM})
     task_store = await TaskStore.connect(settings.common.mongodb_url)
     stack.push_async_callback(task_store.close)
-    return Resources(nc=nc, catalog=catalog, events=EventStore(js), tasks=task_store)
+    return Resources(nc=bus.nc, catalog=catalog, events=bus.events, tasks=task_store)
 
 
 def _serve_metrics_port(metrics: GatewayMetrics, settings: GatewaySettings, stack: AsyncExitStack) -> None:
@@ -100,6 +83,8 @@ def create_app(
     if resources is not None:  # usable at once, even by a test transport that skips the lifespan
         app.state.resources = resources
     install_exception_handlers(app)
+    # Added first, so it runs inside the request context (request id, timing, 500s).
+    app.add_middleware(AsyncSubmissionFastPath, state=app.state)
     app.add_middleware(RequestContextMiddleware, observe=gateway_metrics.observe_request)
 
     api = APIRouter(prefix=f"/{wire.API_VERSION}", dependencies=[Depends(guard_request)])

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 
-from shared.catalog import DEFAULT_MAX_EVENT_AGE_S, DEFAULT_MAX_RETRIES, AsyncConfigRecord
-from services.gateway import validation
-from services.gateway.auth import body_of, resources_of
+from services.gateway import params
+from services.gateway.deps import BodyDep, ResourcesDep
 from services.gateway.errors import json_response
+from services.gateway.schemas import PutAsyncInvokeConfigInput, decode_json
+from shared.catalog import AsyncConfigRecord
+from shared.events import DEFAULT_MAX_EVENT_AGE_S, DEFAULT_MAX_RETRIES
 
 log = logging.getLogger(__name__)
 
@@ -17,14 +19,16 @@ router = APIRouter()
 
 
 @router.put("/functions/{function_name}/async-invoke-config")
-async def put_async_invoke_config(function_name: str, request: Request, qualifier: str | None = None) -> Response:
-    validation.check_function_name(function_name)
-    validation.check_qualifier(qualifier)
-    body = validation.decode_json(body_of(request), validation.PutAsyncInvokeConfigInput)
-    catalog = resources_of(request).catalog
+async def put_async_invoke_config(
+    function_name: str, resources: ResourcesDep, raw: BodyDep, qualifier: str | None = None
+) -> Response:
+    params.check_function_name(function_name)
+    params.check_qualifier(qualifier)
+    body = decode_json(raw, PutAsyncInvokeConfigInput)
+    catalog = resources.catalog
     function = await catalog.get_function(function_name)
     existing = await catalog.find_async_config(function_name)
-    now = validation.format_time()
+    now = params.format_time()
     # A put replaces the whole config (omitted fields take their defaults), like FC; only the
     # creation time survives.
     record = AsyncConfigRecord(
@@ -56,19 +60,19 @@ async def put_async_invoke_config(function_name: str, request: Request, qualifie
 
 
 @router.get("/functions/{function_name}/async-invoke-config")
-async def get_async_invoke_config(function_name: str, request: Request, qualifier: str | None = None) -> Response:
-    validation.check_function_name(function_name)
-    validation.check_qualifier(qualifier)
-    catalog = resources_of(request).catalog
+async def get_async_invoke_config(function_name: str, resources: ResourcesDep, qualifier: str | None = None) -> Response:
+    params.check_function_name(function_name)
+    params.check_qualifier(qualifier)
+    catalog = resources.catalog
     await catalog.get_function(function_name)
     return json_response(await catalog.get_async_config(function_name))
 
 
 @router.delete("/functions/{function_name}/async-invoke-config", status_code=204)
-async def delete_async_invoke_config(function_name: str, request: Request, qualifier: str | None = None) -> Response:
-    validation.check_function_name(function_name)
-    validation.check_qualifier(qualifier)
-    catalog = resources_of(request).catalog
+async def delete_async_invoke_config(function_name: str, resources: ResourcesDep, qualifier: str | None = None) -> Response:
+    params.check_function_name(function_name)
+    params.check_qualifier(qualifier)
+    catalog = resources.catalog
     await catalog.get_function(function_name)
     await catalog.delete_async_config(function_name)
     log.info("async invoke config deleted", extra={"function": function_name})
@@ -77,11 +81,11 @@ async def delete_async_invoke_config(function_name: str, request: Request, quali
 
 @router.get("/async-invoke-configs")
 async def list_async_invoke_configs(
-    request: Request, functionName: str | None = None, limit: str | None = None, nextToken: str | None = None
+    resources: ResourcesDep, functionName: str | None = None, limit: str | None = None, nextToken: str | None = None
 ) -> Response:
-    page_size = validation.parse_limit(limit)
-    after = validation.decode_token(nextToken)
-    configs = dict(await resources_of(request).catalog.list_async_configs())
+    page_size = params.parse_limit(limit)
+    after = params.decode_token(nextToken)
+    configs = dict(await resources.catalog.list_async_configs())
     names = sorted(n for n in configs if not functionName or n == functionName)
-    page, token = validation.paginate(names, after=after, limit=page_size)
+    page, token = params.paginate(names, after=after, limit=page_size)
     return json_response({"configs": [configs[n] for n in page], "nextToken": token})

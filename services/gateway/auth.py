@@ -1,63 +1,26 @@
-"""The guard in front of every API route, and the app state routes read.
+"""Authentication: the guard in front of every API route.
 
 `guard_request` reads the body (capped), then checks its ACS3-HMAC-SHA256 signature against the
-configured access keys unless auth is disabled. Routes get the body back with `body_of` and the
-shared resources with `resources_of`, so nothing is a module-level global.
+configured access keys unless auth is disabled. Routes get the body back from `deps.body_of`.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
 from urllib.parse import quote
 
+from collections.abc import Mapping
+
 from fastapi import Request
-from nats.aio.client import Client
+from starlette.types import Scope
 
-from shared.catalog import Catalog
-from shared.errors import EntityTooLarge
-from shared.eventstore import EventStore
+from services.gateway.deps import settings_of
+from services.gateway.settings import GatewaySettings
 from shared import acs3
-
-if TYPE_CHECKING:
-    from shared.taskstore import TaskStore
-    from services.gateway.metrics import GatewayMetrics
-    from services.gateway.settings import GatewaySettings
+from shared.errors import EntityTooLarge
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Resources:
-    """What the routes use, opened by the app's lifespan (or handed in by a test)."""
-
-    nc: Client
-    catalog: Catalog
-    events: EventStore
-    tasks: TaskStore
-
-
-def resources_of(request: Request) -> Resources:
-    resources: Resources = request.app.state.resources
-    return resources
-
-
-def settings_of(request: Request) -> GatewaySettings:
-    settings: GatewaySettings = request.app.state.settings
-    return settings
-
-
-def metrics_of(request: Request) -> GatewayMetrics:
-    metrics: GatewayMetrics = request.app.state.metrics
-    return metrics
-
-
-def body_of(request: Request) -> bytes:
-    """The request body `guard_request` read."""
-    body: bytes = getattr(request.state, "body", b"")
-    return body
 
 
 async def read_body(request: Request, *, limit: int) -> bytes:
@@ -75,13 +38,29 @@ async def read_body(request: Request, *, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _raw_path(request: Request) -> str:
+def raw_path(scope: Scope) -> str:
     # The signature covers the path exactly as sent (percent-encoded); re-encode only if the
     # server did not keep it.
-    raw = request.scope.get("raw_path")
+    raw = scope.get("raw_path")
     if isinstance(raw, bytes) and raw:
         return raw.decode("latin-1").split("?", 1)[0]
-    return quote(request.scope.get("path", "/"), safe="/")
+    return quote(scope.get("path", "/"), safe="/")
+
+
+def verify(settings: GatewaySettings, scope: Scope, headers: Mapping[str, str], body: bytes) -> str | None:
+    """The caller's access key id once its signature checks out; None when auth is disabled."""
+    if settings.auth_disabled:
+        return None
+    return acs3.verify_request(
+        method=scope.get("method", ""),
+        raw_path=raw_path(scope),
+        raw_query=scope.get("query_string", b"").decode("latin-1"),
+        headers=headers,
+        body=body,
+        secrets=settings.access_keys,
+        now=datetime.now(timezone.utc),
+        max_skew_s=settings.max_clock_skew_s,
+    )
 
 
 async def guard_request(request: Request) -> None:
@@ -89,16 +68,4 @@ async def guard_request(request: Request) -> None:
     settings = settings_of(request)
     body = await read_body(request, limit=settings.max_request_body_bytes)
     request.state.body = body
-    if settings.auth_disabled:
-        return
-    access_key_id = acs3.verify_request(
-        method=request.method,
-        raw_path=_raw_path(request),
-        raw_query=request.scope.get("query_string", b"").decode("latin-1"),
-        headers=request.headers,
-        body=body,
-        secrets=settings.access_keys,
-        now=datetime.now(timezone.utc),
-        max_skew_s=settings.max_clock_skew_s,
-    )
-    request.state.access_key_id = access_key_id
+    request.state.access_key_id = verify(settings, request.scope, request.headers, body)

@@ -6,13 +6,14 @@ import logging
 import uuid
 
 import msgspec
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 
+from services.gateway import function_records, params
+from services.gateway.deps import BodyDep, ResourcesDep, SettingsDep
+from services.gateway.errors import json_response
+from services.gateway.schemas import CreateFunctionInput, UpdateFunctionInput, decode_json
 from shared.catalog import function_arn
 from shared.errors import ConcurrentUpdateError
-from services.gateway import validation
-from services.gateway.auth import body_of, resources_of, settings_of
-from services.gateway.errors import json_response
 
 log = logging.getLogger(__name__)
 
@@ -22,22 +23,21 @@ _UPDATE_ATTEMPTS = 5
 
 
 @router.post("/functions")
-async def create_function(request: Request) -> Response:
-    body = validation.decode_json(body_of(request), validation.CreateFunctionInput)
-    validation.check_function_name(body.function_name)
-    code = validation.decode_code(body.code, required=True)
+async def create_function(resources: ResourcesDep, settings: SettingsDep, raw: BodyDep) -> Response:
+    body = decode_json(raw, CreateFunctionInput)
+    params.check_function_name(body.function_name)
+    code = function_records.decode_code(body.code, required=True)
     assert code is not None
-    settings = settings_of(request)
-    record = validation.build_function(
+    record = function_records.build_function(
         body,
         function_id=str(uuid.uuid4()),
         arn=function_arn(
             region=settings.common.region, account_id=settings.common.account_id, function=body.function_name
         ),
         code=code,
-        now=validation.format_time(),
+        now=params.format_time(),
     )
-    catalog = resources_of(request).catalog
+    catalog = resources.catalog
     # Code first: an orphaned archive (content-addressed) is harmless, a record without code is not.
     await catalog.put_code(code.checksum, code.data)
     await catalog.create_function(record)
@@ -46,34 +46,34 @@ async def create_function(request: Request) -> Response:
 
 
 @router.get("/functions/{function_name}")
-async def get_function(function_name: str, request: Request) -> Response:
-    validation.check_function_name(function_name)
-    record = await resources_of(request).catalog.get_function(function_name)
+async def get_function(function_name: str, resources: ResourcesDep) -> Response:
+    params.check_function_name(function_name)
+    record = await resources.catalog.get_function(function_name)
     return json_response(msgspec.to_builtins(record))
 
 
 @router.get("/functions")
 async def list_functions(
-    request: Request, prefix: str | None = None, limit: str | None = None, nextToken: str | None = None
+    resources: ResourcesDep, prefix: str | None = None, limit: str | None = None, nextToken: str | None = None
 ) -> Response:
-    page_size = validation.parse_limit(limit)
-    after = validation.decode_token(nextToken)
-    records = {r.function_name: r for r in await resources_of(request).catalog.list_functions()}
+    page_size = params.parse_limit(limit)
+    after = params.decode_token(nextToken)
+    records = {r.function_name: r for r in await resources.catalog.list_functions()}
     names = sorted(n for n in records if not prefix or n.startswith(prefix))
-    page, token = validation.paginate(names, after=after, limit=page_size)
+    page, token = params.paginate(names, after=after, limit=page_size)
     return json_response({"functions": [msgspec.to_builtins(records[n]) for n in page], "nextToken": token})
 
 
 @router.put("/functions/{function_name}")
-async def update_function(function_name: str, request: Request) -> Response:
-    validation.check_function_name(function_name)
-    body = validation.decode_json(body_of(request), validation.UpdateFunctionInput)
-    code = validation.decode_code(body.code, required=False)
-    catalog = resources_of(request).catalog
+async def update_function(function_name: str, resources: ResourcesDep, raw: BodyDep) -> Response:
+    params.check_function_name(function_name)
+    body = decode_json(raw, UpdateFunctionInput)
+    code = function_records.decode_code(body.code, required=False)
+    catalog = resources.catalog
     for attempt in range(_UPDATE_ATTEMPTS):
         current, revision = await catalog.get_function_versioned(function_name)
         # Checked in full (custom runtime needs a command, ...) before anything is written.
-        updated = validation.apply_update(current, body, code=code, now=validation.format_time())
+        updated = function_records.apply_update(current, body, code=code, now=params.format_time())
         if code is not None and attempt == 0:
             await catalog.put_code(code.checksum, code.data)
         try:
@@ -88,8 +88,8 @@ async def update_function(function_name: str, request: Request) -> Response:
 
 
 @router.delete("/functions/{function_name}", status_code=204)
-async def delete_function(function_name: str, request: Request) -> Response:
-    validation.check_function_name(function_name)
-    await resources_of(request).catalog.delete_function(function_name)
+async def delete_function(function_name: str, resources: ResourcesDep) -> Response:
+    params.check_function_name(function_name)
+    await resources.catalog.delete_function(function_name)
     log.info("function deleted", extra={"function": function_name})
     return Response(status_code=204)

@@ -10,29 +10,29 @@ from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from shared import wire
-from shared.catalog import DEFAULT_MAX_EVENT_AGE_S, DEFAULT_MAX_RETRIES, FunctionRecord
+from shared.catalog import FunctionRecord
 from shared.errors import (
-    ConcurrentUpdateError,
     EntityTooLarge,
     FunctionNotFound,
     ServiceUnavailable,
-    TaskAlreadyExists,
 )
-from shared.events import TaskEnqueued
-from shared.eventstore import now_ms
-from services.gateway import validation
-from services.gateway.auth import body_of, metrics_of, resources_of
-from services.gateway.errors import REQUEST_ID_HEADER, InvocationTimeout, reported_error, request_id_of
+from services.gateway import params as validation
+from services.gateway.context import request_id_of
+from services.gateway.deps import body_of, metrics_of, resources_of
+from services.gateway.errors import InvocationTimeout, reported_error
+from services.gateway.submission import submit_task
+from shared.wire import (
+    FC_ERROR_TYPE_HEADER as ERROR_TYPE_HEADER,
+    FC_INSTANCE_ID_HEADER as INSTANCE_ID_HEADER,
+    FC_INVOCATION_TYPE_HEADER as INVOCATION_TYPE_HEADER,
+    FC_REQUEST_ID_HEADER as REQUEST_ID_HEADER,
+    FC_TASK_ID_HEADER as TASK_ID_HEADER,
+)
 
 log = logging.getLogger(__name__)
 
 router = APIRouter()
 
-TASK_ID_HEADER = "x-fc-async-task-id"
-INVOCATION_TYPE_HEADER = "x-fc-invocation-type"
-DELAY_HEADER = "x-fc-async-delay"
-INSTANCE_ID_HEADER = "x-fc-instance-id"
-ERROR_TYPE_HEADER = "x-fc-error-type"
 # How much longer than the function's own timeout we wait for the executor's reply.
 SYNC_REPLY_SLACK_S = 5.0
 
@@ -53,60 +53,10 @@ async def invoke_function(function_name: str, request: Request, qualifier: str |
 
 
 async def _submit(request: Request, function: FunctionRecord, *, qualifier: str) -> Response:
-    """Enqueue a task: everything is checked before the single append that creates it."""
-    metrics = metrics_of(request)
-    resources = resources_of(request)
-    payload = body_of(request)
     request_id = request_id_of(request)
-    name = function.function_name
-    try:
-        validation.check_payload_size(payload, limit=validation.MAX_ASYNC_PAYLOAD_BYTES)
-        task_id = validation.choose_task_id(
-            task_id_header=request.headers.get(TASK_ID_HEADER),
-            request_id_header=request.headers.get(REQUEST_ID_HEADER),
-        )
-        delay_s = validation.parse_delay(request.headers.get(DELAY_HEADER))
-    except Exception:
-        metrics.submissions.labels(outcome="rejected").inc()
-        raise
-    config = await resources.catalog.find_async_config(name)
-    at_ms = now_ms()
-    event = TaskEnqueued(
-        task_id=task_id,
-        function=name,
-        version=1,
-        at_ms=at_ms,
-        payload=payload,
-        request_id=request_id,
-        qualifier=qualifier,
-        due_at_ms=at_ms + delay_s * 1000,
-        max_event_age_s=config.max_async_event_age_in_seconds if config else DEFAULT_MAX_EVENT_AGE_S,
-        max_retries=config.max_async_retry_attempts if config else DEFAULT_MAX_RETRIES,
-    )
-    try:
-        await resources.events.append(event, expected_seq=0)
-    except ConcurrentUpdateError as err:
-        metrics.submissions.labels(outcome="duplicate").inc()
-        log.info(
-            "task submission refused: duplicate task id",
-            extra={"task_id": task_id, "function": name, "status": "Rejected", "request_id": request_id},
-        )
-        raise TaskAlreadyExists(
-            f"task {task_id} already exists for function {name}; task ids are unique for the retention period",
-            existing_task_id=task_id,
-        ) from err
-    metrics.submissions.labels(outcome="enqueued").inc()
-    log.info(
-        "task submitted",
-        extra={
-            "task_id": task_id,
-            "function": name,
-            "status": "Enqueued",
-            "request_id": request_id,
-            "delay_s": delay_s,
-            "payload_bytes": len(payload),
-        },
-    )
+    task_id = await submit_task(resources_of(request), metrics_of(request), function=function,
+                                payload=body_of(request), headers=request.headers, request_id=request_id,
+                                qualifier=qualifier)
     return Response(status_code=202, headers={REQUEST_ID_HEADER: request_id, TASK_ID_HEADER: task_id})
 
 

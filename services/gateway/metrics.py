@@ -34,6 +34,14 @@ class GatewayMetrics:
             ["outcome"],
             registry=self.registry,
         )
+        # The same series the scheduler exports for delayed tasks: a task due at once is
+        # dequeued (dispatched) by the gateway itself.
+        self.dispatched = Counter(
+            "taskmode_async_dequeue",
+            "Tasks moved Enqueued -> Processed at submission (due at once).",
+            ["function"],
+            registry=self.registry,
+        )
         self.stops = Counter(
             "taskmode_gateway_task_stops_total",
             "StopAsyncTask calls, by outcome (stopped, stopping, already_stopping, finished).",

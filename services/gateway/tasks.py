@@ -9,21 +9,25 @@ overwrite a completion that won the race.
 from __future__ import annotations
 
 import logging
-from typing import Any, Final
+from typing import Final
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from pymongo.errors import PyMongoError
 
 from shared import taskview
 from shared.catalog import function_arn
 from shared.errors import AsyncTaskNotFound, ConcurrentUpdateError, ServiceUnavailable, TaskAlreadyFinished, TaskmodeError
 from shared.events import TaskStopped, TaskStopping
-from shared.eventstore import EventStore, StoredEvent, follow
-from shared.taskstore import TaskQuery, task_doc_id
+from shared.eventstore import StoredEvent, follow
+from shared.ports import EventLog
+from shared.taskstore import TaskQuery
+from shared.taskview import TaskDocument
 from shared.transitions import TERMINAL, Status
-from services.gateway import validation
-from services.gateway.auth import Resources, metrics_of, resources_of, settings_of
+from services.gateway import params
+from services.gateway.deps import MetricsDep, Resources, ResourcesDep, SettingsDep
 from services.gateway.errors import json_response
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +40,21 @@ STOP_REASON: Final = "stopped by user"
 def _check_ids(function_name: str, task_id: str) -> None:
     # Both become NATS subject tokens: anything outside the id alphabets (`*`, `>`, `.`) could
     # widen a subject into a wildcard, so such a task simply cannot exist.
-    validation.check_function_name(function_name)
-    if not validation.TASK_ID_RE.fullmatch(task_id):
+    params.check_function_name(function_name)
+    if not params.TASK_ID_RE.fullmatch(task_id):
         raise AsyncTaskNotFound(f"task {task_id[:140]!r} of function {function_name} does not exist")
 
 
-async def _task_document(request: Request, resources: Resources, function_name: str, task_id: str) -> dict[str, Any]:
+async def _task_document(
+    *, resources: Resources, settings: GatewaySettings, metrics: GatewayMetrics, function_name: str, task_id: str
+) -> TaskDocument:
     try:
-        docs = await resources.tasks.load_many([task_doc_id(function_name, task_id)])
+        docs = await resources.tasks.load_many([taskview.document_id(function_name, task_id)])
     except PyMongoError as err:
         # The read model is unreachable: the event stream alone can still answer.
         log.warning("read model unavailable; answering from the event stream", extra={"error": repr(err)})
         docs = {}
-    doc = docs.get(task_doc_id(function_name, task_id))
+    doc = docs.get(taskview.document_id(function_name, task_id))
     last = await resources.events.last(function_name, task_id)
     if doc is None and last is None:
         raise AsyncTaskNotFound(f"task {task_id} of function {function_name} does not exist")
@@ -56,8 +62,7 @@ async def _task_document(request: Request, resources: Resources, function_name: 
         assert doc is not None
         return doc
     # The projection lags behind the stream: answer from the task's own history.
-    metrics_of(request).read_fallbacks.inc()
-    settings = settings_of(request)
+    metrics.read_fallbacks.inc()
     arn = function_arn(region=settings.common.region, account_id=settings.common.account_id, function=function_name)
     history = await resources.events.history(function_name, task_id)
     try:
@@ -74,17 +79,26 @@ async def _task_document(request: Request, resources: Resources, function_name: 
 
 
 @router.get("/functions/{function_name}/async-tasks/{task_id}")
-async def get_async_task(function_name: str, task_id: str, request: Request, qualifier: str | None = None) -> Response:
+async def get_async_task(
+    function_name: str,
+    task_id: str,
+    resources: ResourcesDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    qualifier: str | None = None,
+) -> Response:
     _check_ids(function_name, task_id)
-    validation.check_qualifier(qualifier)
-    doc = await _task_document(request, resources_of(request), function_name, task_id)
+    params.check_qualifier(qualifier)
+    doc = await _task_document(
+        resources=resources, settings=settings, metrics=metrics, function_name=function_name, task_id=task_id
+    )
     return json_response(taskview.public_view(doc))
 
 
 @router.get("/functions/{function_name}/async-tasks")
 async def list_async_tasks(
     function_name: str,
-    request: Request,
+    resources: ResourcesDep,
     status: str | None = None,
     prefix: str | None = None,
     startedTimeBegin: str | None = None,
@@ -95,22 +109,22 @@ async def list_async_tasks(
     nextToken: str | None = None,
     qualifier: str | None = None,
 ) -> Response:
-    validation.check_function_name(function_name)
-    validation.check_qualifier(qualifier)
-    status_filter = validation.parse_status_filter(status)
+    params.check_function_name(function_name)
+    params.check_qualifier(qualifier)
+    status_filter = params.parse_status_filter(status)
     query = TaskQuery(
         function=function_name,
         status=str(status_filter) if status_filter is not None else None,
         prefix=prefix or None,
-        started_time_begin=validation.parse_time_ms("startedTimeBegin", startedTimeBegin),
-        started_time_end=validation.parse_time_ms("startedTimeEnd", startedTimeEnd),
-        limit=validation.parse_limit(limit),
-        descending=validation.parse_sort_order(sortOrderByTime),
+        started_time_begin=params.parse_time_ms("startedTimeBegin", startedTimeBegin),
+        started_time_end=params.parse_time_ms("startedTimeEnd", startedTimeEnd),
+        limit=params.parse_limit(limit),
+        descending=params.parse_sort_order(sortOrderByTime),
         next_token=nextToken or None,
-        include_payload=validation.parse_bool("includePayload", includePayload, default=False),
+        include_payload=params.parse_bool("includePayload", includePayload, default=False),
     )
     try:
-        page = await resources_of(request).tasks.list_tasks(query)
+        page = await resources.tasks.list_tasks(query)
     except PyMongoError as err:
         raise ServiceUnavailable("the task list is unavailable right now; GetAsyncTask still answers") from err
     tasks = [taskview.public_view(doc, include_payload=query.include_payload) for doc in page.tasks]
@@ -118,11 +132,13 @@ async def list_async_tasks(
 
 
 @router.put("/functions/{function_name}/async-tasks/{task_id}/stop")
-async def stop_async_task(function_name: str, task_id: str, request: Request, qualifier: str | None = None) -> Response:
+async def stop_async_task(
+    function_name: str, task_id: str, resources: ResourcesDep, metrics: MetricsDep, qualifier: str | None = None
+) -> Response:
     _check_ids(function_name, task_id)
-    validation.check_qualifier(qualifier)
-    events = resources_of(request).events
-    stops = metrics_of(request).stops
+    params.check_qualifier(qualifier)
+    events = resources.events
+    stops = metrics.stops
     last = await events.last(function_name, task_id)
     if last is None:
         raise AsyncTaskNotFound(f"task {task_id} of function {function_name} does not exist")
@@ -144,7 +160,7 @@ async def stop_async_task(function_name: str, task_id: str, request: Request, qu
     raise ServiceUnavailable(f"task {task_id} kept changing; try stopping it again")
 
 
-async def _try_stop(events: EventStore, last: StoredEvent) -> str | None:
+async def _try_stop(events: EventLog, last: StoredEvent) -> str | None:
     """Stop the task from `last`; the outcome, or None when another writer got there first."""
     status = last.event.status
     if status in TERMINAL:

@@ -14,4 +14,4 @@ if __name__ == "__main__":
         configure("projection")
         asyncio.run(rebuild(settings))
     else:
-        service.run("projection", lambda stop: run(settings, stop))
+        service.run("projection", lambda stop, stack: run(settings, stop, stack))

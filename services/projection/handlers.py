@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from typing import Any
 
 import msgspec
 from nats.aio.msg import Msg
@@ -14,17 +13,16 @@ from services.projection.metrics import ProjectionMetrics
 from shared.catalog import function_arn
 from shared.errors import TransitionNotAllowed, VersionGap
 from shared.events import AnyTaskEvent, decode_event
-from shared.eventstore import EventStore
+from shared.ports import EventLog, TaskReadModel
 from shared.settings import CommonSettings
-from shared.taskstore import TaskStore
-from shared.taskview import document_id, evolve, fold
+from shared.taskview import TaskDocument, document_id, evolve, fold
 
 log = logging.getLogger(__name__)
 
 
 class Projector:
     def __init__(
-        self, *, store: TaskStore, events: EventStore, metrics: ProjectionMetrics, settings: CommonSettings
+        self, *, store: TaskReadModel, events: EventLog, metrics: ProjectionMetrics, settings: CommonSettings
     ) -> None:
         self._store = store
         self._events = events
@@ -35,7 +33,7 @@ class Projector:
         return function_arn(region=self._settings.region, account_id=self._settings.account_id, function=function)
 
     async def handle_batch(self, msgs: list[Msg]) -> None:
-        """Apply a batch in stream order, then ack it with one ack (the consumer acks all)."""
+        """Apply a batch in stream order; the consumer policy then acks it with one ack (AckAll)."""
         started = time.perf_counter()
         by_task: dict[str, list[AnyTaskEvent]] = defaultdict(list)
         redelivered = False
@@ -60,10 +58,9 @@ class Projector:
                 changed.append(doc)
         if changed:
             await self._store.save_many(changed)
-        await msgs[-1].ack_sync()
         self._metrics.batch_seconds.observe(time.perf_counter() - started)
 
-    async def _apply(self, doc: dict[str, Any] | None, events: list[AnyTaskEvent]) -> dict[str, Any] | None:
+    async def _apply(self, doc: TaskDocument | None, events: list[AnyTaskEvent]) -> TaskDocument | None:
         original = doc
         for event in events:
             if doc is not None and event.version <= doc["version"]:
@@ -82,7 +79,7 @@ class Projector:
                                                   "status": str(event.status), "error": err.message})
         return doc if doc is not original else None
 
-    async def _rebuild(self, event: AnyTaskEvent) -> dict[str, Any] | None:
+    async def _rebuild(self, event: AnyTaskEvent) -> TaskDocument | None:
         try:
             history = [stored.event for stored in await self._events.history(event.function, event.task_id)]
             history = [e for e in history if e.version <= event.version]

@@ -4,4 +4,4 @@ from shared import service
 
 if __name__ == "__main__":
     settings = SchedulerSettings.from_env()
-    service.run("scheduler", lambda stop: run(settings, stop))
+    service.run("scheduler", lambda stop, stack: run(settings, stop, stack))

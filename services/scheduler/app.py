@@ -1,7 +1,9 @@
+"""The scheduler: one consumer per partition it holds, over that partition's Enqueued events."""
+
 from __future__ import annotations
 
 import asyncio
-import logging
+from contextlib import AsyncExitStack
 
 from prometheus_client import CollectorRegistry
 
@@ -9,47 +11,45 @@ from services.scheduler.handlers import Dispatcher
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.settings import SchedulerSettings
 from shared import wire
-from shared.bus import connect, consume, ensure_consumer
-from shared.catalog import Catalog
-from shared.eventstore import EventStore, ensure_stream
-from shared.service import cancel_all, periodically, serve_metrics
+from shared.bootstrap import open_bus, open_catalog
+from shared.bus import Batching, consume, decoded, ensure_consumer
+from shared.partitions import PartitionLeases, open_leases, run_partitioned
+from shared.transitions import Status
+from shared.service import Readiness, background, periodically, serve_http
 
-log = logging.getLogger(__name__)
 
-
-async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
+async def run(settings: SchedulerSettings, stop: asyncio.Event, stack: AsyncExitStack) -> None:
     metrics = SchedulerMetrics.build(CollectorRegistry())
-    serve_metrics(metrics.registry, port=settings.common.metrics_port, host=settings.common.metrics_host)
-    nc = await connect(settings.common.nats_url, name="taskmode-scheduler")
-    try:
-        js = nc.jetstream()
-        await ensure_stream(js)
+    readiness = Readiness()
+    serve_http(metrics.registry, readiness, port=settings.common.metrics_port, host=settings.common.metrics_host,
+               stack=stack)
+    bus = await open_bus(settings.common, stack, name=wire.SCHEDULER_CLIENT_NAME, stop=stop)
+    catalog = await open_catalog(bus, stack)
+    dispatcher = Dispatcher(events=bus.events, catalog=catalog, metrics=metrics)
+    leases = PartitionLeases(await open_leases(bus.js, replicas=settings.common.stream_replicas),
+                             group="scheduler", partitions=settings.common.partitions, lease_s=settings.common.lease_s)
+    readiness.add("nats", lambda: bus.nc.is_connected)
+    readiness.add("partitions", lambda: bool(leases.held))
+
+    async def consume_partition(partition: int, partition_stop: asyncio.Event) -> None:
+        durable = wire.partition_durable(wire.SCHEDULER_DURABLE, partition)
         await ensure_consumer(
-            js,
+            bus.js,
             stream=wire.EVENT_STREAM,
-            durable=wire.SCHEDULER_DURABLE,
-            filter_subjects=[wire.status_subjects("Enqueued")],
+            durable=durable,
+            filter_subjects=[wire.status_subjects(Status.ENQUEUED, partition=partition)],
             ack_wait_s=settings.ack_wait_s,
             max_ack_pending=settings.max_parked,
         )
-        catalog = await Catalog.open(js)
-        await catalog.watch()
-        dispatcher = Dispatcher(events=EventStore(js), catalog=catalog, metrics=metrics)
-        async def read_backlog() -> None:
-            info = await js.consumer_info(wire.EVENT_STREAM, wire.SCHEDULER_DURABLE)
-            metrics.backlog.set(info.num_pending + info.num_ack_pending)
+        await consume(bus.js, stream=wire.EVENT_STREAM, durable=durable, stop=partition_stop,
+                      on_message=decoded(dispatcher.handle), batching=Batching(size=settings.batch_size))
 
-        backlog = asyncio.create_task(periodically(read_backlog, every_s=5, stop=stop, what="backlog read"))
-        try:
-            await consume(
-                js,
-                stream=wire.EVENT_STREAM,
-                durable=wire.SCHEDULER_DURABLE,
-                handle_batch=dispatcher.handle_batch,
-                stop=stop,
-                batch=settings.batch_size,
-            )
-        finally:
-            await cancel_all(backlog)
-    finally:
-        await nc.drain()
+    async def read_backlog() -> None:
+        pending = 0
+        for partition in leases.held:
+            info = await bus.js.consumer_info(wire.EVENT_STREAM, wire.partition_durable(wire.SCHEDULER_DURABLE, partition))
+            pending += info.num_pending + info.num_ack_pending
+        metrics.backlog.set(pending)
+
+    background(stack, periodically(read_backlog, every_s=5, stop=stop, what="backlog read"))
+    await run_partitioned(leases, consume_partition, stop=stop, lease_s=settings.common.lease_s)

@@ -1,9 +1,9 @@
-"""Function instances: the worker processes that run user handlers, and the pool that leases them.
+"""A function instance: one worker process that runs user handlers, one invocation at a time.
 
 An `Instance` is one OS process (a session leader, so a kill reaches the whole tree) that serves
-one invocation at a time. `InstancePool` keeps warm instances per function, reuses an idle one of
-the same code version, bounds the instances of a function and reaps the idle ones. Nothing here
-knows about NATS or MongoDB; the executor service drives it.
+one invocation at a time; subclasses speak a runtime's protocol (`python_instance.py`,
+`custom_runtime.py`) and `pool.py` leases them. Nothing here knows about NATS or MongoDB; the
+executor service drives it.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager, suppress
+from collections.abc import Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final
@@ -27,8 +27,6 @@ import msgspec
 import psutil
 
 from services.executor import orphans
-from services.executor import python_worker as proto
-from shared.errors import InvalidArgument, ServiceUnavailable
 
 logger = logging.getLogger(__name__)
 output_logger = logging.getLogger(f"{__name__}.output")  # what user code prints, per instance
@@ -36,7 +34,6 @@ output_logger = logging.getLogger(f"{__name__}.output")  # what user code prints
 KILL_GRACE_S: Final = 0.3  # SIGTERM -> SIGKILL
 OUTPUT_TAIL_BYTES: Final = 4096
 UNHANDLED: Final = "UnhandledInvocationError"
-_REPO_ROOT: Final = str(Path(__file__).resolve().parents[2])
 
 
 @dataclass(frozen=True)
@@ -288,170 +285,6 @@ class Instance:
                 output_logger.info("%s: %s", self.instance_id, line.decode(errors="replace"))
         if partial:
             output_logger.info("%s: %s", self.instance_id, partial.decode(errors="replace"))
-
-
-class PythonInstance(Instance):
-    """`python -m services.executor.python_worker` speaking msgpack frames over its stdio."""
-
-    _decode_ready = msgspec.msgpack.Decoder(proto.Ready).decode
-    _decode_response = msgspec.msgpack.Decoder(proto.Response).decode
-
-    async def _launch(self) -> InvocationResult | None:
-        env = self._environment()
-        # The worker must import whatever the cwd is; -P keeps the code dir from shadowing it (the
-        # worker puts the code dir first on sys.path itself, after it has started).
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO_ROOT, env.get("PYTHONPATH", "")) if p)
-        await self._spawn([sys.executable, "-P", "-m", "services.executor.python_worker"], env=env, python=True)
-        spec = self.spec
-        init = proto.Init(function_name=spec.name, handler=spec.handler, memory_mb=spec.memory_mb,
-                          timeout_s=spec.timeout_s, instance_id=self.instance_id, code_dir=str(spec.code_dir))
-        ready = self._decode_ready(await self._exchange(init))
-        if ready.ok:
-            return None
-        return InvocationResult(ok=False, payload=ready.error_payload, error_message=ready.error_message,
-                                error_type=UNHANDLED)
-
-    async def _call(self, payload: bytes, context: InvokeContext) -> InvocationResult:
-        request = proto.Request(request_id=context.request_id, task_id=context.task_id, attempt=context.attempt,
-                                payload=payload)
-        response = self._decode_response(await self._exchange(request))
-        return InvocationResult(ok=response.ok, payload=response.payload, error_message=response.error_message,
-                                error_type=response.error_type)
-
-    async def _exchange(self, message: msgspec.Struct) -> bytes:
-        assert self._proc is not None and self._proc.stdin is not None and self._proc.stdout is not None
-        return await proto.exchange(self._proc.stdin, self._proc.stdout, message)
-
-
-def new_instance(spec: FunctionSpec, *, work_dir: Path) -> Instance:
-    if spec.runtime.startswith("python3"):
-        return PythonInstance(spec, work_dir=work_dir)
-    if spec.runtime.startswith("custom"):
-        from services.executor.custom_runtime import CustomRuntimeInstance  # imports this module
-
-        return CustomRuntimeInstance(spec, work_dir=work_dir)
-    raise InvalidArgument(f"unsupported runtime {spec.runtime!r}")
-
-
-@dataclass
-class _Slots:
-    """The instances of one function: idle ones (most recent last), how many are leased."""
-
-    current: FunctionSpec | None = None  # the newest spec leased; other versions are not kept
-    idle: list[Instance] = field(default_factory=list)
-    busy: int = 0
-    waiters: list[asyncio.Future[None]] = field(default_factory=list)
-
-    def wake(self) -> None:
-        for waiter in self.waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self.waiters.clear()
-
-
-class InstancePool:
-    """Warm instances per function, at most `max_instances_per_function` of them at a time."""
-
-    def __init__(
-        self, *, work_dir: Path, max_instances_per_function: int = 4, idle_timeout_s: float = 120.0,
-        start_timeout_s: float = 30.0,
-    ) -> None:
-        self._work_dir = work_dir
-        # A cold start is bounded by max(function timeout, start_timeout_s): like FC, a short invocation
-        # timeout must not make a slow-booting runtime unusable.
-        self._start_timeout_s = start_timeout_s
-        self._max = max_instances_per_function
-        self._idle_timeout_s = idle_timeout_s
-        self._functions: dict[str, _Slots] = {}
-        self._live: set[Instance] = set()  # started (or starting) and not yet discarded
-        self._reaper: asyncio.Task[None] | None = None
-        self._closed = False
-
-    @asynccontextmanager
-    async def lease(self, spec: FunctionSpec) -> AsyncIterator[Instance]:
-        """An instance for `spec`, exclusively; reused when idle and of the same spec."""
-        slots = self._functions.setdefault(spec.name, _Slots())
-        while slots.busy >= self._max and not self._closed:
-            waiter = asyncio.get_running_loop().create_future()
-            slots.waiters.append(waiter)
-            await waiter
-        if self._closed:
-            raise ServiceUnavailable("the instance pool is closed")
-        if self._reaper is None:
-            self._reaper = asyncio.create_task(self._reap_forever())
-        slots.busy += 1
-        try:
-            instance = await self._acquire(slots, spec)
-        except BaseException:
-            slots.busy -= 1
-            slots.wake()
-            raise
-        try:
-            yield instance
-        finally:
-            await self._give_back(slots, instance)
-
-    def instances(self) -> list[Instance]:
-        """Live instances, idle or leased, for metrics."""
-        return [instance for instance in self._live if instance.alive]
-
-    async def close(self) -> None:
-        """Kill every instance; leases in flight see their invocations end as killed."""
-        self._closed = True
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._reaper
-        for slots in self._functions.values():
-            slots.idle.clear()
-            slots.wake()
-        doomed, self._live = list(self._live), set()
-        await asyncio.gather(*(instance.kill() for instance in doomed))
-
-    async def _acquire(self, slots: _Slots, spec: FunctionSpec) -> Instance:
-        slots.current = spec
-        stale = [i for i in slots.idle if i.spec != spec or not i.alive]
-        slots.idle = [i for i in slots.idle if i not in stale]
-        await asyncio.gather(*(self._discard(instance) for instance in stale))
-        if slots.idle:
-            return slots.idle.pop()
-        instance = new_instance(spec, work_dir=self._work_dir)
-        self._live.add(instance)
-        try:
-            await instance.start(timeout_s=max(spec.timeout_s, self._start_timeout_s))
-        except BaseException:
-            await self._discard(instance)
-            raise
-        return instance
-
-    async def _give_back(self, slots: _Slots, instance: Instance) -> None:
-        try:
-            if instance.alive and not self._closed and instance.spec == slots.current:
-                instance.idle_since = time.monotonic()
-                slots.idle.append(instance)
-            else:
-                await self._discard(instance)
-        finally:
-            slots.busy -= 1
-            slots.wake()
-
-    async def _discard(self, instance: Instance) -> None:
-        # Forgotten only once gone, so that close() still awaits a discard it interrupted.
-        await instance.kill()
-        self._live.discard(instance)
-
-    async def _reap_forever(self) -> None:
-        interval_s = min(max(self._idle_timeout_s / 4, 0.05), 5.0)
-        while True:
-            await asyncio.sleep(interval_s)
-            cutoff = time.monotonic() - self._idle_timeout_s
-            expired: list[Instance] = []
-            for slots in self._functions.values():
-                expired += [i for i in slots.idle if i.idle_since <= cutoff or not i.alive]
-                slots.idle = [i for i in slots.idle if i not in expired]
-            for outcome in await asyncio.gather(*map(self._discard, expired), return_exceptions=True):
-                if isinstance(outcome, Exception):
-                    logger.error("reaping an idle instance failed", exc_info=outcome)
 
 
 # The executor's own configuration (bus and database addresses, keys) is not the function's

@@ -1,0 +1,170 @@
+"""The instance pool: warm instances per function, leased one invocation at a time.
+
+`InstancePool` reuses an idle instance of the same code version, bounds the instances of a
+function and reaps the idle ones; `new_instance` picks the instance class for a runtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.executor.custom_runtime import CustomRuntimeInstance
+from services.executor.instance import FunctionSpec, Instance
+from services.executor.python_instance import PythonInstance
+from shared.errors import InvalidArgument, ServiceUnavailable
+
+logger = logging.getLogger(__name__)
+
+
+def new_instance(spec: FunctionSpec, *, work_dir: Path) -> Instance:
+    """An instance of the class that serves `spec.runtime` (not started yet)."""
+    if spec.runtime.startswith("python3"):
+        return PythonInstance(spec, work_dir=work_dir)
+    if spec.runtime.startswith("custom"):
+        return CustomRuntimeInstance(spec, work_dir=work_dir)
+    raise InvalidArgument(f"unsupported runtime {spec.runtime!r}")
+
+
+@dataclass
+class _Slots:
+    """The instances of one function: idle ones (most recent last), how many are leased."""
+
+    current: FunctionSpec | None = None  # the newest spec leased; other versions are not kept
+    idle: list[Instance] = field(default_factory=list)
+    busy: int = 0
+    waiters: collections.deque[asyncio.Future[None]] = field(default_factory=collections.deque)
+
+    def wake_one(self) -> None:
+        """Hand a freed instance slot to the longest waiter (FIFO).
+
+        Only one: waking every waiter for each freed slot made a backlog of N waiting
+        dispatches cost O(N) per completed task, which dominated the executor's CPU.
+        """
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def wake_all(self) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+class InstancePool:
+    """Warm instances per function, at most `max_instances_per_function` of them at a time."""
+
+    def __init__(
+        self, *, work_dir: Path, max_instances_per_function: int = 4, idle_timeout_s: float = 120.0,
+        start_timeout_s: float = 30.0,
+    ) -> None:
+        self._work_dir = work_dir
+        # A cold start is bounded by max(function timeout, start_timeout_s): like FC, a short invocation
+        # timeout must not make a slow-booting runtime unusable.
+        self._start_timeout_s = start_timeout_s
+        self._max = max_instances_per_function
+        self._idle_timeout_s = idle_timeout_s
+        self._functions: dict[str, _Slots] = {}
+        self._live: set[Instance] = set()  # started (or starting) and not yet discarded
+        self._reaper: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @asynccontextmanager
+    async def lease(self, spec: FunctionSpec) -> AsyncIterator[Instance]:
+        """An instance for `spec`, exclusively; reused when idle and of the same spec."""
+        slots = self._functions.setdefault(spec.name, _Slots())
+        while slots.busy >= self._max and not self._closed:
+            waiter = asyncio.get_running_loop().create_future()
+            slots.waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    slots.wake_one()  # the slot handed to us goes to the next in line
+                raise
+        if self._closed:
+            raise ServiceUnavailable("the instance pool is closed")
+        if self._reaper is None:
+            self._reaper = asyncio.create_task(self._reap_forever())
+        slots.busy += 1
+        try:
+            instance = await self._acquire(slots, spec)
+        except BaseException:
+            slots.busy -= 1
+            slots.wake_one()
+            raise
+        try:
+            yield instance
+        finally:
+            await self._give_back(slots, instance)
+
+    def instances(self) -> list[Instance]:
+        """Live instances, idle or leased, for metrics."""
+        return [instance for instance in self._live if instance.alive]
+
+    async def close(self) -> None:
+        """Kill every instance; leases in flight see their invocations end as killed."""
+        self._closed = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._reaper
+        for slots in self._functions.values():
+            slots.idle.clear()
+            slots.wake_all()
+        doomed, self._live = list(self._live), set()
+        await asyncio.gather(*(instance.kill() for instance in doomed))
+
+    async def _acquire(self, slots: _Slots, spec: FunctionSpec) -> Instance:
+        slots.current = spec
+        stale = [i for i in slots.idle if i.spec != spec or not i.alive]
+        slots.idle = [i for i in slots.idle if i not in stale]
+        await asyncio.gather(*(self._discard(instance) for instance in stale))
+        if slots.idle:
+            return slots.idle.pop()
+        instance = new_instance(spec, work_dir=self._work_dir)
+        self._live.add(instance)
+        try:
+            await instance.start(timeout_s=max(spec.timeout_s, self._start_timeout_s))
+        except BaseException:
+            await self._discard(instance)
+            raise
+        return instance
+
+    async def _give_back(self, slots: _Slots, instance: Instance) -> None:
+        try:
+            if instance.alive and not self._closed and instance.spec == slots.current:
+                instance.idle_since = time.monotonic()
+                slots.idle.append(instance)
+            else:
+                await self._discard(instance)
+        finally:
+            slots.busy -= 1
+            slots.wake_one()
+
+    async def _discard(self, instance: Instance) -> None:
+        # Forgotten only once gone, so that close() still awaits a discard it interrupted.
+        await instance.kill()
+        self._live.discard(instance)
+
+    async def _reap_forever(self) -> None:
+        interval_s = min(max(self._idle_timeout_s / 4, 0.05), 5.0)
+        while True:
+            await asyncio.sleep(interval_s)
+            cutoff = time.monotonic() - self._idle_timeout_s
+            expired: list[Instance] = []
+            for slots in self._functions.values():
+                expired += [i for i in slots.idle if i.idle_since <= cutoff or not i.alive]
+                slots.idle = [i for i in slots.idle if i not in expired]
+            for outcome in await asyncio.gather(*map(self._discard, expired), return_exceptions=True):
+                if isinstance(outcome, Exception):
+                    logger.error("reaping an idle instance failed", exc_info=outcome)

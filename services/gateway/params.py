@@ -1,0 +1,213 @@
+"""Path, query and header parameters: checking and parsing, with no I/O.
+
+Every check raises a typed `TaskmodeError` (mostly `InvalidArgument`) whose message names the
+offending parameter, so routes validate everything before writing anything.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import time
+import uuid
+from typing import Final
+
+from shared.errors import EntityTooLarge, InvalidArgument, InvalidNextToken
+from shared.transitions import STATUS_ALIASES, Status, parse_status
+from shared.wire import FC_DELAY_HEADER, FC_INVOCATION_TYPE_HEADER, FC_REQUEST_ID_HEADER, FC_TASK_ID_HEADER
+
+FUNCTION_NAME_RE: Final = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_-]{0,63}$")
+TASK_ID_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,127}$")
+RUNTIME_RE: Final = re.compile(r"^(python3(\.\d+)?|custom(\.debian(10|11|12))?)$")
+QUALIFIER_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+MAX_ASYNC_PAYLOAD_BYTES: Final = 128 * 1024
+MAX_SYNC_PAYLOAD_BYTES: Final = 32 * 1024 * 1024
+MAX_DELAY_S: Final = 3600
+DEFAULT_LIMIT: Final = 20
+MAX_LIMIT: Final = 100
+LATEST: Final = "LATEST"
+
+
+# --- names and identifiers ---------------------------------------------------------------------
+
+
+def check_function_name(name: str) -> str:
+    if not FUNCTION_NAME_RE.fullmatch(name):
+        raise InvalidArgument(
+            f"invalid function name {name[:80]!r}: it must match {FUNCTION_NAME_RE.pattern}"
+        )
+    return name
+
+
+def check_task_id(value: str, *, source: str = FC_TASK_ID_HEADER) -> str:
+    if not TASK_ID_RE.fullmatch(value):
+        raise InvalidArgument(
+            f"invalid task id {value[:140]!r} in {source}: it must start with a letter or '_', "
+            "contain only letters, digits, '_' and '-', and be at most 128 characters"
+        )
+    return value
+
+
+def check_runtime(runtime: str) -> str:
+    if not RUNTIME_RE.fullmatch(runtime):
+        raise InvalidArgument(
+            f"unsupported runtime {runtime[:40]!r}: use python3, python3.<minor>, custom, "
+            "custom.debian10, custom.debian11 or custom.debian12"
+        )
+    return runtime
+
+
+def check_qualifier(qualifier: str | None) -> str:
+    """The qualifier as given (None or empty: LATEST); only LATEST semantics exist here."""
+    if not qualifier:
+        return LATEST
+    if not QUALIFIER_RE.fullmatch(qualifier):
+        raise InvalidArgument(f"invalid qualifier {qualifier[:40]!r}")
+    return qualifier
+
+
+def new_task_id() -> str:
+    """A generated task id; the prefix makes it satisfy the task-id rule (no leading digit)."""
+    return f"task-{uuid.uuid4().hex}"
+
+
+def choose_task_id(*, task_id_header: str | None, request_id_header: str | None) -> str:
+    """FC's rule: the given task id, else the caller's request id, else a generated one."""
+    if task_id_header is not None and task_id_header.strip():
+        return check_task_id(task_id_header.strip())
+    if request_id_header is not None and request_id_header.strip():
+        return check_task_id(request_id_header.strip(), source=FC_REQUEST_ID_HEADER)
+    return new_task_id()
+
+
+# --- invocation headers -----------------------------------------------------------------------
+
+
+def parse_invocation_type(value: str | None) -> str:
+    """`Sync` (default) or `Async`, case-insensitively."""
+    if value is None or not value.strip():
+        return "Sync"
+    normalized = value.strip().lower()
+    if normalized == "sync":
+        return "Sync"
+    if normalized == "async":
+        return "Async"
+    raise InvalidArgument(f"invalid {FC_INVOCATION_TYPE_HEADER} {value[:40]!r}: use Sync or Async")
+
+
+def parse_delay(value: str | None) -> int:
+    """x-fc-async-delay: whole seconds in [0, 3600] (absent: 0)."""
+    if value is None or not value.strip():
+        return 0
+    text = value.strip()
+    if not text.isdigit() or not text.isascii():
+        raise InvalidArgument(
+            f"invalid {FC_DELAY_HEADER} {value[:40]!r}: an integer number of seconds is required"
+        )
+    delay = int(text)
+    if delay > MAX_DELAY_S:
+        raise InvalidArgument(f"{FC_DELAY_HEADER} {delay} is out of range [0, {MAX_DELAY_S}]")
+    return delay
+
+
+def check_payload_size(payload: bytes, *, limit: int) -> None:
+    if len(payload) > limit:
+        raise EntityTooLarge(f"payload size exceeds maximum allowed size ({limit} bytes)")
+
+
+# --- query parameters -------------------------------------------------------------------------
+
+
+def parse_bool(name: str, value: str | None, *, default: bool) -> bool:
+    """A boolean query value; the Python SDK sends `True`/`False`, so case is ignored."""
+    if value is None or value == "":
+        return default
+    lowered = value.strip().lower()
+    if lowered == "true":
+        return True
+    if lowered == "false":
+        return False
+    raise InvalidArgument(f"invalid {name} {value[:40]!r}: use true or false")
+
+
+_PLAIN_INTEGER = re.compile(r"-?[0-9]{1,18}")
+
+
+def parse_int(name: str, value: str | None, *, default: int | None, lo: int, hi: int) -> int | None:
+    if value is None or value == "":
+        return default
+    # Plain ASCII digits only: int() would also take "1_0", " 5" and non-ASCII digits.
+    if not _PLAIN_INTEGER.fullmatch(value):
+        raise InvalidArgument(f"invalid {name} {value[:40]!r}: an integer is required")
+    number = int(value)
+    if not lo <= number <= hi:
+        raise InvalidArgument(f"{name} {number} is out of range [{lo}, {hi}]")
+    return number
+
+
+def parse_limit(value: str | None) -> int:
+    limit = parse_int("limit", value, default=DEFAULT_LIMIT, lo=1, hi=MAX_LIMIT)
+    assert limit is not None
+    return limit
+
+
+def parse_time_ms(name: str, value: str | None) -> int | None:
+    return parse_int(name, value, default=None, lo=0, hi=2**53)
+
+
+def parse_sort_order(value: str | None) -> bool:
+    """sortOrderByTime: `asc` (default) or `desc`; returns whether the order is descending."""
+    if value is None or value == "":
+        return False
+    lowered = value.strip().lower()
+    if lowered in ("asc", "desc"):
+        return lowered == "desc"
+    raise InvalidArgument(f"invalid sortOrderByTime {value[:40]!r}: use asc or desc")
+
+
+def parse_status_filter(value: str | None) -> Status | None:
+    if value is None or value == "":
+        return None
+    try:
+        return parse_status(value)
+    except ValueError as err:
+        names = ", ".join([*(s.value for s in Status), *STATUS_ALIASES])
+        raise InvalidArgument(f"invalid status {value[:40]!r}: use one of {names}") from err
+
+
+# --- pagination over sorted names (functions, async configs) ----------------------------------
+
+
+def encode_token(after: str) -> str:
+    return base64.urlsafe_b64encode(after.encode()).decode().rstrip("=")
+
+
+def decode_token(token: str | None) -> str | None:
+    """The name a nextToken continues after (None: from the start)."""
+    if not token:
+        return None
+    try:
+        name = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError) as err:
+        raise InvalidNextToken("nextToken is not valid") from err
+    if not FUNCTION_NAME_RE.fullmatch(name):
+        raise InvalidNextToken("nextToken is not valid")
+    return name
+
+
+def paginate(names: list[str], *, after: str | None, limit: int) -> tuple[list[str], str]:
+    """One page of sorted `names` after `after`, and the token for the next page ("" at the end)."""
+    remaining = [n for n in names if after is None or n > after]
+    page = remaining[:limit]
+    token = encode_token(page[-1]) if len(remaining) > limit else ""
+    return page, token
+
+
+# --- times ------------------------------------------------------------------------------------
+
+
+def format_time(epoch_s: float | None = None) -> str:
+    """FC's timestamp form, e.g. `2023-05-01T08:15:27Z`."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if epoch_s is None else epoch_s))
