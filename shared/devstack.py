@@ -3,11 +3,16 @@
 Used by `make run` (through `deploy/run.py`) and by the integration tests, so both run the
 same nats-server and MongoDB-wire server the same way. Every server binds to 127.0.0.1; nats
 picks its own port (read back from its log) and the MongoDB-wire server gets a port we reserve.
+
+Every child gets PR_SET_PDEATHSIG: when the process (precisely: the thread) that started it
+dies, even by SIGKILL, the kernel kills the child too, so neither a crashed launcher nor a
+crashed test run leaves servers or services behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import re
@@ -17,9 +22,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil
 
 _NATS_LISTEN = re.compile(rb"Listening for client connections on [\d.]+:(\d+)")
 
@@ -85,6 +92,22 @@ def wait_for_port(port: int, *, deadline_s: float, process: subprocess.Popen[byt
     raise TimeoutError(f"nothing listened on port {port} within {deadline_s}s")
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent_pid: int) -> Callable[[], None]:
+    """A pre-exec hook: SIGKILL this child when its starter dies (Linux; elsewhere a no-op)."""
+
+    def hook() -> None:
+        if sys.platform != "linux":
+            return
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # the starter died before the hook ran: too late to ask
+            os._exit(1)
+
+    return hook
+
+
 def _spawn(name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] | None) -> subprocess.Popen[bytes]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "ab")  # noqa: SIM115 - the child owns the descriptor from here on
@@ -96,9 +119,15 @@ def _spawn(name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] |
             stdin=subprocess.DEVNULL,
             env=env,
             start_new_session=True,  # a Ctrl-C in the terminal reaches us, not the children
+            preexec_fn=_die_with(os.getpid()),  # noqa: PLW1509 - async-signal-safe: one prctl call
         )
     finally:
         log.close()
+
+
+def start_program(name: str, argv: Sequence[str], *, log_path: Path, env: dict[str, str] | None = None) -> ChildProcess:
+    """Any other server a test needs (Prometheus, Alertmanager), started and logged like ours."""
+    return ChildProcess(name, _spawn(name, argv, log_path, env), log_path)
 
 
 # FC accepts synchronous payloads up to 32 MB; the bus must carry them plus headers.
@@ -114,44 +143,157 @@ def nats_config(*, port: int, store: Path) -> str:
     )
 
 
+def _log_offset(log_path: Path) -> int:
+    return log_path.stat().st_size if log_path.exists() else 0
+
+
+def wait_for_log_line(
+    pattern: re.Pattern[bytes], *, log_path: Path, offset: int, process: subprocess.Popen[bytes], deadline_s: float
+) -> re.Match[bytes]:
+    """The first match of `pattern` in what `process` logged after `offset`; fails if it dies first."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        with open(log_path, "rb") as log:
+            log.seek(offset)
+            match = pattern.search(log.read())
+        if match:
+            return match
+        if process.poll() is not None:
+            tail = log_path.read_bytes()[offset:].decode(errors="replace")
+            raise RuntimeError(f"process exited with {process.returncode}: {tail}")
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    raise TimeoutError(f"no {pattern.pattern!r} in {log_path} within {deadline_s}s")
+
+
+def start_nats_with(
+    config: Path, *, log_path: Path, env: dict[str, str] | None = None, name: str = "nats", deadline_s: float = 20.0
+) -> ChildProcess:
+    """nats-server with configuration file `config`, its URL read back from its log.
+
+    The log is appended to, so what a crashed predecessor wrote stays readable; `env` (added to
+    this process's environment) fills the configuration's `$VARIABLES`.
+    """
+    offset = _log_offset(log_path)
+    argv = [executable("nats-server"), "-c", str(config)]
+    proc = _spawn(name, argv, log_path, {**os.environ, **env} if env else None)
+    chosen = int(wait_for_log_line(_NATS_LISTEN, log_path=log_path, offset=offset, process=proc,
+                                   deadline_s=deadline_s).group(1))
+    wait_for_port(chosen, deadline_s=deadline_s, process=proc)
+    return ChildProcess(name, proc, log_path, url=f"nats://127.0.0.1:{chosen}")
+
+
 def start_nats(data_dir: Path, *, port: int = -1, deadline_s: float = 20.0) -> ChildProcess:
     """A JetStream-enabled nats-server storing under `data_dir/nats`; port -1 lets it choose."""
     store = data_dir / "nats"
     store.mkdir(parents=True, exist_ok=True)
     config = data_dir / "nats-server.conf"
     config.write_text(nats_config(port=port, store=store))
-    log_path = data_dir / "logs" / "nats-server.log"
-    if log_path.exists():
-        log_path.unlink()
-    argv = [executable("nats-server"), "-c", str(config)]
-    proc = _spawn("nats", argv, log_path, None)
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        match = _NATS_LISTEN.search(log_path.read_bytes()) if log_path.exists() else None
-        if match:
-            chosen = int(match.group(1))
-            wait_for_port(chosen, deadline_s=deadline_s, process=proc)
-            return ChildProcess("nats", proc, log_path, url=f"nats://127.0.0.1:{chosen}")
-        if proc.poll() is not None:
-            raise RuntimeError(f"nats-server exited: {log_path.read_text(errors='replace')}")
-        time.sleep(0.05)
-    proc.kill()
-    raise TimeoutError("nats-server did not report its port")
+    return start_nats_with(config, log_path=data_dir / "logs" / "nats-server.log", deadline_s=deadline_s)
+
+
+def _is_server_with_pid_file(pid: int, pid_file: Path) -> bool:
+    """Whether `pid` is a live (not zombie) nx-27017 that was started with `pid_file`."""
+    try:
+        process = psutil.Process(pid)
+        return process.status() != psutil.STATUS_ZOMBIE and str(pid_file) in process.cmdline()
+    except psutil.Error:
+        return False
+
+
+def clear_stale_pid_file(pid_file: Path) -> None:
+    """Remove nx-27017's pid file unless the server it names is really running.
+
+    nx-27017 refuses to start while its pid file names any live process: after a SIGKILL (or
+    once the number is reused by an unrelated process, or while the dead server is an unreaped
+    zombie) that file would block every restart. A real server on the same store is refused.
+    """
+    try:
+        pid = int(pid_file.read_text().strip() or "0")
+    except (FileNotFoundError, ValueError):
+        pid = 0
+    if pid and _is_server_with_pid_file(pid, pid_file):
+        raise RuntimeError(f"nx-27017 already runs on {pid_file.parent} (pid {pid})")
+    pid_file.unlink(missing_ok=True)
+
+
+CLUSTER_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "nats" / "cluster.conf"
+
+
+@dataclass
+class NatsCluster:
+    """Three (or more) nats-server nodes on loopback, each run with deploy/nats/cluster.conf, the
+    file docker-compose.yml and deploy/k8s use, so the cluster tested here is the one deployed."""
+
+    data_dir: Path
+    envs: list[dict[str, str]]
+    nodes: list[ChildProcess] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, data_dir: Path, *, size: int = 3) -> NatsCluster:
+        """Start `size` nodes storing under `data_dir/node-<n>`; returns once all listen."""
+        route_ports = [free_port() for _ in range(size)]
+        routes = {f"NATS_ROUTE_{i + 1}": f"nats://127.0.0.1:{port}" for i, port in enumerate(route_ports)}
+        envs = [
+            {
+                "NATS_SERVER_NAME": f"node-{i + 1}",
+                "NATS_CLIENT_LISTEN": f"127.0.0.1:{free_port()}",
+                "NATS_HTTP_LISTEN": f"127.0.0.1:{free_port()}",
+                "NATS_CLUSTER_LISTEN": f"127.0.0.1:{route_ports[i]}",
+                "NATS_STORE_DIR": str(data_dir / f"node-{i + 1}"),
+                **routes,
+            }
+            for i in range(size)
+        ]
+        cluster = cls(data_dir=data_dir, envs=envs)
+        for index in range(size):
+            cluster.nodes.append(cluster._start_node(index))
+        return cluster
+
+    def _start_node(self, index: int) -> ChildProcess:
+        name = self.envs[index]["NATS_SERVER_NAME"]
+        return start_nats_with(CLUSTER_CONFIG, log_path=self.data_dir / "logs" / f"{name}.log", env=self.envs[index], name=name)
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    def monitor_url(self, index: int) -> str:
+        return f"http://{self.envs[index]['NATS_HTTP_LISTEN']}"
+
+    def kill(self, index: int) -> None:
+        """SIGKILL one node: a crash, no goodbye to the others."""
+        self.nodes[index].kill()
+
+    def restart(self, index: int) -> None:
+        """Start a stopped or killed node again, with its store and ports."""
+        self.nodes[index].stop()
+        self.nodes[index] = self._start_node(index)
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            node.stop()
 
 
 def start_mongo_wire(data_dir: Path, *, port: int | None = None, deadline_s: float = 30.0) -> ChildProcess:
-    """The embedded MongoDB wire-protocol server (nx-27017, SQLite-backed) under `data_dir/mongo`."""
+    """The embedded MongoDB wire-protocol server (nx-27017, SQLite-backed) under `data_dir/mongo`.
+
+    Its log is what it prints (`logs/mongo-wire.log`); its own log file copy goes to /dev/null.
+    """
     store = data_dir / "mongo"
     store.mkdir(parents=True, exist_ok=True)
     chosen = port or free_port()
     log_path = data_dir / "logs" / "mongo-wire.log"
+    pid_file = store / "nx-27017.pid"
+    clear_stale_pid_file(pid_file)
     argv = [
         executable("nx-27017"),
         "--data-dir", str(store),
         "--host", "127.0.0.1",
         "-p", str(chosen),
-        "--log-file", str(data_dir / "logs" / "nx-27017.log"),
-        "--pid-file", str(store / "nx-27017.pid"),
+        "--log-file", os.devnull,
+        "--pid-file", str(pid_file),
     ]
     proc = _spawn("mongo", argv, log_path, None)
     wait_for_port(chosen, deadline_s=deadline_s, process=proc)
@@ -208,6 +350,21 @@ class Stack:
         old.stop()
         port = int(self.nats_url.rsplit(":", 1)[1])
         self.infra[self.infra.index(old)] = start_nats(self.data_dir, port=port)
+
+    def infra_child(self, name: str) -> ChildProcess:
+        """The stack's own "nats" or "mongo" server."""
+        return next(child for child in self.infra if child.name == name)
+
+    def start_infra_again(self, name: str) -> ChildProcess:
+        """Start the stack's "nats" or "mongo" server again (after it died), same port and data."""
+        old = self.infra_child(name)
+        old.stop()
+        if name == "nats":
+            new = start_nats(self.data_dir, port=int(self.nats_url.rsplit(":", 1)[1]))
+        else:
+            new = start_mongo_wire(self.data_dir, port=int(self.mongodb_url.rsplit(":", 1)[1]))
+        self.infra[self.infra.index(old)] = new
+        return new
 
     def stop_mongo_wire(self) -> None:
         """Stop the stack's own MongoDB-wire server (an outage of the read model)."""

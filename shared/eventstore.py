@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import msgspec
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, RawStreamMsg, StorageType, StreamConfig
 from nats.js.errors import APIError, NotFoundError
 
 from shared import wire
@@ -143,7 +143,7 @@ class EventStore:
         seq = 1
         while True:
             try:
-                msg = await self._js.get_msg(wire.EVENT_STREAM, seq=seq, subject=subject, next=True, direct=True)
+                msg = await self._get(seq=seq, subject=subject)
             except NotFoundError:
                 return events
             assert msg.seq is not None and msg.data is not None
@@ -155,10 +155,23 @@ class EventStore:
                 log.warning("undecodable event skipped", extra={"subject": msg.subject, "seq": msg.seq})
             seq = msg.seq + 1
 
+    async def _get(self, *, seq: int, subject: str) -> RawStreamMsg:
+        """The first event at or after `seq` on `subject`; see `_last_on` for the second try."""
+        try:
+            return await self._js.get_msg(wire.EVENT_STREAM, seq=seq, subject=subject, next=True, direct=True)
+        except NotFoundError:
+            return await self._js.get_msg(wire.EVENT_STREAM, seq=seq, subject=subject, next=True)
+
     async def _last_on(self, subject: str) -> StoredEvent | None:
         try:
             msg = await self._js.get_last_msg(wire.EVENT_STREAM, subject, direct=True)
         except NotFoundError:
-            return None
+            # In a cluster any replica may answer a direct get, also one that is still catching
+            # up (a node just restarted) and lacks the newest events: "not found" is believed
+            # only from the stream leader, which a non-direct get asks.
+            try:
+                msg = await self._js.get_last_msg(wire.EVENT_STREAM, subject)
+            except NotFoundError:
+                return None
         assert msg.seq is not None and msg.data is not None
         return StoredEvent(msg.seq, decode_event(msg.data))

@@ -77,7 +77,7 @@ def create_app(
             log.info("gateway shutting down")
 
     # No trailing-slash redirects: a redirected signed request would not verify anyway.
-    app = FastAPI(lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None, redirect_slashes=False)
+    app = FastAPI(lifespan=lifespan, openapi_url="/openapi.json", docs_url=None, redoc_url=None, redirect_slashes=False)
     app.state.settings = settings
     app.state.metrics = gateway_metrics
     if resources is not None:  # usable at once, even by a test transport that skips the lifespan
