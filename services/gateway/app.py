@@ -20,7 +20,7 @@ from shared import bus, eventstore, wire
 from shared.catalog import Catalog
 from shared.eventstore import EventStore
 from shared.taskstore import TaskStore
-from services.gateway import async_configs, functions, invocations, tasks
+from services.gateway import async_configs, functions, invocations, tasks, watch
 from services.gateway.auth import Resources, guard_request
 from services.gateway.errors import RequestContextMiddleware, install_exception_handlers, json_response
 from services.gateway.metrics import GatewayMetrics
@@ -103,7 +103,7 @@ def create_app(
     app.add_middleware(RequestContextMiddleware, observe=gateway_metrics.observe_request)
 
     api = APIRouter(prefix=f"/{wire.API_VERSION}", dependencies=[Depends(guard_request)])
-    for module in (functions, async_configs, invocations, tasks):
+    for module in (functions, async_configs, invocations, tasks, watch):
         api.include_router(module.router)
     app.include_router(api)
 
