@@ -22,6 +22,7 @@ from shared.eventstore import EventStore
 from shared.taskstore import TaskStore
 from services.gateway import async_configs, functions, invocations, tasks, watch
 from services.gateway.auth import Resources, guard_request
+from services.gateway.console import build_router as build_console_router
 from services.gateway.errors import RequestContextMiddleware, install_exception_handlers, json_response
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.settings import GatewaySettings
@@ -106,6 +107,7 @@ def create_app(
     for module in (functions, async_configs, invocations, tasks, watch):
         api.include_router(module.router)
     app.include_router(api)
+    app.include_router(build_console_router())
 
     @app.get("/healthz")
     async def healthz(request: Request) -> Response:
