@@ -143,8 +143,12 @@ async def watch_function_tasks(
 ) -> EventSourceResponse:
     validation.check_function_name(function_name)
     validation.check_qualifier(qualifier)
-    after_seq = parse_cursor(request.headers.get(LAST_EVENT_ID_HEADER), after)
     js = resources_of(request).nc.jetstream()
+    after_seq = parse_cursor(request.headers.get(LAST_EVENT_ID_HEADER), after)
+    if after_seq is None:
+        # "From now" means from this request, not from whenever the consumer gets created after
+        # the response has started: a change made right after the request is never missed.
+        after_seq = await eventwatch.last_sequence(js)
     subject = wire.function_events_filter(function_name)
 
     async def messages() -> AsyncIterator[ServerSentEvent]:
