@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench rebuild-projection clean
+.PHONY: install run test chromium bench rebuild-projection clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c "import sys; assert sys.version_info >= (3, 11), \"taskmode needs Python 3.11+\"" || exit 1
@@ -17,9 +17,14 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) deploy/run.py
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(PY) -m mypy shared
 	$(PY) -m pytest -q
+
+# The console's browser tests drive Debian's chromium (never a browser Playwright downloads).
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) || \
+		echo "chromium could not be installed: the browser tests will be skipped"
 
 bench: $(STAMP)
 	$(PY) -m bench.store_bench

@@ -57,6 +57,7 @@ def main() -> int:
         print(
             f"\ntaskmode is running\n"
             f"  API (FC 3.0)     http://127.0.0.1:{stack.gateway_port}/2023-03-30/\n"
+            f"  console          http://127.0.0.1:{stack.gateway_port}/console  (CLI: .venv/bin/taskmode)\n"
             f"  access key id    {key_id}\n"
             f"  access secret    {secret}\n"
             f"  NATS             {stack.nats_url}\n"

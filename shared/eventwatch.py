@@ -13,7 +13,7 @@ unsubscribes, or by itself shortly after the watcher's connection is gone.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Final
 
 import msgspec
@@ -42,7 +42,9 @@ def start_after(after_seq: int | None) -> ConsumerConfig:
     return ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_seq + 1)
 
 
-async def watch(js: JetStreamContext, *, subject_filter: str, after_seq: int | None) -> AsyncIterator[StoredEvent]:
+async def watch(
+    js: JetStreamContext, *, subject_filter: str, after_seq: int | None
+) -> AsyncGenerator[StoredEvent, None]:
     """Every event on `subject_filter` after `after_seq`, in stream order, until the caller stops.
 
     `subject_filter` comes from `wire` (`task_events_filter`, `function_events_filter`). An event

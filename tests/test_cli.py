@@ -182,3 +182,16 @@ def test_time_and_option_parsing() -> None:
     assert delay_until(10_500, now_ms=10_000) == 1 and delay_until(5_000, now_ms=10_000) == 0
     assert hoist_output_option(["tasks", "list", "fn", "-o", "json"]) == ["-o", "json", "tasks", "list", "fn"]
     assert hoist_output_option(["--output=json", "functions", "list"]) == ["--output=json", "functions", "list"]
+
+
+def test_the_cli_is_an_api_client_only() -> None:
+    """The CLI talks to the API; it shares only `shared/` (for signing) with the server side."""
+    from tests.test_architecture import ROOT, imported_modules
+
+    offenders = [
+        f"{path.relative_to(ROOT)} imports {module}"
+        for path in (ROOT / "taskmode_cli").rglob("*.py")
+        for module in imported_modules(path)
+        if module.split(".")[0] == "services"
+    ]
+    assert offenders == []

@@ -13,7 +13,7 @@ and gets exactly the transitions after it, so nothing is missed or repeated.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import Any, Final
 
@@ -86,7 +86,7 @@ def event_stream(events: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
     )
 
 
-async def task_transitions(request: Request, function_name: str, task_id: str, *, after_seq: int) -> AsyncIterator[StoredEvent]:
+async def task_transitions(request: Request, function_name: str, task_id: str, *, after_seq: int) -> AsyncGenerator[StoredEvent, None]:
     """The task's transitions after `after_seq`, ending with its terminal one.
 
     Raises `AsyncTaskNotFound` (before anything is streamed) for a task without events. A task
@@ -105,7 +105,7 @@ async def task_transitions(request: Request, function_name: str, task_id: str, *
 
 async def _until_terminal(
     request: Request, last: StoredEvent, function_name: str, task_id: str, *, after_seq: int
-) -> AsyncIterator[StoredEvent]:
+) -> AsyncGenerator[StoredEvent, None]:
     if last.event.status in TERMINAL and last.seq <= after_seq:
         yield last  # already seen by this client: only its end remains to be said
         return

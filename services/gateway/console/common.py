@@ -3,7 +3,7 @@ page rendering."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import quote
@@ -63,7 +63,7 @@ class ConsoleRoute(APIRoute):
     """Every console route: unsafe methods must come from the console's own pages, and a missing
     session leads to the sign-in page instead of an API error body."""
 
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handle = super().get_route_handler()
 
         async def guarded(request: Request) -> Response:

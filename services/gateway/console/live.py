@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import Annotated, Any, Final
 
@@ -86,7 +86,7 @@ def matches(filters: TaskFilters, task: dict[str, Any], *, new: bool) -> bool:
     return not (filters.until and started > utc_input_ms(filters.until))
 
 
-async def _batches(events: AsyncIterator[StoredEvent]) -> AsyncIterator[list[StoredEvent]]:
+async def _batches(events: AsyncIterator[StoredEvent]) -> AsyncGenerator[list[StoredEvent], None]:
     """Events gathered for up to `BATCH_WINDOW_S` after the first of each batch."""
     queue: asyncio.Queue[StoredEvent] = asyncio.Queue()
 
