@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +32,9 @@ WAIT_MS = 25_000
 
 
 def _run(coro):  # type: ignore[no-untyped-def]
-    return asyncio.run(coro)
+    # In a thread of its own: Playwright's sync API keeps an event loop running in this one.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 async def _setup_function(fc: FcClient) -> None:
@@ -139,7 +142,7 @@ def test_submit_a_delayed_task_and_watch_it_live(page, console_stack: Stack) -> 
     page.screenshot(path=str(ARTIFACTS / "console-task-timeline.png"), full_page=True)
 
 
-def test_stop_a_long_task_from_the_list(page) -> None:  # type: ignore[no-untyped-def]
+def test_stop_a_long_task_from_the_list_and_its_page(page, console_stack: Stack) -> None:  # type: ignore[no-untyped-def]
     from playwright.sync_api import expect
 
     sign_in(page)
@@ -156,6 +159,22 @@ def test_stop_a_long_task_from_the_list(page) -> None:  # type: ignore[no-untype
     page.click("#task-row-long-1 button:has-text('Stop')")  # the confirmation is accepted
     expect(row_status(page, "long-1")).to_have_text("Stopped", timeout=WAIT_MS)
     expect(page.locator("#task-row-long-1 button")).to_have_count(0)
+
+    # And from the task's own page.
+    _run(_submit(console_stack, SLEEPER, "long-2", b"60"))
+    page.goto(f"/console/functions/{SLEEPER}/tasks/long-2")
+    expect(page.locator("#task-status")).to_have_text("Running", timeout=WAIT_MS)
+    page.click("#task-summary button:has-text('Stop')")
+    expect(page.locator("#task-status")).to_have_text("Stopped", timeout=WAIT_MS)
+    expect(page.locator("#task-timeline li .status").last).to_have_text("Stopped")
+
+
+async def _submit(stack: Stack, function: str, task_id: str, payload: bytes) -> None:
+    fc = client_for(stack)
+    try:
+        assert (await fc.invoke_async(function, payload, task_id=task_id)).status_code == 202
+    finally:
+        await fc.close()
 
 
 async def _run_tasks(stack: Stack, count: int) -> None:

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Form, Request, Response
 from fastapi.responses import JSONResponse
 
 from shared import eventwatch
+from services.gateway import validation
 from services.gateway.auth import resources_of
 from services.gateway.console.api_client import ApiFailure, console_api
 from services.gateway.console.common import CONSOLE_PREFIX, ConsoleRoute, console_state, fragment, render
@@ -208,6 +209,7 @@ async def monitoring_page(request: Request, session: SessionDep, name: str) -> R
 
 @router.get("/functions/{name}/monitoring/data")
 async def monitoring_data(request: Request, session: SessionDep, name: str) -> Response:
+    validation.check_function_name(name)
     data: dict[str, Any] = await console_state(request).sampler.series(name)
     return JSONResponse(data, headers={"Cache-Control": "no-store"})
 
