@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: install run test bench rebuild-projection clean lock monitoring-tools test-rules
+.PHONY: install run test chromium bench rebuild-projection clean lock monitoring-tools test-rules
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c "import sys; assert sys.version_info >= (3, 11), \"taskmode needs Python 3.11+\"" || exit 1
@@ -25,9 +25,14 @@ run: $(STAMP)
 
 # The monitoring and compose tests need promtool/Prometheus/Alertmanager and a compose CLI;
 # with TASKMODE_REQUIRE_TOOLS=1 a missing one fails those tests instead of skipping them.
-test: $(STAMP) monitoring-tools compose-cli
+test: $(STAMP) monitoring-tools compose-cli chromium
 	$(PY) -m mypy shared services
 	TASKMODE_REQUIRE_TOOLS=1 $(PY) -m pytest -q
+
+# The console's browser tests drive Debian's chromium (never a browser Playwright downloads).
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) || \
+		echo "chromium could not be installed: the browser tests will be skipped"
 
 # Only the alert rules' unit tests (tests/test_monitoring_config.py runs them too).
 test-rules: monitoring-tools

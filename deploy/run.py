@@ -164,7 +164,8 @@ class Launcher:
             metrics.append(f":{self.plan.gateway_metrics_port} (gateway)")
         for service, port in self.plan.metrics_ports.items():
             metrics.append(f":{port} {service}" if port else f"{service} off")
-        lines = ["", "taskmode is running", f"  API (FC 3.0)     {self.api_url()}"]
+        lines = ["", "taskmode is running", f"  API (FC 3.0)     {self.api_url()}",
+                 f"  console          {gateway}/console  (CLI: .venv/bin/taskmode)"]
         if self.plan.auth_disabled:
             lines += [
                 "  !! AUTHENTICATION IS OFF (TASKMODE_AUTH_DISABLED): every request is accepted unsigned.",

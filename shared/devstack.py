@@ -388,6 +388,7 @@ class Stack:
             env["TASKMODE_GATEWAY_PORT"] = str(self.gateway_port)
             env["TASKMODE_ACCESS_KEYS"] = self.access_keys
             env["TASKMODE_AUTH_DISABLED"] = "true" if self.auth_disabled else "false"
+            env["TASKMODE_CONSOLE_LOGS_DIR"] = str(self.data_dir / "logs")  # the console shows task logs
         if not self.metrics_ports:
             for name in ("SCHEDULER", "EXECUTOR", "PROJECTION"):
                 env[f"TASKMODE_{name}_METRICS_PORT"] = "0"

@@ -79,6 +79,14 @@ class FunctionCatalog(Protocol):
 class TaskReadModel(Protocol):
     """The task documents the projection writes and the gateway reads (see `shared.taskstore`)."""
 
+    async def reachable(self, *, timeout_s: float = 1.0) -> bool:
+        """Whether the store answers now (for readiness probes)."""
+        ...
+
+    async def count_with_status(self, function: str, status: str) -> int:
+        """How many of `function`'s tasks are in `status` now."""
+        ...
+
     async def load_many(self, ids: Iterable[str]) -> dict[str, TaskDocument]:
         """Whole stored documents by `_id`; absent ids are left out."""
         ...

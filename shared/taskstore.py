@@ -408,6 +408,18 @@ class TaskStore:
         page = docs[: query.limit]
         return TaskPage(tasks=page, next_token=_encode_token(query, page[-1]))
 
+    async def count_with_status(self, function: str, status: str) -> int:
+        """How many of `function`'s tasks are in `status` now (bounded to 2 s of server time)."""
+        return int(await self._tasks.count_documents({"functionName": function, "status": status}, maxTimeMS=2000))
+
+    async def reachable(self, *, timeout_s: float = 1.0) -> bool:
+        """Whether the server answers a ping within `timeout_s` (for readiness probes)."""
+        try:
+            await asyncio.wait_for(self._client.admin.command("ping"), timeout_s)
+        except Exception:  # noqa: BLE001 - any failure means not reachable now
+            return False
+        return True
+
     async def delete_partition(self, partition: int, *, partitions: int) -> int:
         """Remove the documents of one partition's tasks (see `wire.partition_of`); how many.
 

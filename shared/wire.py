@@ -122,3 +122,13 @@ REPLY_ERROR_TYPE: Final = "Taskmode-Error-Type"  # FC x-fc-error-type of a handl
 REPLY_INSTANCE_ID: Final = "Taskmode-Instance-Id"
 REPLY_SYSTEM_ERROR: Final = "Taskmode-System-Error"  # FC error code when no handler ran
 REQUEST_ID_HEADER: Final = "Taskmode-Request-Id"
+
+
+def task_events_filter(function: str, task_id: str) -> str:
+    """Consumer filter over every transition of one task, for watching it live."""
+    return task_subjects(function, task_id)
+
+
+def function_events_filter(function: str) -> str:
+    """Consumer filter over every transition of every task of one function."""
+    return f"{EVENT_SUBJECT_PREFIX}.{function}.*.*"

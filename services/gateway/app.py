@@ -17,8 +17,9 @@ from prometheus_client import start_http_server
 from shared import wire
 from shared.bootstrap import open_bus, open_catalog
 from shared.taskstore import TaskStore
-from services.gateway import async_configs, functions, invocations, tasks
+from services.gateway import async_configs, functions, invocations, tasks, watch
 from services.gateway.auth import guard_request
+from services.gateway.console import build_router as build_console_router
 from services.gateway.context import RequestContextMiddleware, install_exception_handlers
 from services.gateway.deps import Resources
 from services.gateway.errors import json_response
@@ -88,9 +89,10 @@ def create_app(
     app.add_middleware(RequestContextMiddleware, observe=gateway_metrics.observe_request)
 
     api = APIRouter(prefix=f"/{wire.API_VERSION}", dependencies=[Depends(guard_request)])
-    for module in (functions, async_configs, invocations, tasks):
+    for module in (functions, async_configs, invocations, tasks, watch):
         api.include_router(module.router)
     app.include_router(api)
+    app.include_router(build_console_router())
 
     @app.get("/healthz")
     async def healthz(request: Request) -> Response:
@@ -98,6 +100,15 @@ def create_app(
         if opened is None or not opened.nc.is_connected:
             return json_response({"status": "unavailable"}, status_code=503)
         return json_response({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> Response:
+        opened: Resources | None = getattr(request.app.state, "resources", None)
+        checks = {"nats": opened is not None and opened.nc.is_connected,
+                  "mongodb": opened is not None and await opened.tasks.reachable()}
+        ready = all(checks.values())
+        return json_response({"status": "ready" if ready else "not ready", "checks": checks},
+                             status_code=200 if ready else 503)
 
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:
