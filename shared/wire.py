@@ -131,4 +131,4 @@ def task_events_filter(function: str, task_id: str) -> str:
 
 def function_events_filter(function: str) -> str:
     """Consumer filter over every transition of every task of one function."""
-    return f"{EVENT_SUBJECT_PREFIX}.{function}.*.*"
+    return function_subjects(function)

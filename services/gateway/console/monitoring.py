@@ -23,6 +23,7 @@ from typing import Any, Final
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+from shared.transitions import Status
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ CHARTED: Final = frozenset({
     "taskmode_instances",
     "taskmode_instance_memory_bytes",
 })
-OUTCOME_STATUSES: Final = ("Succeeded", "Failed", "Retrying", "Stopped")
+OUTCOME_STATUSES: Final = (Status.SUCCEEDED, Status.FAILED, Status.RETRYING, Status.STOPPED)
 
 SeriesKey = tuple[str, frozenset[tuple[str, str]]]
 

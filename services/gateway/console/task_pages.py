@@ -21,6 +21,7 @@ from services.gateway.console.common import CONSOLE_PREFIX, ConsoleRoute, consol
 from services.gateway.console.render import row_view
 from services.gateway.console.session import Session, current_session
 from services.gateway.console.tasklogs import task_log_lines
+from shared.wire import FC_DELAY_HEADER, FC_INVOCATION_TYPE_HEADER, FC_TASK_ID_HEADER
 
 router = APIRouter(prefix=CONSOLE_PREFIX, route_class=ConsoleRoute)
 
@@ -105,14 +106,14 @@ def _task_id_header(mode: str, custom_id: str) -> dict[str, str]:
         return {}
     if not custom_id.strip():
         raise ApiFailure(status=400, code="InvalidArgument", message="enter a task id, or choose Auto")
-    return {"x-fc-async-task-id": custom_id.strip()}
+    return {FC_TASK_ID_HEADER: custom_id.strip()}
 
 
 def _delay_header(when: str, delay_s: str, at: str) -> dict[str, str]:
     if when == "delay":
         if not delay_s.strip().isdigit():
             raise ApiFailure(status=400, code="InvalidArgument", message="the delay is a whole number of seconds")
-        return {"x-fc-async-delay": delay_s.strip()}
+        return {FC_DELAY_HEADER: delay_s.strip()}
     if when == "at":
         if not at:
             raise ApiFailure(status=400, code="InvalidArgument", message="choose the time to run at")
@@ -122,7 +123,7 @@ def _delay_header(when: str, delay_s: str, at: str) -> dict[str, str]:
         if delay > MAX_DELAY_S:
             raise ApiFailure(status=400, code="InvalidArgument",
                              message=f"that is {delay} s ahead; a task can be delayed by at most {MAX_DELAY_S} s")
-        return {"x-fc-async-delay": str(delay)}
+        return {FC_DELAY_HEADER: str(delay)}
     return {}
 
 
@@ -150,14 +151,14 @@ async def submit_task(
 ) -> Response:
     """The Submit Task dialog: answers into the dialog, and on success closes it (HX-Trigger)."""
     try:
-        headers = {"x-fc-invocation-type": "Async", **_task_id_header(task_id_mode, task_id),
+        headers = {FC_INVOCATION_TYPE_HEADER: "Async", **_task_id_header(task_id_mode, task_id),
                    **_delay_header(when, delay_s, at)}
         body = _payload(payload_format, payload)
         async with console_api(request, session) as api:
             response = await api.call("POST", f"/functions/{name}/invocations", body=body, headers=headers)
     except ApiFailure as failure:
         return render(request, "_submit_result.html", error=failure, submitted=None)
-    submitted = response.headers.get("x-fc-async-task-id", "")
+    submitted = response.headers.get(FC_TASK_ID_HEADER, "")
     return render(request, "_submit_result.html", error=None, submitted=submitted, function_name=name,
                   headers={"HX-Trigger-After-Swap": "taskSubmitted"})
 

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
+from shared.transitions import Status
 
 # Only the tail of each log file is read: a page view must stay cheap on a long-running system.
 TAIL_BYTES: Final = 16 * 1024 * 1024
@@ -40,7 +41,7 @@ def attempts_of(task: dict[str, Any]) -> list[Attempt]:
     events = task.get("events") or []
     found: list[Attempt] = []
     for index, event in enumerate(events):
-        if event.get("status") != "Running":
+        if event.get("status") != Status.RUNNING:
             continue
         try:
             instance_id = str(json.loads(event.get("eventDetail") or "{}").get("instanceId", ""))
