@@ -20,6 +20,7 @@ RETENTION_S: Final = 7 * 24 * 3600
 FUNCTIONS_BUCKET: Final = "taskmode_functions"
 ASYNC_CONFIG_BUCKET: Final = "taskmode_async_configs"
 CODE_BUCKET: Final = "taskmode_code"
+TRIGGERS_BUCKET: Final = "taskmode_triggers"
 
 SCHEDULER_DURABLE: Final = "taskmode-scheduler"
 EXECUTOR_DURABLE: Final = "taskmode-executor"
@@ -28,6 +29,8 @@ PROJECTION_DURABLE: Final = "taskmode-projection"
 LEASES_BUCKET: Final = "taskmode_leases"
 
 SYNC_INVOKE_PREFIX: Final = "taskmode.invoke"
+# HTTP triggers are served at <gateway><HTTP_TRIGGER_PREFIX>/<function>/<trigger>/<path>.
+HTTP_TRIGGER_PREFIX: Final = "/http-triggers"
 EXECUTOR_QUEUE_GROUP: Final = "taskmode-executors"
 
 # NATS client names (what `nats-server` monitoring shows per connection).

@@ -5,27 +5,26 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import msgspec
 from fastapi import APIRouter, Request, Response
+from nats.aio.client import Client
 from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from shared import wire
 from shared.catalog import FunctionRecord
 from shared.errors import (
-    ConcurrentUpdateError,
     EntityTooLarge,
     FunctionNotFound,
     ServiceUnavailable,
     TaskAlreadyExists,
 )
-from shared.events import DEFAULT_MAX_EVENT_AGE_S, DEFAULT_MAX_RETRIES, TaskEnqueued, TaskProcessed
-from shared.eventstore import StoredEvent, follow, now_ms
+from shared.submission import Admission, submit
 from shared.transitions import Status
 from services.gateway import params as validation
 from services.gateway.context import request_id_of
 from services.gateway.deps import body_of, metrics_of, resources_of
 from services.gateway.errors import InvocationTimeout, reported_error
+from services.gateway.metrics import GatewayMetrics
 from shared.wire import (
     FC_DELAY_HEADER as DELAY_HEADER,
     FC_ERROR_TYPE_HEADER as ERROR_TYPE_HEADER,
@@ -76,39 +75,18 @@ async def _submit(request: Request, function: FunctionRecord, *, qualifier: str)
         metrics.submissions.labels(outcome="rejected").inc()
         raise
     config = await resources.catalog.find_async_config(name)
-    at_ms = now_ms()
-    event = TaskEnqueued(
-        task_id=task_id,
-        function=name,
-        version=1,
-        at_ms=at_ms,
-        payload=payload,
-        request_id=request_id,
-        qualifier=qualifier,
-        due_at_ms=at_ms + delay_s * 1000,
-        max_event_age_s=config.max_async_event_age_in_seconds if config else DEFAULT_MAX_EVENT_AGE_S,
-        max_retries=config.max_async_retry_attempts if config else DEFAULT_MAX_RETRIES,
-    )
+    admission = Admission(function=name, task_id=task_id, payload=payload, request_id=request_id,
+                          qualifier=qualifier, delay_s=delay_s)
     try:
-        if delay_s == 0:
-            # Due now: dispatched in the same atomic append, so the scheduler is not involved.
-            event = msgspec.structs.replace(event, dispatched=True)
-            processed = follow(StoredEvent(0, event), TaskProcessed, at_ms=at_ms,
-                               submission=TaskProcessed.carrying(event))
-            await resources.events.append_together(event, processed, expected_seq=0)
+        if await submit(resources.events, admission, config):
             metrics.dispatched.labels(name).inc()
-        else:
-            await resources.events.append(event, expected_seq=0)
-    except ConcurrentUpdateError as err:
+    except TaskAlreadyExists:
         metrics.submissions.labels(outcome="duplicate").inc()
         log.info(
             "task submission refused: duplicate task id",
             extra={"task_id": task_id, "function": name, "status": "Rejected", "request_id": request_id},
         )
-        raise TaskAlreadyExists(
-            f"task {task_id} already exists for function {name}; task ids are unique for the retention period",
-            existing_task_id=task_id,
-        ) from err
+        raise
     metrics.submissions.labels(outcome="enqueued").inc()
     log.info(
         "task submitted",
@@ -125,10 +103,17 @@ async def _submit(request: Request, function: FunctionRecord, *, qualifier: str)
 
 
 async def _invoke_sync(request: Request, function: FunctionRecord) -> Response:
-    metrics = metrics_of(request)
-    nc = resources_of(request).nc
-    payload = body_of(request)
     request_id = request_id_of(request)
+    data, response_headers = await call_function(
+        function, body_of(request), nc=resources_of(request).nc, request_id=request_id, metrics=metrics_of(request))
+    return Response(
+        content=data, status_code=200, headers=response_headers, media_type="application/octet-stream"
+    )
+
+
+async def call_function(function: FunctionRecord, payload: bytes, *, nc: Client, request_id: str,
+                        metrics: GatewayMetrics) -> tuple[bytes, dict[str, str]]:
+    """Run `function` synchronously on an executor: its result and the FC response headers."""
     validation.check_payload_size(payload, limit=validation.MAX_SYNC_PAYLOAD_BYTES)
     name = function.function_name
     try:
@@ -163,6 +148,4 @@ async def _invoke_sync(request: Request, function: FunctionRecord) -> Response:
         # FC answers 200 for a handler error and says so in x-fc-error-type.
         response_headers[ERROR_TYPE_HEADER] = error_type
     metrics.sync_invocations.labels(outcome="handler_error" if error_type else "ok").inc()
-    return Response(
-        content=reply.data, status_code=200, headers=response_headers, media_type="application/octet-stream"
-    )
+    return reply.data, response_headers

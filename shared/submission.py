@@ -1,0 +1,140 @@
+"""Admission: the one way a task comes into being, whichever door it arrives through.
+
+InvokeFunction over HTTP, a message on a `nats` trigger's subject, an `http` trigger request, a
+timer tick and a destination that targets a function all check their input with the rules here
+and create the task with `submit`, so dedup, validation and the first events are identical
+whichever way a task arrives.
+
+A task due at once is appended as Enqueued(dispatched) + Processed in one atomic batch, so the
+scheduler never sees it; a delayed one is appended as Enqueued alone and the scheduler holds it.
+Either way the first event expects sequence 0 on the task's subjects: a task id that already has
+an event in the stream (7-day retention) is refused with `TaskAlreadyExists`.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Final
+
+from shared.catalog import AsyncConfigRecord
+from shared.errors import ConcurrentUpdateError, EntityTooLarge, InvalidArgument, TaskAlreadyExists
+from shared.events import DEFAULT_MAX_EVENT_AGE_S, DEFAULT_MAX_RETRIES, TaskEnqueued, TaskProcessed
+from shared.eventstore import StoredEvent, follow, now_ms
+from shared.ports import EventLog
+from shared.wire import FC_DELAY_HEADER, FC_REQUEST_ID_HEADER, FC_TASK_ID_HEADER
+
+TASK_ID_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,127}$")
+MAX_ASYNC_PAYLOAD_BYTES: Final = 128 * 1024
+MAX_DELAY_S: Final = 3600
+LATEST: Final = "LATEST"
+
+
+def check_task_id(value: str, *, source: str = FC_TASK_ID_HEADER) -> str:
+    """`value` if it satisfies FC's task-id rule, else `InvalidArgument` naming `source`."""
+    if not TASK_ID_RE.fullmatch(value):
+        raise InvalidArgument(
+            f"invalid task id {value[:140]!r} in {source}: it must start with a letter or '_', "
+            "contain only letters, digits, '_' and '-', and be at most 128 characters"
+        )
+    return value
+
+
+def new_task_id() -> str:
+    """A generated task id; the prefix makes it satisfy the task-id rule (no leading digit)."""
+    return f"task-{uuid.uuid4().hex}"
+
+
+def choose_task_id(*, task_id_header: str | None, request_id_header: str | None) -> str:
+    """FC's rule: the given task id, else the caller's request id, else a generated one."""
+    if task_id_header is not None and task_id_header.strip():
+        return check_task_id(task_id_header.strip())
+    if request_id_header is not None and request_id_header.strip():
+        return check_task_id(request_id_header.strip(), source=FC_REQUEST_ID_HEADER)
+    return new_task_id()
+
+
+def parse_delay(value: str | None) -> int:
+    """x-fc-async-delay: whole seconds in [0, 3600] (absent: 0)."""
+    if value is None or not value.strip():
+        return 0
+    text = value.strip()
+    if not text.isdigit() or not text.isascii():
+        raise InvalidArgument(
+            f"invalid {FC_DELAY_HEADER} {value[:40]!r}: an integer number of seconds is required"
+        )
+    delay = int(text)
+    if delay > MAX_DELAY_S:
+        raise InvalidArgument(f"{FC_DELAY_HEADER} {delay} is out of range [0, {MAX_DELAY_S}]")
+    return delay
+
+
+def check_payload_size(payload: bytes, *, limit: int) -> None:
+    if len(payload) > limit:
+        raise EntityTooLarge(f"payload size exceeds maximum allowed size ({limit} bytes)")
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A checked request for one task: everything `submit` needs besides the function's config."""
+
+    function: str
+    task_id: str
+    payload: bytes
+    request_id: str
+    qualifier: str = LATEST
+    delay_s: int = 0
+
+
+def first_events(admission: Admission, config: AsyncConfigRecord | None, *,
+                 at_ms: int | None = None) -> tuple[TaskEnqueued, TaskProcessed | None]:
+    """The task's first event, plus its dispatch when it is due at once.
+
+    The function's async config is taken now and recorded in the Enqueued event, so a later
+    change does not affect tasks already submitted.
+    """
+    at = at_ms or now_ms()
+    enqueued = TaskEnqueued(
+        task_id=admission.task_id,
+        function=admission.function,
+        version=1,
+        at_ms=at,
+        payload=admission.payload,
+        request_id=admission.request_id,
+        qualifier=admission.qualifier,
+        due_at_ms=at + admission.delay_s * 1000,
+        max_event_age_s=config.max_async_event_age_in_seconds if config else DEFAULT_MAX_EVENT_AGE_S,
+        max_retries=config.max_async_retry_attempts if config else DEFAULT_MAX_RETRIES,
+        dispatched=admission.delay_s == 0,
+    )
+    if admission.delay_s:
+        return enqueued, None
+    processed = follow(StoredEvent(0, enqueued), TaskProcessed, at_ms=at, submission=TaskProcessed.carrying(enqueued))
+    return enqueued, processed
+
+
+async def submit(events: EventLog, admission: Admission, config: AsyncConfigRecord | None) -> bool:
+    """Create the task; True when it was dispatched at once (no delay).
+
+    Raises `TaskAlreadyExists` for a task id the function already used within the retention
+    period, `ServiceUnavailable` when the event store cannot be reached.
+    """
+    enqueued, processed = first_events(admission, config)
+    try:
+        if processed is not None:
+            await events.append_together(enqueued, processed, expected_seq=0)
+        else:
+            await events.append(enqueued, expected_seq=0)
+    except ConcurrentUpdateError as err:
+        raise duplicate(admission) from err
+    return processed is not None
+
+
+def duplicate(admission: Admission) -> TaskAlreadyExists:
+    """The error for a task id that is already taken."""
+    return TaskAlreadyExists(
+        f"task {admission.task_id} already exists for function {admission.function}; "
+        "task ids are unique for the retention period",
+        existing_task_id=admission.task_id,
+    )
