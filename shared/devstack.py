@@ -167,7 +167,7 @@ def start_service(
     return ChildProcess(name or module, proc, log_path)
 
 
-SERVICES: tuple[str, ...] = ("projection", "scheduler", "executor", "gateway")
+SERVICES: tuple[str, ...] = ("projection", "scheduler", "executor", "triggers", "gateway")
 
 
 @dataclass
@@ -232,7 +232,7 @@ class Stack:
             env["TASKMODE_ACCESS_KEYS"] = self.access_keys
             env["TASKMODE_AUTH_DISABLED"] = "true" if self.auth_disabled else "false"
         if not self.metrics_ports:
-            for name in ("SCHEDULER", "EXECUTOR", "PROJECTION"):
+            for name in ("SCHEDULER", "EXECUTOR", "PROJECTION", "TRIGGERS", "DELIVERER"):
                 env[f"TASKMODE_{name}_METRICS_PORT"] = "0"
         return {**env, **self.service_env}
 

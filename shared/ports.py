@@ -30,6 +30,10 @@ class EventLog(Protocol):
         """Append two consecutive events of one task atomically; the second's stream sequence."""
         ...
 
+    async def append_new_tasks(self, firsts: Sequence[tuple[TaskEvent, TaskEvent | None]]) -> None:
+        """Create several tasks in one atomic batch (all or none; a duplicate fails it)."""
+        ...
+
     @property
     def partitions(self) -> int:
         """How many partitions tasks are split into."""

@@ -13,22 +13,37 @@ an event in the stream (7-day retention) is refused with `TaskAlreadyExists`.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
 from shared.catalog import AsyncConfigRecord
-from shared.errors import ConcurrentUpdateError, EntityTooLarge, InvalidArgument, TaskAlreadyExists
+from shared.errors import ConcurrentUpdateError, EntityTooLarge, InvalidArgument, TaskAlreadyExists, TaskmodeError
 from shared.events import DEFAULT_MAX_EVENT_AGE_S, DEFAULT_MAX_RETRIES, TaskEnqueued, TaskProcessed
-from shared.eventstore import StoredEvent, follow, now_ms
+from shared.eventstore import MAX_BATCH_MESSAGES, StoredEvent, follow, now_ms
 from shared.ports import EventLog
 from shared.wire import FC_DELAY_HEADER, FC_REQUEST_ID_HEADER, FC_TASK_ID_HEADER
 
 TASK_ID_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,127}$")
+# What we accept as a caller's x-fc-request-id (echoed back, so kept printable).
+REQUEST_ID_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 MAX_ASYNC_PAYLOAD_BYTES: Final = 128 * 1024
 MAX_DELAY_S: Final = 3600
 LATEST: Final = "LATEST"
+
+
+def accepted_request_id(value: str | None) -> str | None:
+    """A caller's x-fc-request-id if it is safe to echo back, else None (we make our own)."""
+    if value and REQUEST_ID_RE.fullmatch(value):
+        return value
+    return None
+
+
+def new_request_id() -> str:
+    return str(uuid.uuid4())
 
 
 def check_task_id(value: str, *, source: str = FC_TASK_ID_HEADER) -> str:
@@ -138,3 +153,65 @@ def duplicate(admission: Admission) -> TaskAlreadyExists:
         "task ids are unique for the retention period",
         existing_task_id=admission.task_id,
     )
+
+
+# Tasks per atomic batch: each task is at most two events, within JetStream's batch limit.
+TASKS_PER_BATCH: Final = MAX_BATCH_MESSAGES // 2
+_BATCH_ATTEMPTS: Final = 3
+
+
+async def submit_many(events: EventLog,
+                      items: Sequence[tuple[Admission, AsyncConfigRecord | None]]) -> list[TaskmodeError | None]:
+    """Create many tasks with as few commits as possible; per item, None or the error it got.
+
+    The rules are `submit`'s: a task id already taken gets `TaskAlreadyExists`, also when the
+    same id comes twice in `items` (the first one wins). Tasks are appended in atomic batches
+    of up to `TASKS_PER_BATCH`; a batch refused because one of its ids exists is retried
+    without the ids that exist by then, so dedup stays exact and one duplicate costs the others
+    only a retry.
+    """
+    results: list[TaskmodeError | None] = [None] * len(items)
+    seen: set[tuple[str, str]] = set()
+    fresh: list[int] = []
+    for index, (admission, _) in enumerate(items):
+        key = (admission.function, admission.task_id)
+        if key in seen:
+            results[index] = duplicate(admission)
+        else:
+            seen.add(key)
+            fresh.append(index)
+    chunks = [fresh[i:i + TASKS_PER_BATCH] for i in range(0, len(fresh), TASKS_PER_BATCH)]
+    await asyncio.gather(*(_submit_chunk(events, items, chunk, results) for chunk in chunks))
+    return results
+
+
+async def _submit_chunk(events: EventLog, items: Sequence[tuple[Admission, AsyncConfigRecord | None]],
+                        pending: list[int], results: list[TaskmodeError | None]) -> None:
+    at = now_ms()
+    firsts = {index: first_events(items[index][0], items[index][1], at_ms=at) for index in pending}
+    for _ in range(_BATCH_ATTEMPTS):
+        if not pending:
+            return
+        try:
+            await events.append_new_tasks([firsts[index] for index in pending])
+            return
+        except ConcurrentUpdateError:
+            # Some ids exist already (or were taken a moment ago): leave them out and retry.
+            lasts = await asyncio.gather(*(events.last(items[i][0].function, items[i][0].task_id) for i in pending))
+            still = []
+            for index, last in zip(pending, lasts):
+                if last is None:
+                    still.append(index)
+                else:
+                    results[index] = duplicate(items[index][0])
+            pending = still
+        except TaskmodeError as err:
+            for index in pending:
+                results[index] = err
+            return
+    # Ids keep colliding with concurrent submissions: settle the rest one by one.
+    for index in pending:
+        try:
+            await submit(events, *items[index])
+        except TaskmodeError as err:
+            results[index] = err

@@ -29,6 +29,8 @@ PROJECTION_DURABLE: Final = "taskmode-projection"
 LEASES_BUCKET: Final = "taskmode_leases"
 
 SYNC_INVOKE_PREFIX: Final = "taskmode.invoke"
+TRIGGERS_CLIENT_NAME: Final = "taskmode-triggers"
+TRIGGERS_QUEUE_PREFIX: Final = "taskmode-trigger"
 # HTTP triggers are served at <gateway><HTTP_TRIGGER_PREFIX>/<function>/<trigger>/<path>.
 HTTP_TRIGGER_PREFIX: Final = "/http-triggers"
 EXECUTOR_QUEUE_GROUP: Final = "taskmode-executors"
@@ -113,6 +115,11 @@ def partition_subjects(partition: int) -> str:
 def partition_durable(base: str, partition: int) -> str:
     """Durable consumer name of one partition of a partitioned service (e.g. taskmode-projection-p3)."""
     return f"{base}-p{partition}"
+
+
+def trigger_queue_group(function: str, trigger: str) -> str:
+    """Queue group of one nats trigger: its instances share the trigger's messages."""
+    return f"{TRIGGERS_QUEUE_PREFIX}.{function}.{trigger}"
 
 
 def sync_invoke_subject(function: str) -> str:
