@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +40,6 @@ from shared.submission import (
     accepted_request_id,
     check_payload_size,
     choose_task_id,
-    new_request_id,
     parse_delay,
     submit_many,
 )
@@ -90,6 +91,10 @@ class NatsIngest:
         self._ready = asyncio.Event()
         self._slots = asyncio.Semaphore(settings.batches_in_flight)
         self._in_flight: set[asyncio.Task[None]] = set()
+        # Request ids for messages that bring none: a random per-process prefix and a counter,
+        # unique without a uuid4 per message (which costs more than the rest of its admission).
+        self._id_prefix = uuid.uuid4().hex[:12]
+        self._ids = itertools.count()
 
     @property
     def bindings(self) -> set[Binding]:
@@ -164,18 +169,27 @@ class NatsIngest:
         items: list[tuple[Admission, AsyncConfigRecord | None]] = []
         accepted: list[tuple[Msg, Binding, str]] = []
         outcomes: Counter[tuple[Binding, str]] = Counter()
+        # The catalog answers from local mirrors; once per function per batch is enough.
+        functions: dict[str, tuple[bool, AsyncConfigRecord | None]] = {}
+        for binding in {b for _, b in batch}:
+            functions[binding.function] = (await self._catalog.find_function(binding.function) is not None,
+                                           await self._catalog.find_async_config(binding.function))
         for msg, binding in batch:
             headers = msg.headers or {}
-            request_id = accepted_request_id(headers.get(wire.FC_REQUEST_ID_HEADER)) or new_request_id()
+            request_id = (accepted_request_id(headers.get(wire.FC_REQUEST_ID_HEADER))
+                          or f"{self._id_prefix}-{next(self._ids)}")
+            exists, config = functions[binding.function]
             try:
-                admission = await self._admission(msg, binding, headers, request_id)
+                if not exists:
+                    raise FunctionNotFound(f"function {binding.function} does not exist")
+                admission = self._admission(msg, binding, headers, request_id)
             except TaskmodeError as err:
                 outcomes[(binding, "rejected")] += 1
                 log.info("trigger message refused", extra={"function": binding.function, "trigger": binding.trigger,
                                                            "error": err.message, "request_id": request_id})
                 await self._reply(msg, error_reply(err, request_id))
                 continue
-            items.append((admission, await self._catalog.find_async_config(binding.function)))
+            items.append((admission, config))
             accepted.append((msg, binding, request_id))
         results = await submit_many(self._events, items) if items else []
         self._metrics.batch_tasks.observe(len(items))
@@ -200,13 +214,11 @@ class NatsIngest:
                                                        "first_task_id": items[0][0].task_id,
                                                        "last_task_id": items[-1][0].task_id})
 
-    async def _admission(self, msg: Msg, binding: Binding, headers: dict[str, str], request_id: str) -> Admission:
+    def _admission(self, msg: Msg, binding: Binding, headers: dict[str, str], request_id: str) -> Admission:
         check_payload_size(msg.data, limit=MAX_ASYNC_PAYLOAD_BYTES)
         task_id = choose_task_id(task_id_header=headers.get(wire.FC_TASK_ID_HEADER),
                                  request_id_header=headers.get(wire.FC_REQUEST_ID_HEADER))
         delay_s = parse_delay(headers.get(wire.FC_DELAY_HEADER))
-        if await self._catalog.find_function(binding.function) is None:
-            raise FunctionNotFound(f"function {binding.function} does not exist")
         return Admission(function=binding.function, task_id=task_id, payload=msg.data, request_id=request_id,
                          qualifier=binding.qualifier, delay_s=delay_s)
 
