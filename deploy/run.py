@@ -31,6 +31,17 @@ def _access_keys(data_dir: Path) -> str:
     return key_file.read_text().strip()
 
 
+def _delivery_secret(data_dir: Path) -> str:
+    if os.environ.get("TASKMODE_DELIVERY_SECRET"):
+        return os.environ["TASKMODE_DELIVERY_SECRET"]
+    # Generated once and kept with the data, like the access key: webhook receivers keep it.
+    secret_file = data_dir / "delivery-secret"
+    if not secret_file.exists():
+        secret_file.write_text(secrets.token_urlsafe(32) + "\n")
+        secret_file.chmod(0o600)
+    return secret_file.read_text().strip()
+
+
 def main() -> int:
     data_dir = Path(os.environ.get("TASKMODE_DATA_DIR", ".data")).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -43,6 +54,7 @@ def main() -> int:
         mongodb_url=os.environ.get("MONGODB_URL", ""),
         auth_disabled=env_bool("TASKMODE_AUTH_DISABLED", False),
         metrics_ports=True,
+        delivery_secret=_delivery_secret(data_dir),
     )
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -62,7 +74,8 @@ def main() -> int:
             f"  NATS             {stack.nats_url}\n"
             f"  MongoDB          {stack.mongodb_url}\n"
             f"  metrics          http://127.0.0.1:{stack.gateway_port}/metrics (gateway), "
-            f":9101 scheduler, :9102 executor, :9103 projection\n"
+            f":9101 scheduler, :9102 executor, :9103 projection, :9104 triggers, :9105 deliverer\n"
+            f"  webhook secret   {stack.delivery_secret}  (also in {data_dir / 'delivery-secret'})\n"
             f"  logs             {data_dir / 'logs'}\n"
             f"Ctrl-C stops everything.\n",
             flush=True,

@@ -65,7 +65,7 @@ def stream_config(*, replicas: int = 1) -> StreamConfig:
     """The event stream's configuration: 7-day retention, never discard new appends."""
     return StreamConfig(
         name=wire.EVENT_STREAM,
-        subjects=[wire.EVENT_SUBJECTS_ALL],
+        subjects=[wire.EVENT_SUBJECTS_ALL, wire.DELIVERY_SUBJECTS_ALL],
         max_age=wire.RETENTION_S,
         storage=StorageType.FILE,
         discard=DiscardPolicy.OLD,
