@@ -26,7 +26,9 @@ from shared.transitions import Status
 
 # The final statuses that can fire a destination (Stopped and Invalid fire none).
 FIRING: tuple[Status, ...] = (Status.SUCCEEDED, Status.FAILED, Status.EXPIRED)
-# Deliveries of one partition attempted at once: a slow receiver holds only its own.
+# Deliveries of one partition attempted at once. A batch is settled before the next fetch, so a
+# receiver that hangs delays its partition's next deliveries by at most one attempt's timeout
+# (TASKMODE_DELIVERY_TIMEOUT_S); a dead one (refused connections) costs nothing.
 BATCH = 64
 
 
