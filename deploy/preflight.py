@@ -31,6 +31,8 @@ METRICS_PORT_VARS: dict[str, tuple[str, int]] = {
     "scheduler": ("TASKMODE_SCHEDULER_METRICS_PORT", 9101),
     "executor": ("TASKMODE_EXECUTOR_METRICS_PORT", 9102),
     "projection": ("TASKMODE_PROJECTION_METRICS_PORT", 9103),
+    "triggers": ("TASKMODE_TRIGGERS_METRICS_PORT", 9104),
+    "deliverer": ("TASKMODE_DELIVERER_METRICS_PORT", 9105),
 }
 GATEWAY_METRICS_PORT_VAR = "TASKMODE_GATEWAY_METRICS_PORT"
 
@@ -68,7 +70,7 @@ class LaunchPlan:
     gateway_port: int
     gateway_metrics_port: int  # 0: /metrics on the API port only
     metrics_host: str
-    metrics_ports: dict[str, int]  # scheduler/executor/projection -> port (0: none)
+    metrics_ports: dict[str, int]  # worker service -> port (0: none)
     nats_port: int | None  # None: NATS_URL is given, no nats-server is started
     mongo_port: int | None  # None: MONGODB_URL is given, no MongoDB-wire server is started
     nats_url: str

@@ -180,6 +180,7 @@ class Launcher:
             f"  MongoDB          {mongo}",
             f"  metrics          {', '.join(metrics)}",
             f"  health           {gateway}/healthz, {gateway}/readyz",
+            f"  webhook secret   {self.stack.delivery_secret}  (also in {self.stack.data_dir / 'delivery-secret'})",
             f"  logs             {self.stack.data_dir / 'logs'}",
             "Ctrl-C stops everything.",
             "",
@@ -189,6 +190,17 @@ class Launcher:
     def supervise(self) -> None:
         while not self.stopping.wait(0.5):
             self.supervisor.check()
+
+
+def _delivery_secret(data_dir: Path) -> str:
+    if os.environ.get("TASKMODE_DELIVERY_SECRET"):
+        return os.environ["TASKMODE_DELIVERY_SECRET"]
+    # Generated once and kept with the data, like the access key: webhook receivers keep it.
+    secret_file = data_dir / "delivery-secret"
+    if not secret_file.exists():
+        secret_file.write_text(secrets.token_urlsafe(32) + "\n")
+        secret_file.chmod(0o600)
+    return secret_file.read_text().strip()
 
 
 def main() -> int:
@@ -216,6 +228,7 @@ def _run(plan: LaunchPlan) -> int:
         auth_disabled=plan.auth_disabled,
         metrics_ports=True,
         service_env=plan.service_env(),
+        delivery_secret=_delivery_secret(plan.data_dir),
     )
     stopping = threading.Event()
     launcher = Launcher(plan, stack, stopping)

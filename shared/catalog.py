@@ -183,6 +183,10 @@ class _Mirror(Generic[R]):
                 await _cancel(task)
 
 
+# Other KV-backed catalogs (triggers) keep their local copies the same way.
+KvMirror = _Mirror
+
+
 async def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -372,3 +376,9 @@ async def _keys(kv: KeyValue) -> list[str]:
         return list(await kv.keys())
     except NoKeysError:
         return []
+
+
+# For the other KV-backed catalogs (triggers): the same bucket opening and key listing.
+open_bucket = _key_value
+stream_replicas = _stream_replicas
+bucket_keys = _keys

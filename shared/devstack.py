@@ -16,6 +16,7 @@ import ctypes
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -309,7 +310,7 @@ def start_service(
     return ChildProcess(name or module, proc, log_path)
 
 
-SERVICES: tuple[str, ...] = ("projection", "scheduler", "executor", "gateway")
+SERVICES: tuple[str, ...] = ("projection", "scheduler", "executor", "triggers", "deliverer", "gateway")
 
 
 @dataclass
@@ -327,6 +328,8 @@ class Stack:
     auth_disabled: bool = False
     metrics_ports: bool = False
     service_env: dict[str, str] = field(default_factory=dict)
+    # Signs webhook destination records (only the deliverer holds it; receivers are told it).
+    delivery_secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     infra: list[ChildProcess] = field(default_factory=list)
     services: dict[str, ChildProcess] = field(default_factory=dict)
 
@@ -389,8 +392,10 @@ class Stack:
             env["TASKMODE_ACCESS_KEYS"] = self.access_keys
             env["TASKMODE_AUTH_DISABLED"] = "true" if self.auth_disabled else "false"
             env["TASKMODE_CONSOLE_LOGS_DIR"] = str(self.data_dir / "logs")  # the console shows task logs
+        if service == "deliverer":
+            env["TASKMODE_DELIVERY_SECRET"] = self.delivery_secret
         if not self.metrics_ports:
-            for name in ("SCHEDULER", "EXECUTOR", "PROJECTION"):
+            for name in ("SCHEDULER", "EXECUTOR", "PROJECTION", "TRIGGERS", "DELIVERER"):
                 env[f"TASKMODE_{name}_METRICS_PORT"] = "0"
         return {**env, **self.service_env}
 

@@ -125,3 +125,13 @@ class VersionGap(TaskmodeError):
 class ServiceUnavailable(TaskmodeError):
     code = "ServiceUnavailable"
     http_status = 503
+
+
+class TriggerNotFound(TaskmodeError):
+    code = "TriggerNotFound"
+    http_status = 404
+
+
+class TriggerAlreadyExists(TaskmodeError):
+    code = "TriggerAlreadyExists"
+    http_status = 409

@@ -16,18 +16,29 @@ EVENT_STREAM: Final = "TASKMODE_EVENTS"
 EVENT_SUBJECT_PREFIX: Final = "taskmode.events"
 EVENT_SUBJECTS_ALL: Final = f"{EVENT_SUBJECT_PREFIX}.>"
 RETENTION_S: Final = 7 * 24 * 3600
+# Destination delivery records share the event stream (so the projection reads them in order
+# with the task events they follow) on subjects of their own, outside every task wildcard:
+# `taskmode.deliveries.<partition>.<function>.<taskId>`.
+DELIVERY_SUBJECT_PREFIX: Final = "taskmode.deliveries"
+DELIVERY_SUBJECTS_ALL: Final = f"{DELIVERY_SUBJECT_PREFIX}.>"
 
 FUNCTIONS_BUCKET: Final = "taskmode_functions"
 ASYNC_CONFIG_BUCKET: Final = "taskmode_async_configs"
 CODE_BUCKET: Final = "taskmode_code"
+TRIGGERS_BUCKET: Final = "taskmode_triggers"
 
 SCHEDULER_DURABLE: Final = "taskmode-scheduler"
 EXECUTOR_DURABLE: Final = "taskmode-executor"
 PROJECTION_DURABLE: Final = "taskmode-projection"
+DELIVERER_DURABLE: Final = "taskmode-deliverer"
 # Which instance of a partitioned service owns which partition: leases in this KV bucket.
 LEASES_BUCKET: Final = "taskmode_leases"
 
 SYNC_INVOKE_PREFIX: Final = "taskmode.invoke"
+TRIGGERS_CLIENT_NAME: Final = "taskmode-triggers"
+TRIGGERS_QUEUE_PREFIX: Final = "taskmode-trigger"
+# HTTP triggers are served at <gateway><HTTP_TRIGGER_PREFIX>/<function>/<trigger>/<path>.
+HTTP_TRIGGER_PREFIX: Final = "/http-triggers"
 EXECUTOR_QUEUE_GROUP: Final = "taskmode-executors"
 
 # NATS client names (what `nats-server` monitoring shows per connection).
@@ -36,6 +47,14 @@ SCHEDULER_CLIENT_NAME: Final = "taskmode-scheduler"
 EXECUTOR_CLIENT_NAME: Final = "taskmode-executor"
 PROJECTION_CLIENT_NAME: Final = "taskmode-projection"
 PROJECTION_REBUILD_CLIENT_NAME: Final = "taskmode-projection-rebuild"
+DELIVERER_CLIENT_NAME: Final = "taskmode-deliverer"
+
+# Webhook destinations: when the record was signed (unix seconds), its signature
+# ("v1=" + hex HMAC-SHA256 of "<timestamp>.<body>"), and a key that is the same for every
+# attempt at one task's record (a receiver dedups on it).
+WEBHOOK_TIMESTAMP_HEADER: Final = "x-taskmode-timestamp"
+WEBHOOK_SIGNATURE_HEADER: Final = "x-taskmode-signature"
+DELIVERY_ID_HEADER: Final = "x-taskmode-delivery-id"
 
 # FC 3.0 HTTP headers: the API's (gateway) and those a custom runtime's server receives.
 FC_REQUEST_ID_HEADER: Final = "x-fc-request-id"
@@ -52,6 +71,10 @@ FC_FUNCTION_TIMEOUT_HEADER: Final = "x-fc-function-timeout"
 HEADER_MSG_ID: Final = "Nats-Msg-Id"
 HEADER_EXPECTED_LAST_SUBJECT_SEQ: Final = "Nats-Expected-Last-Subject-Sequence"
 HEADER_EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: Final = "Nats-Expected-Last-Subject-Sequence-Subject"
+# JetStream atomic batch publish (nats-server 2.12+): all messages of a batch are stored, or none.
+HEADER_BATCH_ID: Final = "Nats-Batch-Id"
+HEADER_BATCH_SEQUENCE: Final = "Nats-Batch-Sequence"
+HEADER_BATCH_COMMIT: Final = "Nats-Batch-Commit"
 # JetStream's error code for a failed Nats-Expected-Last-Subject-Sequence check.
 JS_ERR_WRONG_LAST_SEQUENCE: Final = 10071
 
@@ -106,6 +129,25 @@ def partition_subjects(partition: int) -> str:
 def partition_durable(base: str, partition: int) -> str:
     """Durable consumer name of one partition of a partitioned service (e.g. taskmode-projection-p3)."""
     return f"{base}-p{partition}"
+
+
+def trigger_queue_group(function: str, trigger: str) -> str:
+    """Queue group of one nats trigger: its instances share the trigger's messages."""
+    return f"{TRIGGERS_QUEUE_PREFIX}.{function}.{trigger}"
+
+
+def delivery_subject(function: str, task_id: str, *, partitions: int) -> str:
+    """Subject of a task's delivery records (in the task's partition)."""
+    return f"{DELIVERY_SUBJECT_PREFIX}.{partition_of(function, task_id, partitions)}.{function}.{task_id}"
+
+
+def delivery_partition_subjects(partition: int) -> str:
+    """Wildcard over the delivery records of one partition."""
+    return f"{DELIVERY_SUBJECT_PREFIX}.{partition}.>"
+
+
+def is_delivery_subject(subject: str) -> bool:
+    return subject.startswith(DELIVERY_SUBJECT_PREFIX + ".")
 
 
 def sync_invoke_subject(function: str) -> str:

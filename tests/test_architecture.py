@@ -12,7 +12,7 @@ import pytest
 from shared.transitions import STATUS_ALIASES, Status
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVICES = ["gateway", "scheduler", "executor", "projection"]
+SERVICES = ["gateway", "scheduler", "executor", "projection", "triggers", "deliverer"]
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -31,8 +31,10 @@ def start_launcher(data_dir: Path, ports: dict[str, int]) -> tuple[subprocess.Po
         "TASKMODE_SCHEDULER_METRICS_PORT": str(ports["scheduler"]),
         "TASKMODE_EXECUTOR_METRICS_PORT": str(ports["executor"]),
         "TASKMODE_PROJECTION_METRICS_PORT": str(ports["projection"]),
+        "TASKMODE_TRIGGERS_METRICS_PORT": str(ports["triggers"]),
+        "TASKMODE_DELIVERER_METRICS_PORT": str(ports["deliverer"]),
     }
-    for name in ("TASKMODE_ACCESS_KEYS", "NATS_URL", "MONGODB_URL", "TASKMODE_AUTH_DISABLED"):
+    for name in ("TASKMODE_ACCESS_KEYS", "NATS_URL", "MONGODB_URL", "TASKMODE_AUTH_DISABLED", "TASKMODE_DELIVERY_SECRET"):
         env.pop(name, None)
     proc = subprocess.Popen([sys.executable, str(ROOT / "deploy" / "run.py")], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -62,7 +64,8 @@ def stop_launcher(proc: subprocess.Popen[str]) -> list[int]:
 
 
 async def test_launcher_runs_everything_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
-    ports = {name: free_port() for name in ("gateway", "nats", "mongo", "scheduler", "executor", "projection")}
+    ports = {name: free_port() for name in ("gateway", "nats", "mongo", "scheduler", "executor", "projection",
+                                            "triggers", "deliverer")}
     proc, printed = start_launcher(tmp_path, ports)
     try:
         fc = FcClient(f"http://127.0.0.1:{ports['gateway']}", access_key_id=printed["key_id"],
@@ -73,7 +76,7 @@ async def test_launcher_runs_everything_stops_cleanly_and_keeps_data(tmp_path: P
         await fc.close()
     finally:
         children = stop_launcher(proc)
-    assert len(children) >= 6  # nats, mongo-wire and four services (plus instances)
+    assert len(children) >= 8  # nats, mongo-wire and six services (plus instances)
     assert not [pid for pid in children if psutil.pid_exists(pid)
                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE], "a child outlived the launcher"
 

@@ -17,7 +17,8 @@ from prometheus_client import start_http_server
 from shared import wire
 from shared.bootstrap import open_bus, open_catalog
 from shared.taskstore import TaskStore
-from services.gateway import async_configs, functions, invocations, tasks, watch
+from shared.triggers import TriggerCatalog
+from services.gateway import async_configs, functions, http_triggers, invocations, tasks, triggers, watch
 from services.gateway.auth import guard_request
 from services.gateway.console import build_router as build_console_router
 from services.gateway.context import RequestContextMiddleware, install_exception_handlers
@@ -38,9 +39,12 @@ async def open_resources(settings: GatewaySettings, stack: AsyncExitStack) -> Re
     bus = await open_bus(settings.common, stack, name=wire.GATEWAY_CLIENT_NAME)
     catalog = await open_catalog(bus, stack)
     log.info("nats ready", extra={"stream": wire.EVENT_STREAM})
+    triggers = await TriggerCatalog.open(bus.js)
+    await triggers.watch()
+    stack.push_async_callback(triggers.close)
     task_store = await TaskStore.connect(settings.common.mongodb_url)
     stack.push_async_callback(task_store.close)
-    return Resources(nc=bus.nc, catalog=catalog, events=bus.events, tasks=task_store)
+    return Resources(nc=bus.nc, catalog=catalog, events=bus.events, tasks=task_store, triggers=triggers)
 
 
 def _serve_metrics_port(metrics: GatewayMetrics, settings: GatewaySettings, stack: AsyncExitStack) -> None:
@@ -91,8 +95,11 @@ def create_app(
     api = APIRouter(prefix=f"/{wire.API_VERSION}", dependencies=[Depends(guard_request)])
     for module in (functions, async_configs, invocations, tasks, watch):
         api.include_router(module.router)
+    api.include_router(triggers.router)
     app.include_router(api)
     app.include_router(build_console_router())
+    # HTTP triggers sit outside the signed API: each trigger's authType decides (http_triggers.py).
+    app.include_router(http_triggers.router)
 
     @app.get("/healthz")
     async def healthz(request: Request) -> Response:

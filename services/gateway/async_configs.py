@@ -7,10 +7,14 @@ import logging
 from fastapi import APIRouter, Response
 
 from services.gateway import params
-from services.gateway.deps import BodyDep, ResourcesDep
+from services.gateway.deps import BodyDep, ResourcesDep, SettingsDep
+from services.gateway.settings import GatewaySettings
 from services.gateway.errors import json_response
 from services.gateway.schemas import PutAsyncInvokeConfigInput, decode_json
-from shared.catalog import AsyncConfigRecord
+from shared.catalog import AsyncConfigRecord, DestinationConfig
+from shared.destinations import FunctionTarget, parse_destination
+from shared.errors import InvalidArgument
+from shared.ports import FunctionCatalog
 from shared.events import DEFAULT_MAX_EVENT_AGE_S, DEFAULT_MAX_RETRIES
 
 log = logging.getLogger(__name__)
@@ -20,13 +24,14 @@ router = APIRouter()
 
 @router.put("/functions/{function_name}/async-invoke-config")
 async def put_async_invoke_config(
-    function_name: str, resources: ResourcesDep, raw: BodyDep, qualifier: str | None = None
+    function_name: str, resources: ResourcesDep, settings: SettingsDep, raw: BodyDep, qualifier: str | None = None
 ) -> Response:
     params.check_function_name(function_name)
     params.check_qualifier(qualifier)
     body = decode_json(raw, PutAsyncInvokeConfigInput)
     catalog = resources.catalog
     function = await catalog.get_function(function_name)
+    await _check_destinations(body.destination_config, function=function_name, catalog=catalog, settings=settings)
     existing = await catalog.find_async_config(function_name)
     now = params.format_time()
     # A put replaces the whole config (omitted fields take their defaults), like FC; only the
@@ -57,6 +62,26 @@ async def put_async_invoke_config(
         },
     )
     return json_response(record)
+
+
+async def _check_destinations(config: DestinationConfig | None, *, function: str, catalog: FunctionCatalog,
+                              settings: GatewaySettings) -> None:
+    """Every destination must parse and exist; a function may not be its own destination."""
+    if config is None:
+        return
+    for name, entry in (("onSuccess", config.on_success), ("onFailure", config.on_failure)):
+        if entry is None or not entry.destination:
+            continue
+        try:
+            target = parse_destination(entry.destination, region=settings.common.region,
+                                       account_id=settings.common.account_id)
+        except InvalidArgument as err:
+            raise InvalidArgument(f"destinationConfig.{name}: {err.message}") from err
+        if isinstance(target, FunctionTarget):
+            if target.function == function:
+                raise InvalidArgument(f"destinationConfig.{name}: a function cannot be its own destination")
+            if await catalog.find_function(target.function) is None:
+                raise InvalidArgument(f"destinationConfig.{name}: function {target.function} does not exist")
 
 
 @router.get("/functions/{function_name}/async-invoke-config")

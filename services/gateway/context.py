@@ -9,9 +9,7 @@ leaks nothing.
 from __future__ import annotations
 
 import logging
-import re
 import time
-import uuid
 from collections.abc import Callable
 from typing import Final
 
@@ -25,24 +23,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.gateway.errors import InternalServerError, error_response
 from shared.errors import InvalidArgument, PathNotSupported, TaskmodeError
+from shared.submission import accepted_request_id, new_request_id
 from shared.wire import FC_REQUEST_ID_HEADER
 
 log = logging.getLogger(__name__)
 
-# What we accept as a caller's x-fc-request-id (echoed back in a header, so kept printable).
-REQUEST_ID_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 CLIENT_CLOSED_REQUEST: Final = 499  # FC's status for a request the client abandoned
-
-
-def accepted_request_id(value: str | None) -> str | None:
-    """A caller's x-fc-request-id if it is safe to echo back, else None (we make our own)."""
-    if value and REQUEST_ID_RE.fullmatch(value):
-        return value
-    return None
-
-
-def new_request_id() -> str:
-    return str(uuid.uuid4())
 
 
 def request_id_of(request: Request) -> str:

@@ -17,6 +17,7 @@ from nats.aio.client import Client
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.settings import GatewaySettings
 from shared.ports import EventLog, FunctionCatalog, TaskReadModel
+from shared.triggers import TriggerCatalog
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class Resources:
     catalog: FunctionCatalog
     events: EventLog
     tasks: TaskReadModel
+    triggers: TriggerCatalog | None = None  # None only for tests that exercise no trigger route
 
 
 def resources_of(request: Request) -> Resources:

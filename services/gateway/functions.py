@@ -91,5 +91,7 @@ async def update_function(function_name: str, resources: ResourcesDep, raw: Body
 async def delete_function(function_name: str, resources: ResourcesDep) -> Response:
     params.check_function_name(function_name)
     await resources.catalog.delete_function(function_name)
+    if resources.triggers is not None:  # a deleted function's triggers go with it
+        await resources.triggers.delete_all(function_name)
     log.info("function deleted", extra={"function": function_name})
     return Response(status_code=204)

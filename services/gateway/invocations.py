@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 from fastapi import APIRouter, Request, Response
+from nats.aio.client import Client
 from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
@@ -20,6 +21,7 @@ from services.gateway import params as validation
 from services.gateway.context import request_id_of
 from services.gateway.deps import body_of, metrics_of, resources_of
 from services.gateway.errors import InvocationTimeout, reported_error
+from services.gateway.metrics import GatewayMetrics
 from services.gateway.submission import submit_task
 from shared.wire import (
     FC_ERROR_TYPE_HEADER as ERROR_TYPE_HEADER,
@@ -61,10 +63,17 @@ async def _submit(request: Request, function: FunctionRecord, *, qualifier: str)
 
 
 async def _invoke_sync(request: Request, function: FunctionRecord) -> Response:
-    metrics = metrics_of(request)
-    nc = resources_of(request).nc
-    payload = body_of(request)
     request_id = request_id_of(request)
+    data, response_headers = await call_function(
+        function, body_of(request), nc=resources_of(request).nc, request_id=request_id, metrics=metrics_of(request))
+    return Response(
+        content=data, status_code=200, headers=response_headers, media_type="application/octet-stream"
+    )
+
+
+async def call_function(function: FunctionRecord, payload: bytes, *, nc: Client, request_id: str,
+                        metrics: GatewayMetrics) -> tuple[bytes, dict[str, str]]:
+    """Run `function` synchronously on an executor: its result and the FC response headers."""
     validation.check_payload_size(payload, limit=validation.MAX_SYNC_PAYLOAD_BYTES)
     name = function.function_name
     try:
@@ -99,6 +108,4 @@ async def _invoke_sync(request: Request, function: FunctionRecord) -> Response:
         # FC answers 200 for a handler error and says so in x-fc-error-type.
         response_headers[ERROR_TYPE_HEADER] = error_type
     metrics.sync_invocations.labels(outcome="handler_error" if error_type else "ok").inc()
-    return Response(
-        content=reply.data, status_code=200, headers=response_headers, media_type="application/octet-stream"
-    )
+    return reply.data, response_headers

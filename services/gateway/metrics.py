@@ -46,6 +46,14 @@ class GatewayMetrics:
             ["outcome"],
             registry=self.registry,
         )
+        # FC's "Asynchronous Invocation Trigger Events"; the triggers service exports the same
+        # series for nats and timer triggers.
+        self.trigger_events = Counter(
+            "taskmode_trigger_events_total",
+            "Requests that arrived through a trigger, by function, trigger, type and outcome.",
+            ["function", "trigger", "trigger_type", "outcome"],
+            registry=self.registry,
+        )
         self.read_fallbacks = Counter(
             "taskmode_gateway_task_read_fallbacks_total",
             "GetAsyncTask answers folded from the event stream because the read model lagged.",

@@ -10,24 +10,31 @@ import base64
 import binascii
 import re
 import time
-import uuid
 from typing import Final
 
-from shared.errors import EntityTooLarge, InvalidArgument, InvalidNextToken
+from shared.errors import InvalidArgument, InvalidNextToken
+# The task-id, delay and payload rules are admission's (shared by every way a task arrives).
+from shared.submission import (
+    LATEST as LATEST,
+    MAX_ASYNC_PAYLOAD_BYTES as MAX_ASYNC_PAYLOAD_BYTES,
+    MAX_DELAY_S as MAX_DELAY_S,
+    TASK_ID_RE as TASK_ID_RE,
+    check_payload_size as check_payload_size,
+    check_task_id as check_task_id,
+    choose_task_id as choose_task_id,
+    new_task_id as new_task_id,
+    parse_delay as parse_delay,
+)
 from shared.transitions import STATUS_ALIASES, Status, parse_status
-from shared.wire import FC_DELAY_HEADER, FC_INVOCATION_TYPE_HEADER, FC_REQUEST_ID_HEADER, FC_TASK_ID_HEADER
+from shared.wire import FC_INVOCATION_TYPE_HEADER
 
 FUNCTION_NAME_RE: Final = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_-]{0,63}$")
-TASK_ID_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,127}$")
 RUNTIME_RE: Final = re.compile(r"^(python3(\.\d+)?|custom(\.debian(10|11|12))?)$")
 QUALIFIER_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
-MAX_ASYNC_PAYLOAD_BYTES: Final = 128 * 1024
 MAX_SYNC_PAYLOAD_BYTES: Final = 32 * 1024 * 1024
-MAX_DELAY_S: Final = 3600
 DEFAULT_LIMIT: Final = 20
 MAX_LIMIT: Final = 100
-LATEST: Final = "LATEST"
 
 
 # --- names and identifiers ---------------------------------------------------------------------
@@ -39,15 +46,6 @@ def check_function_name(name: str) -> str:
             f"invalid function name {name[:80]!r}: it must match {FUNCTION_NAME_RE.pattern}"
         )
     return name
-
-
-def check_task_id(value: str, *, source: str = FC_TASK_ID_HEADER) -> str:
-    if not TASK_ID_RE.fullmatch(value):
-        raise InvalidArgument(
-            f"invalid task id {value[:140]!r} in {source}: it must start with a letter or '_', "
-            "contain only letters, digits, '_' and '-', and be at most 128 characters"
-        )
-    return value
 
 
 def check_runtime(runtime: str) -> str:
@@ -68,20 +66,6 @@ def check_qualifier(qualifier: str | None) -> str:
     return qualifier
 
 
-def new_task_id() -> str:
-    """A generated task id; the prefix makes it satisfy the task-id rule (no leading digit)."""
-    return f"task-{uuid.uuid4().hex}"
-
-
-def choose_task_id(*, task_id_header: str | None, request_id_header: str | None) -> str:
-    """FC's rule: the given task id, else the caller's request id, else a generated one."""
-    if task_id_header is not None and task_id_header.strip():
-        return check_task_id(task_id_header.strip())
-    if request_id_header is not None and request_id_header.strip():
-        return check_task_id(request_id_header.strip(), source=FC_REQUEST_ID_HEADER)
-    return new_task_id()
-
-
 # --- invocation headers -----------------------------------------------------------------------
 
 
@@ -95,26 +79,6 @@ def parse_invocation_type(value: str | None) -> str:
     if normalized == "async":
         return "Async"
     raise InvalidArgument(f"invalid {FC_INVOCATION_TYPE_HEADER} {value[:40]!r}: use Sync or Async")
-
-
-def parse_delay(value: str | None) -> int:
-    """x-fc-async-delay: whole seconds in [0, 3600] (absent: 0)."""
-    if value is None or not value.strip():
-        return 0
-    text = value.strip()
-    if not text.isdigit() or not text.isascii():
-        raise InvalidArgument(
-            f"invalid {FC_DELAY_HEADER} {value[:40]!r}: an integer number of seconds is required"
-        )
-    delay = int(text)
-    if delay > MAX_DELAY_S:
-        raise InvalidArgument(f"{FC_DELAY_HEADER} {delay} is out of range [0, {MAX_DELAY_S}]")
-    return delay
-
-
-def check_payload_size(payload: bytes, *, limit: int) -> None:
-    if len(payload) > limit:
-        raise EntityTooLarge(f"payload size exceeds maximum allowed size ({limit} bytes)")
 
 
 # --- query parameters -------------------------------------------------------------------------

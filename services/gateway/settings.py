@@ -18,6 +18,7 @@ METRICS_PORT_VAR = "TASKMODE_GATEWAY_METRICS_PORT"
 ACCESS_KEYS_VAR = "TASKMODE_ACCESS_KEYS"
 AUTH_DISABLED_VAR = "TASKMODE_AUTH_DISABLED"
 MAX_SKEW_VAR = "TASKMODE_GATEWAY_MAX_CLOCK_SKEW_S"
+PUBLIC_URL_VAR = "TASKMODE_GATEWAY_PUBLIC_URL"
 
 
 def parse_access_keys(text: str) -> dict[str, str]:
@@ -44,6 +45,8 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
     max_clock_skew_s: int = 900
     # Generous enough for a 50 MB code zip in base64 plus JSON; each route applies its own limit.
     max_request_body_bytes: int = 72 * 1024 * 1024
+    # Where clients reach this gateway (HTTP trigger URLs); empty: the base URL of the request.
+    public_url: str = ""
 
     @classmethod
     def from_env(cls) -> Self:
@@ -55,4 +58,5 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
             access_keys=parse_access_keys(env_str(ACCESS_KEYS_VAR, "")),
             auth_disabled=env_bool(AUTH_DISABLED_VAR, False),
             max_clock_skew_s=env_int(MAX_SKEW_VAR, 900),
+            public_url=env_str(PUBLIC_URL_VAR, "").rstrip("/"),
         )

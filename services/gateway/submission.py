@@ -1,4 +1,4 @@
-"""Submitting an async task: every check, then the single append that creates it.
+"""The gateway's side of admission: read the FC headers, count and log, then `shared.submission`.
 
 Shared by the InvokeFunction route and the submission fast path, so both behave alike.
 """
@@ -8,13 +8,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from services.gateway import params
 from services.gateway.deps import Resources
 from services.gateway.metrics import GatewayMetrics
+from shared import submission
 from shared.catalog import FunctionRecord
-from shared.errors import ConcurrentUpdateError, TaskAlreadyExists
-from shared.events import DEFAULT_MAX_EVENT_AGE_S, DEFAULT_MAX_RETRIES, TaskEnqueued
-from shared.eventstore import now_ms
+from shared.errors import TaskAlreadyExists
 from shared.transitions import Status
 from shared.wire import FC_DELAY_HEADER, FC_REQUEST_ID_HEADER, FC_TASK_ID_HEADER
 
@@ -34,41 +32,26 @@ async def submit_task(
     """Enqueue a task of `function`; its id. Raises the typed error a caller answers with."""
     name = function.function_name
     try:
-        params.check_payload_size(payload, limit=params.MAX_ASYNC_PAYLOAD_BYTES)
-        task_id = params.choose_task_id(
+        submission.check_payload_size(payload, limit=submission.MAX_ASYNC_PAYLOAD_BYTES)
+        task_id = submission.choose_task_id(
             task_id_header=headers.get(FC_TASK_ID_HEADER),
             request_id_header=headers.get(FC_REQUEST_ID_HEADER),
         )
-        delay_s = params.parse_delay(headers.get(FC_DELAY_HEADER))
+        delay_s = submission.parse_delay(headers.get(FC_DELAY_HEADER))
     except Exception:
         metrics.submissions.labels(outcome="rejected").inc()
         raise
-    config = await resources.catalog.find_async_config(name)
-    at_ms = now_ms()
-    event = TaskEnqueued(
-        task_id=task_id,
-        function=name,
-        version=1,
-        at_ms=at_ms,
-        payload=payload,
-        request_id=request_id,
-        qualifier=qualifier,
-        due_at_ms=at_ms + delay_s * 1000,
-        max_event_age_s=config.max_async_event_age_in_seconds if config else DEFAULT_MAX_EVENT_AGE_S,
-        max_retries=config.max_async_retry_attempts if config else DEFAULT_MAX_RETRIES,
-    )
+    admission = submission.Admission(function=name, task_id=task_id, payload=payload, request_id=request_id,
+                                     qualifier=qualifier, delay_s=delay_s)
     try:
-        await resources.events.append(event, expected_seq=0)
-    except ConcurrentUpdateError as err:
+        await submission.submit(resources.events, admission, await resources.catalog.find_async_config(name))
+    except TaskAlreadyExists:
         metrics.submissions.labels(outcome="duplicate").inc()
         log.info(
             "task submission refused: duplicate task id",
             extra={"task_id": task_id, "function": name, "status": "Rejected", "request_id": request_id},
         )
-        raise TaskAlreadyExists(
-            f"task {task_id} already exists for function {name}; task ids are unique for the retention period",
-            existing_task_id=task_id,
-        ) from err
+        raise
     metrics.submissions.labels(outcome="enqueued").inc()
     log.info(
         "task submitted",

@@ -67,7 +67,7 @@ async def run(settings: ProjectionSettings, stop: asyncio.Event, stack: AsyncExi
             bus.js,
             stream=wire.EVENT_STREAM,
             durable=_durable(partition),
-            filter_subjects=[wire.partition_subjects(partition)],
+            filter_subjects=[wire.partition_subjects(partition), wire.delivery_partition_subjects(partition)],
             ack_wait_s=settings.ack_wait_s,
             max_ack_pending=20_000,
             ack_policy=AckPolicy.ALL,

@@ -10,7 +10,9 @@ import msgspec
 from nats.aio.msg import Msg
 
 from services.projection.metrics import ProjectionMetrics
+from shared import wire
 from shared.catalog import function_arn
+from shared.deliveries import DeliveryRecorded, decode_delivery, with_delivery
 from shared.errors import TransitionNotAllowed, VersionGap
 from shared.events import AnyTaskEvent, decode_event
 from shared.ports import EventLog, TaskReadModel
@@ -36,9 +38,18 @@ class Projector:
         """Apply a batch in stream order; the consumer policy then acks it with one ack (AckAll)."""
         started = time.perf_counter()
         by_task: dict[str, list[AnyTaskEvent]] = defaultdict(list)
+        deliveries: dict[str, list[DeliveryRecorded]] = defaultdict(list)
         redelivered = False
         for msg in msgs:
             redelivered = redelivered or msg.metadata.num_delivered > 1
+            if wire.is_delivery_subject(msg.subject):
+                try:
+                    record = decode_delivery(msg.data)
+                except msgspec.DecodeError:
+                    self._metrics.refused.labels("undecodable").inc()
+                    continue
+                deliveries[document_id(record.function, record.task_id)].append(record)
+                continue
             try:
                 event = decode_event(msg.data)
             except msgspec.DecodeError:
@@ -50,14 +61,25 @@ class Projector:
         # document yet (the read model is emptied whenever the projection starts without a
         # position), so only the others are read.
         known = [doc_id for doc_id, events in by_task.items() if redelivered or events[0].version > 1]
+        known += [doc_id for doc_id in deliveries if doc_id not in by_task]
         docs = await self._store.load_many(known) if known else {}
-        changed = []
+        changed: dict[str, TaskDocument] = {}
         for doc_id, events in by_task.items():
             doc = await self._apply(docs.get(doc_id), events)
             if doc is not None:
-                changed.append(doc)
+                changed[doc_id] = doc
+        # Delivery records follow their task's final event in the stream: fold them in after it.
+        for doc_id, records in deliveries.items():
+            base = changed.get(doc_id) or docs.get(doc_id)
+            if base is None:  # the task's document is gone (expired): nothing to show it on
+                continue
+            updated = base
+            for record in records:
+                updated = with_delivery(updated, record)
+            if updated is not base:
+                changed[doc_id] = updated
         if changed:
-            await self._store.save_many(changed)
+            await self._store.save_many(list(changed.values()))
         self._metrics.batch_seconds.observe(time.perf_counter() - started)
 
     async def _apply(self, doc: TaskDocument | None, events: list[AnyTaskEvent]) -> TaskDocument | None:

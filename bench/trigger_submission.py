@@ -1,0 +1,123 @@
+"""Submission rate through a `nats` trigger, beside the HTTP submission rate, from the same run.
+
+Both measure the submission step alone: a task counts when its submitter has the answer (the
+publisher's reply `{"taskId"}`, the HTTP 202), which comes only after the task's Enqueued and
+Processed events are stored. Only the admission services run (gateway and triggers; nothing
+executes or projects meanwhile), so both figures are what admission itself sustains. Prints
+figures; asserts nothing about speed. Run: `python -m bench.trigger_submission --tasks 50000`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import nats
+import psutil
+from nats.aio.msg import Msg
+import uvloop
+
+from bench.full_stack import KEY_ID, NOOP, SECRET, submit_many
+from shared.devstack import Stack, free_port
+from tests.fc_client import FcClient
+
+SUBJECT = "bench.submit"
+
+
+def cpu_seconds(stack: Stack) -> dict[str, float]:
+    """CPU time (user + system) used so far by nats-server, each service and this process."""
+    processes = {child.name: child.process.pid for child in [*stack.infra, *stack.services.values()]}
+    processes["load generator"] = psutil.Process().pid
+    used = {}
+    for name, pid in processes.items():
+        times = psutil.Process(pid).cpu_times()
+        used[name] = times.user + times.system
+    return used
+
+
+async def publish_all(url: str, count: int, *, in_flight: int, prefix: str) -> float:
+    """Publish `count` messages with a reply subject each, at most `in_flight` unanswered; the
+    seconds until every reply is in.
+
+    Replies come to one wildcard inbox subscription instead of a `request()` per message: any
+    NATS client can do this, and it keeps the load generator's own cost per message small on
+    the two cores it shares with the system under test.
+    """
+    nc = await nats.connect(url, pending_size=64 * 1024 * 1024)
+    inbox = nc.new_inbox()
+    window = asyncio.Semaphore(in_flight)
+    all_answered = asyncio.Event()
+    answered = 0
+    refused: list[bytes] = []
+
+    async def on_reply(msg: Msg) -> None:
+        nonlocal answered
+        answered += 1
+        if b"taskId" not in msg.data:
+            refused.append(msg.data)
+        window.release()
+        if answered == count:
+            all_answered.set()
+
+    await nc.subscribe(f"{inbox}.*", cb=on_reply, pending_msgs_limit=-1, pending_bytes_limit=-1)
+    started = time.perf_counter()
+    for i in range(count):
+        await window.acquire()
+        await nc.publish(SUBJECT, b"{}", reply=f"{inbox}.{i}", headers={"x-fc-async-task-id": f"{prefix}{i:07d}"})
+    await asyncio.wait_for(all_answered.wait(), timeout=300)
+    elapsed = time.perf_counter() - started
+    await nc.close()
+    if refused:
+        raise RuntimeError(f"{len(refused)} submissions were refused, e.g. {refused[0]!r}")
+    return elapsed
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tasks", type=int, default=50_000)
+    parser.add_argument("--http-tasks", type=int, default=3_000)
+    parser.add_argument("--in-flight", type=int, default=4_000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        stack = Stack(data_dir=Path(tmp), access_keys=f"{KEY_ID}:{SECRET}", gateway_port=free_port())
+        stack.start_infra()
+        for service in ("triggers", "gateway"):
+            stack.start_service(service)
+        base = f"http://127.0.0.1:{stack.gateway_port}"
+        fc = FcClient(base, access_key_id=KEY_ID, access_key_secret=SECRET)
+        try:
+            name = "bench_bus"
+            await fc.create_function(name, code={"index.py": NOOP})
+            created = await fc.request("POST", f"/functions/{name}/triggers", json={
+                "triggerName": "bus", "triggerType": "nats", "triggerConfig": json.dumps({"subject": SUBJECT})})
+            assert created.status_code == 200, created.text
+            await asyncio.sleep(2)  # the service subscribes within its 0.5 s sync period
+            await publish_all(stack.nats_url, 2_000, in_flight=500, prefix="warm")
+            cpu_before = cpu_seconds(stack)
+            bus_s = await publish_all(stack.nats_url, args.tasks, in_flight=args.in_flight, prefix="bus")
+            cpu_after = cpu_seconds(stack)
+            http_ids = [f"http{i:07d}" for i in range(args.http_tasks)]
+            http_s = await submit_many(base, name, http_ids, concurrency=32)
+        finally:
+            await fc.close()
+            stack.stop()
+    print(f"\n== submission step alone (gateway + triggers running; nothing executes meanwhile) ==")
+    print(f"nats trigger, request/reply  {args.tasks / bus_s:8.0f} tasks/s  ({args.tasks} tasks, "
+          f"{args.in_flight} in flight, {bus_s:.1f} s)")
+    print(f"HTTP InvokeFunction (Async)  {args.http_tasks / http_s:8.0f} tasks/s  ({args.http_tasks} tasks, "
+          f"32 connections, {http_s:.1f} s)")
+    print("\n== CPU per task on the nats trigger path (microseconds) ==")
+    total = 0.0
+    for name in cpu_before:
+        per_task_us = (cpu_after[name] - cpu_before[name]) / args.tasks * 1e6
+        total += per_task_us
+        print(f"{name:28s} {per_task_us:8.1f}")
+    print(f"{'all':28s} {total:8.1f}   -> two idle cores sustain about {2e6 / total:,.0f} tasks/s")
+
+
+if __name__ == "__main__":
+    uvloop.run(main())

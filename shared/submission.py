@@ -1,0 +1,206 @@
+"""Admission: the one way a task comes into being, whichever door it arrives through.
+
+InvokeFunction over HTTP, a message on a `nats` trigger's subject, an `http` trigger request, a
+timer tick and a destination that targets a function all check their input with the rules here
+and create the task with `submit`, so dedup, validation and the first events are identical
+whichever way a task arrives.
+
+A task is created by appending its Enqueued event; the scheduler dispatches it when it is due.
+The first event expects sequence 0 on the task's subjects: a task id that already has an event
+in the stream (7-day retention) is refused with `TaskAlreadyExists`. Many tasks at once (a bus
+trigger's burst) go in atomic batches, which nats-server commits for the cost of about one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from shared.catalog import AsyncConfigRecord
+from shared.errors import ConcurrentUpdateError, EntityTooLarge, InvalidArgument, TaskAlreadyExists, TaskmodeError
+from shared.events import DEFAULT_MAX_EVENT_AGE_S, DEFAULT_MAX_RETRIES, TaskEnqueued
+from shared.eventstore import MAX_BATCH_MESSAGES, now_ms
+from shared.ports import EventLog
+from shared.wire import FC_DELAY_HEADER, FC_REQUEST_ID_HEADER, FC_TASK_ID_HEADER
+
+TASK_ID_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,127}$")
+# What we accept as a caller's x-fc-request-id (echoed back, so kept printable).
+REQUEST_ID_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+MAX_ASYNC_PAYLOAD_BYTES: Final = 128 * 1024
+MAX_DELAY_S: Final = 3600
+LATEST: Final = "LATEST"
+
+
+def accepted_request_id(value: str | None) -> str | None:
+    """A caller's x-fc-request-id if it is safe to echo back, else None (we make our own)."""
+    if value and REQUEST_ID_RE.fullmatch(value):
+        return value
+    return None
+
+
+def new_request_id() -> str:
+    return str(uuid.uuid4())
+
+
+def check_task_id(value: str, *, source: str = FC_TASK_ID_HEADER) -> str:
+    """`value` if it satisfies FC's task-id rule, else `InvalidArgument` naming `source`."""
+    if not TASK_ID_RE.fullmatch(value):
+        raise InvalidArgument(
+            f"invalid task id {value[:140]!r} in {source}: it must start with a letter or '_', "
+            "contain only letters, digits, '_' and '-', and be at most 128 characters"
+        )
+    return value
+
+
+def new_task_id() -> str:
+    """A generated task id; the prefix makes it satisfy the task-id rule (no leading digit)."""
+    return f"task-{uuid.uuid4().hex}"
+
+
+def choose_task_id(*, task_id_header: str | None, request_id_header: str | None) -> str:
+    """FC's rule: the given task id, else the caller's request id, else a generated one."""
+    if task_id_header is not None and task_id_header.strip():
+        return check_task_id(task_id_header.strip())
+    if request_id_header is not None and request_id_header.strip():
+        return check_task_id(request_id_header.strip(), source=FC_REQUEST_ID_HEADER)
+    return new_task_id()
+
+
+def parse_delay(value: str | None) -> int:
+    """x-fc-async-delay: whole seconds in [0, 3600] (absent: 0)."""
+    if value is None or not value.strip():
+        return 0
+    text = value.strip()
+    if not text.isdigit() or not text.isascii():
+        raise InvalidArgument(
+            f"invalid {FC_DELAY_HEADER} {value[:40]!r}: an integer number of seconds is required"
+        )
+    delay = int(text)
+    if delay > MAX_DELAY_S:
+        raise InvalidArgument(f"{FC_DELAY_HEADER} {delay} is out of range [0, {MAX_DELAY_S}]")
+    return delay
+
+
+def check_payload_size(payload: bytes, *, limit: int) -> None:
+    if len(payload) > limit:
+        raise EntityTooLarge(f"payload size exceeds maximum allowed size ({limit} bytes)")
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A checked request for one task: everything `submit` needs besides the function's config."""
+
+    function: str
+    task_id: str
+    payload: bytes
+    request_id: str
+    qualifier: str = LATEST
+    delay_s: int = 0
+
+
+def first_event(admission: Admission, config: AsyncConfigRecord | None, *, at_ms: int | None = None) -> TaskEnqueued:
+    """The task's first event.
+
+    The function's async config is taken now and recorded in the Enqueued event, so a later
+    change does not affect tasks already submitted.
+    """
+    at = at_ms or now_ms()
+    return TaskEnqueued(
+        task_id=admission.task_id,
+        function=admission.function,
+        version=1,
+        at_ms=at,
+        payload=admission.payload,
+        request_id=admission.request_id,
+        qualifier=admission.qualifier,
+        due_at_ms=at + admission.delay_s * 1000,
+        max_event_age_s=config.max_async_event_age_in_seconds if config else DEFAULT_MAX_EVENT_AGE_S,
+        max_retries=config.max_async_retry_attempts if config else DEFAULT_MAX_RETRIES,
+    )
+
+
+async def submit(events: EventLog, admission: Admission, config: AsyncConfigRecord | None) -> None:
+    """Create the task.
+
+    Raises `TaskAlreadyExists` for a task id the function already used within the retention
+    period, `ServiceUnavailable` when the event store cannot be reached.
+    """
+    try:
+        await events.append(first_event(admission, config), expected_seq=0)
+    except ConcurrentUpdateError as err:
+        raise duplicate(admission) from err
+
+
+def duplicate(admission: Admission) -> TaskAlreadyExists:
+    """The error for a task id that is already taken."""
+    return TaskAlreadyExists(
+        f"task {admission.task_id} already exists for function {admission.function}; "
+        "task ids are unique for the retention period",
+        existing_task_id=admission.task_id,
+    )
+
+
+# Tasks per atomic batch: one event each, within JetStream's batch limit.
+TASKS_PER_BATCH: Final = MAX_BATCH_MESSAGES
+_BATCH_ATTEMPTS: Final = 3
+
+
+async def submit_many(events: EventLog,
+                      items: Sequence[tuple[Admission, AsyncConfigRecord | None]]) -> list[TaskmodeError | None]:
+    """Create many tasks with as few commits as possible; per item, None or the error it got.
+
+    The rules are `submit`'s: a task id already taken gets `TaskAlreadyExists`, also when the
+    same id comes twice in `items` (the first one wins). Tasks are appended in atomic batches
+    of up to `TASKS_PER_BATCH`; a batch refused because one of its ids exists is retried
+    without the ids that exist by then, so dedup stays exact and one duplicate costs the others
+    only a retry.
+    """
+    results: list[TaskmodeError | None] = [None] * len(items)
+    seen: set[tuple[str, str]] = set()
+    fresh: list[int] = []
+    for index, (admission, _) in enumerate(items):
+        key = (admission.function, admission.task_id)
+        if key in seen:
+            results[index] = duplicate(admission)
+        else:
+            seen.add(key)
+            fresh.append(index)
+    chunks = [fresh[i:i + TASKS_PER_BATCH] for i in range(0, len(fresh), TASKS_PER_BATCH)]
+    await asyncio.gather(*(_submit_chunk(events, items, chunk, results) for chunk in chunks))
+    return results
+
+
+async def _submit_chunk(events: EventLog, items: Sequence[tuple[Admission, AsyncConfigRecord | None]],
+                        pending: list[int], results: list[TaskmodeError | None]) -> None:
+    at = now_ms()
+    firsts = {index: (first_event(items[index][0], items[index][1], at_ms=at), None) for index in pending}
+    for _ in range(_BATCH_ATTEMPTS):
+        if not pending:
+            return
+        try:
+            await events.append_new_tasks([firsts[index] for index in pending])
+            return
+        except ConcurrentUpdateError:
+            # Some ids exist already (or were taken a moment ago): leave them out and retry.
+            lasts = await asyncio.gather(*(events.last(items[i][0].function, items[i][0].task_id) for i in pending))
+            still = []
+            for index, last in zip(pending, lasts):
+                if last is None:
+                    still.append(index)
+                else:
+                    results[index] = duplicate(items[index][0])
+            pending = still
+        except TaskmodeError as err:
+            for index in pending:
+                results[index] = err
+            return
+    # Ids keep colliding with concurrent submissions: settle the rest one by one.
+    for index in pending:
+        try:
+            await submit(events, *items[index])
+        except TaskmodeError as err:
+            results[index] = err

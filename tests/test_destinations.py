@@ -1,0 +1,215 @@
+"""Destinations end to end: real services, and a real HTTP receiver on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import nats
+import pytest
+from aiohttp import web
+
+from shared.destinations import destination_task_id, verify_webhook
+from shared.devstack import Stack, free_port
+from tests.fc_client import FcClient
+from tests.integration_fixtures import HANDLERS
+from tests.test_api_errors import assert_fc_error
+from tests.test_recovery import wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+
+class Receiver:
+    """An HTTP server on loopback that keeps every request it gets; it can be down and come back."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.received: list[tuple[str, dict[str, str], bytes]] = []
+        self._runner: web.AppRunner | None = None
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{path}"
+
+    async def start(self) -> None:
+        async def keep(request: web.Request) -> web.Response:
+            self.received.append((request.path, dict(request.headers), await request.read()))
+            return web.Response(status=204)
+
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", keep)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def records(self, path: str) -> list[tuple[dict[str, str], bytes]]:
+        return [(headers, body) for p, headers, body in self.received if p == f"/{path}"]
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    server = Receiver(free_port())
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def make(fc: FcClient, name: str, *, handler: str = "index.handler", **config: Any) -> None:
+    response = await fc.create_function(name, code={"index.py": HANDLERS}, handler=handler)
+    assert response.status_code == 200, response.text
+    response = await fc.put_async_config(name, asyncTask=True, **config)
+    assert response.status_code == 200, response.text
+
+
+def destinations(on_success: str | None = None, on_failure: str | None = None) -> dict[str, Any]:
+    config: dict[str, Any] = {}
+    if on_success:
+        config["onSuccess"] = {"destination": on_success}
+    if on_failure:
+        config["onFailure"] = {"destination": on_failure}
+    return {"destinationConfig": config}
+
+
+async def destination_status(fc: FcClient, name: str, task_id: str, wanted: str) -> bool:
+    task = (await fc.get_task(name, task_id)).json()
+    return bool(task.get("destinationStatus") == wanted)
+
+
+def check_signed(headers: dict[str, str], body: bytes, secret: str) -> dict[str, Any]:
+    assert verify_webhook(secret, timestamp=headers["x-taskmode-timestamp"], body=body,
+                          signature=headers["x-taskmode-signature"], now_s=time.time())
+    assert not verify_webhook("another secret", timestamp=headers["x-taskmode-timestamp"], body=body,
+                              signature=headers["x-taskmode-signature"], now_s=time.time())
+    return dict(json.loads(body))
+
+
+async def test_success_and_failure_records_are_delivered_signed(
+        fc: FcClient, fn_name: str, shared_stack: Stack, receiver: Receiver) -> None:
+    await make(fc, fn_name, handler="index.fail_then_succeed", maxAsyncRetryAttempts=1,
+               **destinations(receiver.url("ok"), receiver.url("failed")))
+    assert (await fc.invoke_async(fn_name, b"1", task_id="recovers")).status_code == 202
+    assert (await fc.invoke_async(fn_name, b"5", task_id="gives_up")).status_code == 202
+    await wait_until(lambda: destination_status(fc, fn_name, "recovers", "Delivered"), deadline_s=60,
+                     what="success record delivered")
+    await wait_until(lambda: destination_status(fc, fn_name, "gives_up", "Delivered"), deadline_s=60,
+                     what="failure record delivered")
+    [(ok_headers, ok_body)] = receiver.records("ok")
+    [(failed_headers, failed_body)] = receiver.records("failed")
+    ok = check_signed(ok_headers, ok_body, shared_stack.delivery_secret)
+    failed = check_signed(failed_headers, failed_body, shared_stack.delivery_secret)
+    assert ok_headers["x-taskmode-delivery-id"] == f"{fn_name}/recovers"
+    assert set(ok) == {"timestamp", "requestContext", "requestPayload", "responseContext", "responsePayload"}
+    assert ok["requestContext"]["condition"] == "Success"
+    assert ok["requestContext"]["approximateInvokeCount"] == 2  # one failure, one retry that succeeded
+    assert ok["requestContext"]["functionArn"].endswith(f":functions/{fn_name}")
+    assert ok["requestPayload"] == "1" and ok["responsePayload"] == "ok after 1"
+    assert ok["responseContext"] == {"statusCode": 200, "functionError": ""}
+    assert failed["requestContext"]["condition"] == "RetriesExhausted"
+    assert failed["requestContext"]["approximateInvokeCount"] == 2
+    assert failed["responseContext"]["functionError"] == "UnhandledInvocationError"
+    assert "attempt 1 failed" in json.loads(failed["responsePayload"])["errorMessage"]
+
+
+async def test_a_receiver_down_then_back_gets_the_record_once(
+        fc: FcClient, fn_name: str, shared_stack: Stack) -> None:
+    later = Receiver(free_port())
+    await make(fc, fn_name, **destinations(later.url("hook")))
+    await fc.invoke_async(fn_name, b"patience", task_id="waits")
+    # Nobody listens yet: attempts fail and are retried with backoff.
+    await wait_until(lambda: destination_status(fc, fn_name, "waits", "Delivering"), deadline_s=60,
+                     what="a failed attempt recorded")
+    await later.start()
+    try:
+        await wait_until(lambda: destination_status(fc, fn_name, "waits", "Delivered"), deadline_s=60,
+                         what="record delivered after retries")
+        # A restart of the deliverer replays nothing that was delivered: a later task's record
+        # arriving proves the restarted deliverer went past the first one.
+        shared_stack.kill_service("deliverer")
+        shared_stack.start_service("deliverer")
+        await fc.invoke_async(fn_name, b"next", task_id="after_restart")
+        await wait_until(lambda: destination_status(fc, fn_name, "after_restart", "Delivered"), deadline_s=90,
+                         what="record after the restart delivered")
+        bodies = [json.loads(body)["requestPayload"] for _, body in later.records("hook")]
+        assert sorted(bodies) == ["next", "patience"], bodies
+    finally:
+        await later.stop()
+
+
+async def test_function_and_nats_destinations(fc: FcClient, fn_name: str, shared_stack: Stack) -> None:
+    sink = f"{fn_name}_sink"
+    await make(fc, sink)
+    arn = (await fc.request("GET", f"/functions/{sink}")).json()["functionArn"]
+    await make(fc, fn_name, handler="index.fail", maxAsyncRetryAttempts=0,
+               **destinations(on_failure=arn))
+    await fc.invoke_async(fn_name, b"to the sink", task_id="source")
+    record_task = await fc.wait_for(sink, destination_task_id(fn_name, "source"), {"Succeeded"}, deadline_s=60)
+    record = json.loads(record_task["taskPayload"])
+    assert record["requestContext"]["condition"] == "RetriesExhausted" and record["requestPayload"] == "to the sink"
+
+    other = f"{fn_name}_bus"
+    subject = f"results.{fn_name}"
+    await make(fc, other, **destinations(f"nats:{subject}"))
+    nc = await nats.connect(shared_stack.nats_url)
+    try:
+        sub = await nc.subscribe(subject)
+        await fc.invoke_async(other, b"over the bus", task_id="bus_1")
+        msg = await sub.next_msg(timeout=60)
+        assert json.loads(msg.data)["responsePayload"] == "over the bus"
+        assert msg.headers and msg.headers["Nats-Msg-Id"] == f"{other}/bus_1"
+    finally:
+        await nc.close()
+
+
+async def test_an_expired_task_fires_on_failure(fc: FcClient, fn_name: str, shared_stack: Stack,
+                                                receiver: Receiver) -> None:
+    await make(fc, fn_name, maxAsyncEventAgeInSeconds=1, **destinations(on_failure=receiver.url("expired")))
+    shared_stack.kill_service("scheduler")  # nothing dispatches the delayed task in time
+    try:
+        submitted = time.time()
+        await fc.invoke_async(fn_name, b"too late", task_id="stale", delay_s=1)
+
+        async def aged() -> bool:  # due after 1 s, too old 1 s later
+            return time.time() > submitted + 3
+
+        await wait_until(aged, deadline_s=10, what="the task's age passing")
+    finally:
+        shared_stack.start_service("scheduler")
+    task = await fc.wait_for(fn_name, "stale", {"Expired"}, deadline_s=60)
+    assert task["status"] == "Expired"
+    await wait_until(lambda: destination_status(fc, fn_name, "stale", "Delivered"), deadline_s=60,
+                     what="expiry record delivered")
+    [(_, body)] = receiver.records("expired")
+    record = json.loads(body)
+    assert record["requestContext"]["condition"] == "EventAgeExceeded"
+    assert record["requestContext"]["approximateInvokeCount"] == 0
+    assert record["requestPayload"] == "too late"
+
+
+async def test_destinations_that_do_not_parse_or_exist_are_refused(fc: FcClient, fn_name: str) -> None:
+    await make(fc, fn_name)
+    arn = (await fc.request("GET", f"/functions/{fn_name}")).json()["functionArn"]
+    region, account = arn.split(":")[2:4]
+    refused = [
+        ("ftp://example.invalid/x", "not a function ARN"),
+        ("http://", "not a function ARN"),
+        (f"acs:fc:elsewhere:{account}:functions/x", "only functions of region"),
+        (f"acs:fc:{region}:{account}:functions/no_such_fn", "does not exist"),
+        (f"acs:fc:{region}:{account}:queues/x", "acs:fc:"),
+        (arn, "its own destination"),
+        ("nats:taskmode.events.0.x.y.Succeeded", "may not start"),
+        ("nats:results.*", "wildcards"),
+    ]
+    for destination, mention in refused:
+        response = await fc.put_async_config(fn_name, **destinations(on_failure=destination))
+        assert_fc_error(response, 400, "InvalidArgument", "destinationConfig.onFailure", mention)
+    config = (await fc.request("GET", f"/functions/{fn_name}/async-invoke-config")).json()
+    assert config.get("destinationConfig") is None  # the earlier, valid config is unchanged

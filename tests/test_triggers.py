@@ -1,0 +1,228 @@
+"""Triggers end to end on real servers: the trigger API, nats publishers, HTTP and timer triggers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any
+
+import httpx
+import nats
+import pytest
+from nats.errors import NoRespondersError
+
+from shared.acs3 import sign_request
+from shared.devstack import Stack
+from tests.fc_client import FcClient
+from tests.integration_fixtures import ACCESS_KEY_ID, ACCESS_KEY_SECRET
+from tests.test_api_errors import assert_fc_error
+from tests.test_lifecycle import make_function
+from tests.test_recovery import list_all, wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+HTTP_HANDLER = '''
+import json
+
+def handler(event, context):
+    request = json.loads(event)
+    return {"statusCode": 201, "headers": {"x-seen-method": request["requestContext"]["http"]["method"]},
+            "body": json.dumps({"path": request["rawPath"], "query": request["queryParameters"],
+                                "body": request["body"]})}
+'''
+
+
+async def create_trigger(fc: FcClient, function: str, name: str, trigger_type: str, config: Any,
+                         **extra: Any) -> httpx.Response:
+    body = {"triggerName": name, "triggerType": trigger_type,
+            "triggerConfig": config if isinstance(config, str) else json.dumps(config), **extra}
+    return await fc.request("POST", f"/functions/{function}/triggers", json=body)
+
+
+async def test_trigger_api_and_refusals(fc: FcClient, fn_name: str) -> None:
+    await make_function(fc, fn_name)
+    created = await create_trigger(fc, fn_name, "orders", "nats", {"subject": "shop.orders.*"},
+                                   description="order intake")
+    assert created.status_code == 200, created.text
+    trigger = created.json()
+    assert trigger["triggerName"] == "orders" and trigger["triggerType"] == "nats"
+    assert json.loads(trigger["triggerConfig"]) == {"subject": "shop.orders.*", "enable": True}
+    assert trigger["qualifier"] == "LATEST" and trigger["triggerId"] and trigger["createdTime"]
+    assert trigger["targetArn"].endswith(f":functions/{fn_name}")
+    got = await fc.request("GET", f"/functions/{fn_name}/triggers/orders")
+    assert got.json() == trigger
+
+    updated = await fc.request("PUT", f"/functions/{fn_name}/triggers/orders",
+                               json={"triggerConfig": json.dumps({"subject": "shop.orders.*", "enable": False})})
+    assert updated.status_code == 200, updated.text
+    assert updated.json()["status"] == "Disabled" and updated.json()["description"] == "order intake"
+    await create_trigger(fc, fn_name, "web", "http", {"authType": "anonymous", "methods": ["GET", "POST"]})
+    listed = (await fc.request("GET", f"/functions/{fn_name}/triggers", query={"limit": "1"})).json()
+    assert [t["triggerName"] for t in listed["triggers"]] == ["orders"] and listed["nextToken"]
+    rest = (await fc.request("GET", f"/functions/{fn_name}/triggers",
+                             query={"nextToken": listed["nextToken"]})).json()
+    assert [t["triggerName"] for t in rest["triggers"]] == ["web"] and rest["nextToken"] == ""
+    assert rest["triggers"][0]["httpTrigger"]["urlInternet"].endswith(f"/http-triggers/{fn_name}/web/")
+
+    refusals = [
+        ("oss", {"events": ["oss:ObjectCreated:*"]}, "unsupported triggerType"),
+        ("nats", "{not json", "not valid JSON"),
+        ("nats", {}, "subject"),
+        ("nats", {"subject": "> "}, "not a valid NATS subject"),
+        ("nats", {"subject": "taskmode.events.>"}, "may not start"),
+        ("nats", {"subject": "*.orders"}, "may not start"),
+        ("nats", {"subject": "a", "colour": "red"}, "colour"),
+        ("timer", {"cronExpression": "every day"}, "cronExpression"),
+        ("timer", {"cronExpression": "0 0 * * *"}, "six fields"),
+        ("http", {"authType": "magic"}, "authType"),
+        ("http", {"methods": ["FETCH"]}, "methods"),
+    ]
+    for trigger_type, config, mention in refusals:
+        response = await create_trigger(fc, fn_name, "bad", trigger_type, config)
+        assert_fc_error(response, 400, "InvalidArgument", mention)
+    assert_fc_error(await create_trigger(fc, fn_name, "9lives", "nats", {"subject": "a"}), 400, "InvalidArgument")
+    assert_fc_error(await create_trigger(fc, fn_name, "orders", "nats", {"subject": "a"}), 409, "TriggerAlreadyExists")
+    assert_fc_error(await create_trigger(fc, "fn_missing_x", "t", "nats", {"subject": "a"}), 404, "FunctionNotFound")
+    assert_fc_error(await fc.request("GET", f"/functions/{fn_name}/triggers/bad"), 404, "TriggerNotFound")
+    names = [t["triggerName"] for t in (await fc.request("GET", f"/functions/{fn_name}/triggers")).json()["triggers"]]
+    assert names == ["orders", "web"]  # nothing half-written by the refusals
+
+    assert (await fc.request("DELETE", f"/functions/{fn_name}/triggers/web")).status_code == 204
+    assert (await fc.request("DELETE", f"/functions/{fn_name}")).status_code == 204
+    await make_function(fc, fn_name)  # a function created again has none of the old triggers
+    assert (await fc.request("GET", f"/functions/{fn_name}/triggers")).json()["triggers"] == []
+
+
+async def test_nats_publishers_messages_become_tasks_deduplicated(
+        fc: FcClient, fn_name: str, shared_stack: Stack) -> None:
+    await make_function(fc, fn_name, handler="index.info")
+    subject = f"orders.{uuid.uuid4().hex[:8]}"
+    response = await create_trigger(fc, fn_name, "intake", "nats", {"subject": f"{subject}.*"})
+    assert response.status_code == 200, response.text
+    nc = await nats.connect(shared_stack.nats_url)
+    try:
+        async def request(task_id: str | None, data: bytes, **headers: str) -> dict[str, Any]:
+            if task_id is not None:
+                headers["x-fc-async-task-id"] = task_id
+            reply = await nc.request(f"{subject}.eu", data, timeout=10, headers=headers or None)
+            return dict(json.loads(reply.data))
+
+        async def subscribed() -> bool:
+            try:
+                return "taskId" in await request("warmup", b"")
+            except NoRespondersError:
+                return False
+
+        await wait_until(subscribed, deadline_s=30, what="trigger subscribed")
+        assert await request("order_1", b"first") == {"taskId": "order_1"}
+        duplicate = await request("order_1", b"second")
+        assert duplicate["Code"] == "TaskAlreadyExists" and duplicate["HttpStatus"] == 409, duplicate
+        assert duplicate["TaskId"] == "order_1"
+        generated = (await request(None, b"no id"))["taskId"]
+        assert generated.startswith("task-")
+        delayed = await request("order_late", b"later", **{"x-fc-async-delay": "1"})
+        assert delayed == {"taskId": "order_late"}
+        bad = await request("9starts-with-digit", b"")
+        assert bad["Code"] == "InvalidArgument" and bad["HttpStatus"] == 400
+        # Many at once, repeats among them: each id runs once, whoever asked first wins.
+        ids = [f"bulk_{i % 150}" for i in range(300)]
+        answers = await asyncio.gather(*(request(task_id, b"x") for task_id in ids))
+        accepted = [a["taskId"] for a in answers if "taskId" in a]
+        assert sorted(accepted) == sorted(set(ids)), "every id accepted exactly once"
+        assert sum(a.get("Code") == "TaskAlreadyExists" for a in answers) == 150
+        await nc.publish(f"{subject}.us", b"fire and forget", headers={"x-fc-async-task-id": "order_noreply"})
+        await nc.flush()
+    finally:
+        await nc.close()
+
+    task = await fc.wait_for(fn_name, "order_1", {"Succeeded"})
+    assert task["taskPayload"] == "first"
+    assert [e["status"] for e in task["events"]].count("Running") == 1
+    assert json.loads(task["returnPayload"])["calls"] >= 1
+    await fc.wait_for(fn_name, "order_late", {"Succeeded"})
+    await fc.wait_for(fn_name, "order_noreply", {"Succeeded"})
+    await fc.wait_for(fn_name, generated, {"Succeeded"})
+
+    async def all_ran() -> bool:
+        listed = await list_all(fc, fn_name)
+        return all(listed.get(f"bulk_{i}", {}).get("status") == "Succeeded" for i in range(150))
+
+    await wait_until(all_ran, deadline_s=90, what="bulk tasks Succeeded")
+
+    # Disabled, the trigger fires nothing: nobody listens on the subject any more.
+    await fc.request("PUT", f"/functions/{fn_name}/triggers/intake",
+                     json={"triggerConfig": {"subject": f"{subject}.*", "enable": False}})
+    nc = await nats.connect(shared_stack.nats_url)
+    try:
+        async def unsubscribed() -> bool:
+            try:
+                await nc.request(f"{subject}.eu", b"", timeout=5, headers={"x-fc-async-task-id": f"t{time.time_ns()}"})
+            except NoRespondersError:
+                return True
+            return False
+
+        await wait_until(unsubscribed, deadline_s=30, what="disabled trigger unsubscribed")
+    finally:
+        await nc.close()
+
+
+async def test_http_trigger_runs_the_function_sync_and_async(fc: FcClient, fn_name: str, shared_stack: Stack) -> None:
+    assert (await fc.create_function(fn_name, code={"index.py": HTTP_HANDLER})).status_code == 200
+    anonymous = await create_trigger(fc, fn_name, "web", "http", {"authType": "anonymous", "methods": ["GET", "POST"]})
+    url = anonymous.json()["httpTrigger"]["urlInternet"]
+    signed = await create_trigger(fc, fn_name, "private", "http", {"authType": "function", "methods": ["POST"]})
+    private_url = signed.json()["httpTrigger"]["urlInternet"]
+    async with httpx.AsyncClient(timeout=60) as http:
+        sync = await http.post(url + "orders/7?x=1&x=2", content=b"hello")
+        assert sync.status_code == 201, sync.text
+        assert sync.headers["x-seen-method"] == "POST"
+        assert sync.json() == {"path": "/orders/7", "query": {"x": "1,2"}, "body": "hello"}
+        assert (await http.put(url + "orders/7")).status_code == 405
+
+        accepted = await http.post(url + "jobs", content=b"later", headers={"x-fc-invocation-type": "Async",
+                                                                           "x-fc-async-task-id": "web_job_1"})
+        assert accepted.status_code == 202, accepted.text
+        assert accepted.headers["x-fc-async-task-id"] == "web_job_1"
+        again = await http.post(url + "jobs", headers={"x-fc-invocation-type": "Async",
+                                                      "x-fc-async-task-id": "web_job_1"})
+        assert again.status_code == 409 and again.json()["Code"] == "TaskAlreadyExists"
+
+        assert (await http.post(private_url, content=b"x")).status_code == 403
+        path = f"/http-triggers/{fn_name}/private/"
+        host = private_url.split("/")[2]
+        headers = {"host": host, "content-type": "application/octet-stream"}
+        headers.update(sign_request(method="POST", path=path, query={}, headers=headers, body=b"x",
+                                    access_key_id=ACCESS_KEY_ID, access_key_secret=ACCESS_KEY_SECRET))
+        assert (await http.post(private_url, content=b"x", headers=headers)).status_code == 201
+    task = await fc.wait_for(fn_name, "web_job_1", {"Succeeded"})
+    event = json.loads(task["taskPayload"])
+    assert event["rawPath"] == "/jobs" and event["body"] == "later"
+    assert event["requestContext"]["http"]["method"] == "POST"
+    assert json.loads(task["returnPayload"])["statusCode"] == 201
+
+
+async def test_timer_fires_once_per_tick_across_a_restart(fc: FcClient, fn_name: str, shared_stack: Stack) -> None:
+    await make_function(fc, fn_name)
+    response = await create_trigger(fc, fn_name, "tick", "timer",
+                                    {"cronExpression": "@every 2s", "payload": "beat", "enable": True})
+    assert response.status_code == 200, response.text
+
+    async def ticks(at_least: int) -> list[int] | None:
+        listed = await list_all(fc, fn_name)
+        found = sorted(int(task_id.rsplit("-", 1)[1]) for task_id in listed)
+        return found if len(found) >= at_least else None
+
+    before = await wait_until(lambda: ticks(2), deadline_s=60, what="two ticks")
+    shared_stack.kill_service("triggers")
+    shared_stack.start_service("triggers")
+    after = await wait_until(lambda: ticks(len(before) + 4), deadline_s=90, what="ticks after the restart")
+    await fc.request("PUT", f"/functions/{fn_name}/triggers/tick",
+                     json={"triggerConfig": {"cronExpression": "@every 2s", "enable": False}})
+    # Every tick from the first to the last, each once: none lost while the service was down.
+    assert after == list(range(after[0], after[-1] + 1, 2)), after
+    task = (await fc.get_task(fn_name, f"tick-{after[0]}")).json()
+    assert json.loads(task["taskPayload"]) == {"triggerTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(after[0])),
+                                               "triggerName": "tick", "payload": "beat"}
+
