@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import sys
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import msgspec
 
-_STANDARD: Final = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+# uvicorn attaches an ANSI-coloured copy of some messages as `color_message`: not for JSON.
+_STANDARD: Final = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName", "color_message"}
 _encode = msgspec.json.Encoder(enc_hook=str).encode
 
 
@@ -23,7 +25,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "ts": round(record.created, 3),
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "service": self._service,
             "logger": record.name,
@@ -33,6 +35,16 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         return _encode(line).decode()
+
+
+def timestamp_s(value: object) -> float:
+    """A log line's `ts` (ISO 8601, or epoch seconds as older lines have it) in epoch seconds."""
+    if isinstance(value, int | float):
+        return float(value)
+    try:
+        return datetime.fromisoformat(str(value)).timestamp()
+    except ValueError:
+        return 0.0
 
 
 def configure(service: str, *, level: str = "INFO") -> None:

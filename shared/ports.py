@@ -9,7 +9,7 @@ nothing needs to inherit from a protocol.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from shared.catalog import AsyncConfigRecord, FunctionRecord
 from shared.events import TaskEvent
@@ -85,6 +85,10 @@ class TaskReadModel(Protocol):
 
     async def reachable(self, *, timeout_s: float = 1.0) -> bool:
         """Whether the store answers now (for readiness probes)."""
+        ...
+
+    async def unfinished(self, partition: int, *, partitions: int) -> list[dict[str, Any]]:
+        """The tasks of one partition not yet in a final status."""
         ...
 
     async def count_with_status(self, function: str, status: str) -> int:

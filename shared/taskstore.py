@@ -32,6 +32,7 @@ from pymongo.errors import PyMongoError
 
 from shared.errors import InvalidArgument, InvalidNextToken, ServiceUnavailable
 from shared import wire
+from shared.transitions import TERMINAL, Status
 from shared.taskview import INTERNAL_FIELDS, TaskDocument, document_id
 from shared.wire import MONGO_DATABASE, TASKS_COLLECTION
 
@@ -419,6 +420,16 @@ class TaskStore:
         except Exception:  # noqa: BLE001 - any failure means not reachable now
             return False
         return True
+
+    async def unfinished(self, partition: int, *, partitions: int) -> list[Document]:
+        """The tasks of one partition that have not reached a final status (a scan, at claim time)."""
+        open_statuses = [str(status) for status in Status if status not in TERMINAL]
+        fields = {"_id": 0, "functionName": 1, "taskId": 1, "status": 1, "qualifier": 1, "startedTime": 1,
+                  "submitTime": 1, "dueTime": 1}
+        return [
+            doc async for doc in self._tasks.find({"status": {"$in": open_statuses}}, fields)
+            if wire.partition_of(doc.get("functionName", ""), doc.get("taskId", ""), partitions) == partition
+        ]
 
     async def delete_partition(self, partition: int, *, partitions: int) -> int:
         """Remove the documents of one partition's tasks (see `wire.partition_of`); how many.

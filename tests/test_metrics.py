@@ -56,15 +56,49 @@ async def test_each_service_exports_its_metrics(stack_with: StackFactory) -> Non
     assert value(executor, "taskmode_instances", function="metered") >= 1
 
     scheduler = await scrape_until(f"http://127.0.0.1:{ports['SCHEDULER']}/metrics",
-                                   lambda f: value(f, "taskmode_async_dequeue_total", function="metered") >= 1)
-    assert value(scheduler, "taskmode_async_dequeue_total", function="metered") == 1
+                                   lambda f: value(f, "taskmode_scheduler_dispatched_total", function="metered") >= 1)
+    assert value(scheduler, "taskmode_scheduler_dispatched_total", function="metered") == 1
 
     projection = await scrape_until(
         f"http://127.0.0.1:{ports['PROJECTION']}/metrics",
         lambda f: value(f, "taskmode_projection_events_applied_total") >= 4,
     )
     assert value(projection, "taskmode_projection_events_applied_total") >= 4
+    # Per-function figures with FC's meanings, derived from the folded events.
+    assert value(projection, "taskmode_async_enqueued_total", function="metered", qualifier="LATEST") == 1
+    assert value(projection, "taskmode_async_dequeued_total", function="metered", qualifier="LATEST") == 1
+    assert value(projection, "taskmode_async_backlog", function="metered", qualifier="LATEST") == 0
+    assert value(projection, "taskmode_async_in_process", function="metered", qualifier="LATEST") == 0
+    assert value(projection, "taskmode_async_end_to_end_seconds_count", function="metered") == 1
 
     async with httpx.AsyncClient() as http:  # /metrics is served unsigned, for Prometheus
         gateway = samples((await http.get(f"http://127.0.0.1:{stack.gateway_port}/metrics")).text)
     assert value(gateway, "taskmode_gateway_task_submissions_total", outcome="enqueued") == 1
+
+
+async def test_backlog_counts_due_tasks_wherever_they_wait_and_drops_stopped_ones(stack_with: StackFactory) -> None:
+    port = free_port()
+    stack, fc = stack_with({"TASKMODE_PROJECTION_METRICS_PORT": str(port), "TASKMODE_EXECUTOR_MAX_INSTANCES": "1"})
+    url = f"http://127.0.0.1:{port}/metrics"
+    await make_function(fc, "queued", handler="index.sleep")
+    # One instance: the first task runs 5 s, the next four wait inside the executor (Processed).
+    for i in range(5):
+        assert (await fc.invoke_async("queued", b"5" if i == 0 else b"0", task_id=f"q{i}")).status_code == 202
+    assert (await fc.invoke_async("queued", b"0", task_id="later", delay_s=600)).status_code == 202
+    await fc.wait_for("queued", "q0", {"Running"})
+
+    def figures(found: dict) -> tuple[float, float]:  # type: ignore[type-arg]
+        return (value(found, "taskmode_async_backlog", function="queued", qualifier="LATEST"),
+                value(found, "taskmode_async_in_process", function="queued", qualifier="LATEST"))
+
+    # The delayed task is not due, so it is not backlog.
+    found = await scrape_until(url, lambda f: figures(f) == (4, 1))
+    assert figures(found) == (4, 1)
+    for task_id in ("q1", "q2", "later"):
+        assert (await fc.stop_task("queued", task_id)).status_code == 200
+    found = await scrape_until(url, lambda f: figures(f) == (2, 1))
+    assert figures(found) == (2, 1)
+    for task_id in ("q0", "q3", "q4"):
+        await fc.wait_for("queued", task_id, {"Succeeded"}, deadline_s=60)
+    found = await scrape_until(url, lambda f: figures(f) == (0, 0))
+    assert figures(found) == (0, 0)

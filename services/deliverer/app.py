@@ -10,7 +10,7 @@ import asyncio
 from contextlib import AsyncExitStack
 
 import httpx
-from prometheus_client import CollectorRegistry
+from shared.metrics_registry import new_registry
 
 from services.deliverer.handlers import Deliverer
 from services.deliverer.metrics import DelivererMetrics
@@ -33,7 +33,7 @@ BATCH = 64
 
 
 async def run(settings: DelivererSettings, stop: asyncio.Event, stack: AsyncExitStack) -> None:
-    metrics = DelivererMetrics.build(CollectorRegistry())
+    metrics = DelivererMetrics.build(new_registry())
     readiness = Readiness()
     serve_http(metrics.registry, readiness, port=settings.common.metrics_port, host=settings.common.metrics_host,
                stack=stack)

@@ -11,7 +11,6 @@ import msgspec
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from prometheus_client import CollectorRegistry
 
 from services.executor import orphans
 from services.executor.code_cache import CodeCache
@@ -25,6 +24,7 @@ from shared.bootstrap import open_bus, open_catalog
 from shared.bus import Verdict, decoded, ensure_consumer, fetch, settle
 from shared.events import AnyTaskEvent, decode_event
 from shared.transitions import Status
+from shared.metrics_registry import new_registry
 from shared.service import Readiness, background, periodically, serve_http
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ SHUTDOWN_GRACE_S = 10.0  # running tasks may finish; those cut off count as a lo
 
 
 async def run(settings: ExecutorSettings, stop: asyncio.Event, stack: AsyncExitStack) -> None:
-    metrics = ExecutorMetrics.build(CollectorRegistry())
+    metrics = ExecutorMetrics.build(new_registry())
     readiness = Readiness()
     serve_http(metrics.registry, readiness, port=settings.common.metrics_port, host=settings.common.metrics_host,
                stack=stack)
@@ -164,10 +164,12 @@ class UsageExporter:
                 cpu_s, rss = instance.usage()
                 self._metrics.instance_cpu.labels(*labels).set(cpu_s)
                 self._metrics.instance_rss.labels(*labels).set(rss)
+                self._metrics.instance_requests.labels(*labels).set(instance.requests_in_flight)
         for labels in self._seen - live:
             with contextlib.suppress(KeyError):
                 self._metrics.instance_cpu.remove(*labels)
                 self._metrics.instance_rss.remove(*labels)
+                self._metrics.instance_requests.remove(*labels)
         for function in {f for f, _ in self._seen | live}:
             self._metrics.instances.labels(function).set(per_function.get(function, 0))
         self._seen = live

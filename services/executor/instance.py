@@ -118,6 +118,11 @@ class Instance:
         return None if self._proc is None else self._proc.pid
 
     @property
+    def requests_in_flight(self) -> int:
+        """Invocations running on this instance now (one at most: calls are serialized)."""
+        return 1 if self._busy.locked() else 0
+
+    @property
     def alive(self) -> bool:
         """Running, started successfully and not stopped: fit to serve another invocation."""
         running = self._proc is not None and self._proc.returncode is None

@@ -15,6 +15,7 @@ class ExecutorMetrics:
     instances: Gauge
     instance_cpu: Gauge
     instance_rss: Gauge
+    instance_requests: Gauge
 
     @classmethod
     def build(cls, registry: CollectorRegistry) -> ExecutorMetrics:
@@ -29,10 +30,16 @@ class ExecutorMetrics:
                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
                 registry=registry,
             ),
-            in_process=Gauge("taskmode_async_in_process", "Tasks running now", registry=registry),
+            in_process=Gauge("taskmode_executor_running", "Tasks this executor runs now", registry=registry),
             instances=Gauge("taskmode_instances", "Live instances", ["function"], registry=registry),
+            # A gauge set from the process's own CPU counter: it only grows, so rate() applies.
             instance_cpu=Gauge(
-                "taskmode_instance_cpu_seconds", "CPU time of an instance", ["function", "instance_id"], registry=registry
+                "taskmode_instance_cpu_seconds_total", "CPU time of an instance", ["function", "instance_id"],
+                registry=registry,
+            ),
+            instance_requests=Gauge(
+                "taskmode_instance_concurrent_requests", "Invocations an instance is running now",
+                ["function", "instance_id"], registry=registry,
             ),
             instance_rss=Gauge(
                 "taskmode_instance_memory_bytes", "Resident memory of an instance", ["function", "instance_id"],

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from shared.metrics_registry import new_registry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -14,7 +16,7 @@ class GatewayMetrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.registry = registry or new_registry()
         self.requests = Counter(
             "taskmode_gateway_requests_total",
             "HTTP requests handled, by method, route template and status code.",

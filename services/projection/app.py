@@ -6,19 +6,22 @@ import asyncio
 import contextlib
 import datetime
 import logging
+import time
 from contextlib import AsyncExitStack
 
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy
 from nats.js.errors import NotFoundError
-from prometheus_client import CollectorRegistry
 
 from services.projection.handlers import Projector
 from services.projection.metrics import ProjectionMetrics
+from services.projection.task_gauges import TaskGauges
 from services.projection.settings import ProjectionSettings
 from shared import wire
 from shared.bootstrap import open_bus
+from shared.events import decode_event
 from shared.bus import Batching, consume, ensure_consumer
+from shared.metrics_registry import new_registry
 from shared.partitions import PartitionLeases, open_leases, run_partitioned
 from shared.service import Readiness, background, periodically, serve_http
 from shared.taskstore import TaskStore
@@ -39,7 +42,7 @@ async def _has_position(js: JetStreamContext, partition: int) -> bool:
 
 
 async def run(settings: ProjectionSettings, stop: asyncio.Event, stack: AsyncExitStack) -> None:
-    metrics = ProjectionMetrics.build(CollectorRegistry())
+    metrics = ProjectionMetrics.build(new_registry())
     readiness = Readiness()
     serve_http(metrics.registry, readiness, port=settings.common.metrics_port, host=settings.common.metrics_host,
                stack=stack)
@@ -47,7 +50,8 @@ async def run(settings: ProjectionSettings, stop: asyncio.Event, stack: AsyncExi
     stack.push_async_callback(store.close)
     await store.ensure_indexes(ttl_index=not settings.expiry_sweep_s)
     bus = await open_bus(settings.common, stack, name=wire.PROJECTION_CLIENT_NAME, stop=stop)
-    projector = Projector(store=store, events=bus.events, metrics=metrics, settings=settings.common)
+    gauges = TaskGauges(metrics.registry, partitions=settings.common.partitions)
+    projector = Projector(store=store, events=bus.events, metrics=metrics, settings=settings.common, gauges=gauges)
     partitions = settings.common.partitions
     leases = PartitionLeases(await open_leases(bus.js, replicas=settings.common.stream_replicas),
                              group="projection", partitions=partitions, lease_s=settings.common.lease_s)
@@ -72,14 +76,28 @@ async def run(settings: ProjectionSettings, stop: asyncio.Event, stack: AsyncExi
             max_ack_pending=20_000,
             ack_policy=AckPolicy.ALL,
         )
-        await consume(bus.js, stream=wire.EVENT_STREAM, durable=_durable(partition), stop=partition_stop,
-                      on_batch=projector.handle_batch, batching=batching)
+        # What is unfinished in the partition, before its first new event is folded.
+        gauges.seed(partition, await store.unfinished(partition, partitions=partitions))
+        try:
+            await consume(bus.js, stream=wire.EVENT_STREAM, durable=_durable(partition), stop=partition_stop,
+                          on_batch=projector.handle_batch, batching=batching)
+        finally:
+            gauges.forget(partition)
 
     async def read_lag() -> None:
-        pending = 0
+        pending, oldest_ms = 0, 0
         for partition in leases.held:
-            pending += (await bus.js.consumer_info(wire.EVENT_STREAM, _durable(partition))).num_pending
+            info = await bus.js.consumer_info(wire.EVENT_STREAM, _durable(partition))
+            pending += info.num_pending
+            if info.num_pending and info.delivered is not None and info.delivered.stream_seq is not None:
+                # The oldest event not yet projected: the one after the last delivered.
+                with contextlib.suppress(Exception):
+                    msg = await bus.js.get_msg(wire.EVENT_STREAM, seq=info.delivered.stream_seq + 1,
+                                               subject=wire.partition_subjects(partition), next=True, direct=True)
+                    at_ms = decode_event(msg.data or b"").at_ms
+                    oldest_ms = min(oldest_ms or at_ms, at_ms)
         metrics.lag.set(pending)
+        metrics.lag_seconds.set(max(0.0, time.time() - oldest_ms / 1000) if oldest_ms else 0.0)
 
     async def sweep_expired() -> None:
         # Only where no TTL index expires tasks (see TaskStore.ensure_indexes).

@@ -10,6 +10,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 from services.projection.metrics import ProjectionMetrics
+from services.projection.task_gauges import TaskGauges
 from shared import wire
 from shared.catalog import function_arn
 from shared.deliveries import DeliveryRecorded, decode_delivery, with_delivery
@@ -24,8 +25,10 @@ log = logging.getLogger(__name__)
 
 class Projector:
     def __init__(
-        self, *, store: TaskReadModel, events: EventLog, metrics: ProjectionMetrics, settings: CommonSettings
+        self, *, store: TaskReadModel, events: EventLog, metrics: ProjectionMetrics, settings: CommonSettings,
+        gauges: TaskGauges | None = None,
     ) -> None:
+        self._gauges = gauges
         self._store = store
         self._events = events
         self._metrics = metrics
@@ -91,6 +94,8 @@ class Projector:
             try:
                 doc = evolve(doc, event, arn=self._arn(event.function))
                 self._metrics.applied.inc()
+                if self._gauges is not None:
+                    self._gauges.on_event(event)
             except VersionGap:
                 # The document is missing earlier events (it expired, or the read model was
                 # wiped mid-stream): rebuild this task from its full history instead.

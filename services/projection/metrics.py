@@ -13,6 +13,7 @@ class ProjectionMetrics:
     refused: Counter
     batch_seconds: Histogram
     lag: Gauge
+    lag_seconds: Gauge
 
     @classmethod
     def build(cls, registry: CollectorRegistry) -> ProjectionMetrics:
@@ -25,4 +26,6 @@ class ProjectionMetrics:
             ),
             batch_seconds=Histogram("taskmode_projection_batch_seconds", "Time to apply one batch", registry=registry),
             lag=Gauge("taskmode_projection_lag_events", "Events in the stream not yet projected", registry=registry),
+            lag_seconds=Gauge("taskmode_projection_lag_seconds", "Age of the oldest event not yet projected",
+                              registry=registry),
         )

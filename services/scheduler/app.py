@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from contextlib import AsyncExitStack
 
-from prometheus_client import CollectorRegistry
 
 from services.scheduler.handlers import Dispatcher
 from services.scheduler.metrics import SchedulerMetrics
@@ -13,13 +12,14 @@ from services.scheduler.settings import SchedulerSettings
 from shared import wire
 from shared.bootstrap import open_bus, open_catalog
 from shared.bus import Batching, consume, decoded, ensure_consumer
+from shared.metrics_registry import new_registry
 from shared.partitions import PartitionLeases, open_leases, run_partitioned
 from shared.transitions import Status
 from shared.service import Readiness, background, periodically, serve_http
 
 
 async def run(settings: SchedulerSettings, stop: asyncio.Event, stack: AsyncExitStack) -> None:
-    metrics = SchedulerMetrics.build(CollectorRegistry())
+    metrics = SchedulerMetrics.build(new_registry())
     readiness = Readiness()
     serve_http(metrics.registry, readiness, port=settings.common.metrics_port, host=settings.common.metrics_host,
                stack=stack)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from contextlib import AsyncExitStack
 
-from prometheus_client import CollectorRegistry
+from shared.metrics_registry import new_registry
 
 from services.triggers.ingest import NatsIngest
 from services.triggers.metrics import TriggersMetrics
@@ -28,7 +28,7 @@ SUBSCRIPTION_SYNC_S = 0.5
 
 
 async def run(settings: TriggersSettings, stop: asyncio.Event, stack: AsyncExitStack) -> None:
-    metrics = TriggersMetrics.build(CollectorRegistry())
+    metrics = TriggersMetrics.build(new_registry())
     readiness = Readiness()
     serve_http(metrics.registry, readiness, port=settings.common.metrics_port, host=settings.common.metrics_host,
                stack=stack)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 from shared.transitions import Status
+from shared.logs import timestamp_s
 
 # Only the tail of each log file is read: a page view must stay cheap on a long-running system.
 TAIL_BYTES: Final = 16 * 1024 * 1024
@@ -70,7 +71,7 @@ def _belongs(record: dict[str, Any], task_id: str, attempts: list[Attempt]) -> s
         return f"{message}{status}"
     if not str(record.get("logger", "")).endswith(_OUTPUT_LOGGER_SUFFIX):
         return None
-    at_s = float(record.get("ts", 0))
+    at_s = timestamp_s(record.get("ts", 0))
     for attempt in attempts:
         prefix = f"{attempt.instance_id}: "
         in_window = attempt.from_s - _SLACK_S <= at_s and (attempt.until_s is None or at_s <= attempt.until_s + _SLACK_S)
@@ -96,6 +97,6 @@ def task_log_lines(logs_dir: Path, task: dict[str, Any]) -> list[LogLine]:
                 continue
             text = _belongs(record, task_id, attempts)
             if text is not None:
-                found.append(LogLine(float(record.get("ts", 0)), path.stem, text))
+                found.append(LogLine(timestamp_s(record.get("ts", 0)), path.stem, text))
     found.sort(key=lambda item: item.at_s)
     return found[-MAX_LINES:]
