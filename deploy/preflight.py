@@ -20,6 +20,8 @@ from typing import IO, Any
 from services.executor.settings import ExecutorSettings
 from services.gateway.settings import ACCESS_KEYS_VAR, AUTH_DISABLED_VAR, GatewaySettings
 from services.projection.settings import ProjectionSettings
+from services.triggers.settings import TriggersSettings
+from services.deliverer.settings import DelivererSettings
 from services.scheduler.settings import SchedulerSettings
 from shared.errors import TaskmodeError
 from shared.settings import env_bool, env_int
@@ -41,6 +43,8 @@ _SETTINGS_READERS: dict[str, Callable[[], object]] = {
     "scheduler": SchedulerSettings.from_env,
     "executor": ExecutorSettings.from_env,
     "projection": ProjectionSettings.from_env,
+    "triggers": TriggersSettings.from_env,
+    "deliverer": DelivererSettings.from_env,
 }
 
 

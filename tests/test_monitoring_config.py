@@ -26,7 +26,8 @@ pytestmark = pytest.mark.timeout(60)
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "taskmode-function.json"
 # Grafana's variables, as a dashboard query would get them.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h", "$function": "some_function"}
-JOBS = {"taskmode-gateway", "taskmode-scheduler", "taskmode-executor", "taskmode-projection"}
+JOBS = {"taskmode-gateway", "taskmode-scheduler", "taskmode-executor", "taskmode-projection", "taskmode-triggers",
+        "taskmode-deliverer"}
 
 
 def run(argv: list[str]) -> subprocess.CompletedProcess[str]:

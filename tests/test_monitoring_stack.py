@@ -123,7 +123,7 @@ def prometheus_config(stack: Stack, *, ports: dict[str, int], rules: Path, alert
 @pytest.fixture(scope="module")
 def monitored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Monitored]:
     work = tmp_path_factory.mktemp("monitored")
-    ports = {service: free_port() for service in ("scheduler", "executor", "projection")}
+    ports = {service: free_port() for service in ("scheduler", "executor", "projection", "triggers", "deliverer")}
     stack = new_stack(work / "stack", extra_env={
         **{f"TASKMODE_{service.upper()}_METRICS_PORT": str(port) for service, port in ports.items()},
         "TASKMODE_EXECUTOR_MAX_INSTANCES": "1",  # so a few slow tasks make a backlog
@@ -163,7 +163,8 @@ def wait_until(condition: Any, *, deadline_s: float = 30, what: str) -> None:
 def test_prometheus_scrapes_every_service(monitored: Monitored) -> None:
     def all_up() -> bool:
         return {(s["metric"]["job"], s["value"][1]) for s in monitored.query('up{job=~"taskmode-.+"}')} == {
-            (job, "1") for job in ("taskmode-gateway", "taskmode-scheduler", "taskmode-executor", "taskmode-projection")}
+            (job, "1") for job in ("taskmode-gateway", "taskmode-scheduler", "taskmode-executor", "taskmode-projection",
+                                   "taskmode-triggers", "taskmode-deliverer")}
     wait_until(all_up, what="every service up in Prometheus")
 
 
@@ -180,7 +181,7 @@ async def test_every_service_answers_health_and_readiness(monitored: Monitored) 
     stack = monitored.stack
     async with httpx.AsyncClient() as http:
         bases = [f"http://127.0.0.1:{stack.gateway_port}"] + [
-            f"http://127.0.0.1:{stack.service_env[f'TASKMODE_{s}_METRICS_PORT']}" for s in ("SCHEDULER", "EXECUTOR", "PROJECTION")]
+            f"http://127.0.0.1:{stack.service_env[f'TASKMODE_{s}_METRICS_PORT']}" for s in ("SCHEDULER", "EXECUTOR", "PROJECTION", "TRIGGERS", "DELIVERER")]
         for base in bases:
             assert (await http.get(f"{base}/healthz")).status_code == 200
             ready = await http.get(f"{base}/readyz")

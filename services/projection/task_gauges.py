@@ -86,6 +86,9 @@ class TaskGauges(Collector):
         """One event folded into the read model (replays are not passed here)."""
         key = (event.function, event.task_id)
         tasks = self._open[wire.partition_of(event.function, event.task_id, self._partitions)]
+        if isinstance(event, TaskEnqueued):
+            # Every function seen keeps its series (at 0 when idle), so an alert on it resolves.
+            self._reported.add((event.function, event.qualifier))
         status = event.status
         if isinstance(event, TaskEnqueued):
             task = tasks[key] = _Open(function=event.function, qualifier=event.qualifier, status=status,
@@ -131,7 +134,6 @@ class TaskGauges(Collector):
         for labels in sorted(seen | self._reported):
             backlog_family.add_metric(list(labels), backlog.get(labels, 0))
             in_process_family.add_metric(list(labels), in_process.get(labels, 0))
-        # Functions seen once keep a 0 series, so an alert on them resolves instead of vanishing.
-        self._reported = seen | self._reported
+        self._reported |= seen
         yield backlog_family
         yield in_process_family
