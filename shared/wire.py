@@ -20,6 +20,14 @@ RETENTION_S: Final = 7 * 24 * 3600
 FUNCTIONS_BUCKET: Final = "taskmode_functions"
 ASYNC_CONFIG_BUCKET: Final = "taskmode_async_configs"
 CODE_BUCKET: Final = "taskmode_code"
+# Published versions and aliases of functions (see shared/versions.py).
+VERSIONS_BUCKET: Final = "taskmode_versions"
+# Per-invocation logs of async tasks: one message per attempt, kept for the retention period.
+LOGS_STREAM: Final = "TASKMODE_LOGS"
+LOGS_SUBJECT_PREFIX: Final = "taskmode.logs"
+
+# FC's name of a function's unpublished, current configuration and code.
+LATEST: Final = "LATEST"
 
 SCHEDULER_DURABLE: Final = "taskmode-scheduler"
 EXECUTOR_DURABLE: Final = "taskmode-executor"
@@ -41,6 +49,10 @@ PROJECTION_REBUILD_CLIENT_NAME: Final = "taskmode-projection-rebuild"
 FC_REQUEST_ID_HEADER: Final = "x-fc-request-id"
 FC_INVOCATION_TYPE_HEADER: Final = "x-fc-invocation-type"
 FC_TASK_ID_HEADER: Final = "x-fc-async-task-id"
+# FC 2.0's name for the task id header; accepted as an alias of FC_TASK_ID_HEADER.
+FC_STATEFUL_INVOCATION_ID_HEADER: Final = "x-fc-stateful-async-invocation-id"
+FC_LOG_TYPE_HEADER: Final = "x-fc-log-type"  # request: None | Tail
+FC_LOG_RESULT_HEADER: Final = "x-fc-log-result"  # response: the last 4 KB of the log, base64
 FC_DELAY_HEADER: Final = "x-fc-async-delay"
 FC_INSTANCE_ID_HEADER: Final = "x-fc-instance-id"
 FC_ERROR_TYPE_HEADER: Final = "x-fc-error-type"
@@ -126,3 +138,11 @@ REPLY_ERROR_TYPE: Final = "Taskmode-Error-Type"  # FC x-fc-error-type of a handl
 REPLY_INSTANCE_ID: Final = "Taskmode-Instance-Id"
 REPLY_SYSTEM_ERROR: Final = "Taskmode-System-Error"  # FC error code when no handler ran
 REQUEST_ID_HEADER: Final = "Taskmode-Request-Id"
+REQUEST_QUALIFIER: Final = "Taskmode-Qualifier"  # gateway -> executor: the qualifier asked for
+REQUEST_LOG_TAIL: Final = "Taskmode-Log-Tail"  # gateway -> executor: "1" to get the log tail back
+REPLY_LOG_TAIL: Final = "Taskmode-Log-Tail"  # executor -> gateway: that tail, base64
+
+
+def log_subject(function: str, task_id: str, attempt: int) -> str:
+    """Subject of one attempt's log of an async task."""
+    return f"{LOGS_SUBJECT_PREFIX}.{function}.{task_id}.{attempt}"
