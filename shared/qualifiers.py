@@ -24,6 +24,10 @@ VERSION_ID_RE: Final = re.compile(r"^[1-9][0-9]{0,9}$")
 ALIAS_NAME_RE: Final = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_-]{0,127}$")
 
 
+# A draw that no weight can claim: resolves an alias to its own version (for GetFunction).
+MAIN_VERSION_DRAW: Final = 1.0
+
+
 @dataclass(frozen=True)
 class Resolved:
     qualifier: str  # as asked: LATEST, a version id or an alias

@@ -17,7 +17,7 @@ from prometheus_client import start_http_server
 from shared import wire
 from shared.bootstrap import open_bus, open_catalog
 from shared.taskstore import TaskStore
-from services.gateway import async_configs, functions, invocations, tasks
+from services.gateway import aliases, async_configs, function_code, functions, invocations, task_logs, tasks, versions
 from services.gateway.auth import guard_request
 from services.gateway.context import RequestContextMiddleware, install_exception_handlers
 from services.gateway.deps import Resources
@@ -87,7 +87,10 @@ def create_app(
     api = APIRouter(prefix=f"/{wire.API_VERSION}", dependencies=[Depends(guard_request)])
     for module in (functions, async_configs, invocations, tasks):
         api.include_router(module.router)
+    for module in (versions, aliases, function_code, task_logs):  # FC fidelity (issue 7)
+        api.include_router(module.router)
     app.include_router(api)
+    app.include_router(function_code.downloads)
 
     @app.get("/healthz")
     async def healthz(request: Request) -> Response:

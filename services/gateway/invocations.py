@@ -12,10 +12,10 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from shared import wire
 from shared.catalog import FunctionRecord
+from shared.qualifiers import MAIN_VERSION_DRAW, resolve
 from shared.errors import (
     ConcurrentUpdateError,
     EntityTooLarge,
-    FunctionNotFound,
     ServiceUnavailable,
     TaskAlreadyExists,
 )
@@ -31,7 +31,10 @@ from shared.wire import (
     FC_ERROR_TYPE_HEADER as ERROR_TYPE_HEADER,
     FC_INSTANCE_ID_HEADER as INSTANCE_ID_HEADER,
     FC_INVOCATION_TYPE_HEADER as INVOCATION_TYPE_HEADER,
+    FC_LOG_RESULT_HEADER as LOG_RESULT_HEADER,
+    FC_LOG_TYPE_HEADER as LOG_TYPE_HEADER,
     FC_REQUEST_ID_HEADER as REQUEST_ID_HEADER,
+    FC_STATEFUL_INVOCATION_ID_HEADER as STATEFUL_ID_HEADER,
     FC_TASK_ID_HEADER as TASK_ID_HEADER,
 )
 
@@ -47,15 +50,20 @@ SYNC_REPLY_SLACK_S = 5.0
 async def invoke_function(function_name: str, request: Request, qualifier: str | None = None) -> Response:
     validation.check_function_name(function_name)
     invocation_type = validation.parse_invocation_type(request.headers.get(INVOCATION_TYPE_HEADER))
-    resolved_qualifier = validation.check_qualifier(qualifier)
-    function = await resources_of(request).catalog.find_function(function_name)
-    if function is None:
+    log_tail = validation.parse_log_type(request.headers.get(LOG_TYPE_HEADER))
+    try:
+        checked_qualifier = validation.check_qualifier(qualifier)
+        # Only whether the qualifier names something: which version runs is decided when the
+        # invocation runs (an alias may be repointed meanwhile, and splits calls by weight).
+        resolved = await resolve(resources_of(request).catalog, function_name, checked_qualifier,
+                                 draw=lambda: MAIN_VERSION_DRAW)
+    except Exception:
         if invocation_type == "Async":
             metrics_of(request).submissions.labels(outcome="rejected").inc()
-        raise FunctionNotFound(f"function {function_name} does not exist")
+        raise
     if invocation_type == "Async":
-        return await _submit(request, function, qualifier=resolved_qualifier)
-    return await _invoke_sync(request, function)
+        return await _submit(request, resolved.function, qualifier=resolved.qualifier)
+    return await _invoke_sync(request, resolved.function, qualifier=resolved.qualifier, log_tail=log_tail)
 
 
 async def _submit(request: Request, function: FunctionRecord, *, qualifier: str) -> Response:
@@ -67,15 +75,18 @@ async def _submit(request: Request, function: FunctionRecord, *, qualifier: str)
     name = function.function_name
     try:
         validation.check_payload_size(payload, limit=validation.MAX_ASYNC_PAYLOAD_BYTES)
+        stateful_id = request.headers.get(STATEFUL_ID_HEADER)
+        given_id = request.headers.get(TASK_ID_HEADER)
         task_id = validation.choose_task_id(
-            task_id_header=request.headers.get(TASK_ID_HEADER),
+            task_id_header=given_id if given_id is not None and given_id.strip() else stateful_id,
             request_id_header=request.headers.get(REQUEST_ID_HEADER),
+            source=TASK_ID_HEADER if given_id is not None and given_id.strip() else STATEFUL_ID_HEADER,
         )
         delay_s = validation.parse_delay(request.headers.get(DELAY_HEADER))
     except Exception:
         metrics.submissions.labels(outcome="rejected").inc()
         raise
-    config = await resources.catalog.find_async_config(name)
+    config = await resources.catalog.find_async_config(name, qualifier)
     at_ms = now_ms()
     event = TaskEnqueued(
         task_id=task_id,
@@ -88,6 +99,7 @@ async def _submit(request: Request, function: FunctionRecord, *, qualifier: str)
         due_at_ms=at_ms + delay_s * 1000,
         max_event_age_s=config.max_async_event_age_in_seconds if config else DEFAULT_MAX_EVENT_AGE_S,
         max_retries=config.max_async_retry_attempts if config else DEFAULT_MAX_RETRIES,
+        function_id=function.function_id,
     )
     try:
         if delay_s == 0:
@@ -119,12 +131,16 @@ async def _submit(request: Request, function: FunctionRecord, *, qualifier: str)
             "request_id": request_id,
             "delay_s": delay_s,
             "payload_bytes": len(payload),
+            "qualifier": qualifier,
         },
     )
-    return Response(status_code=202, headers={REQUEST_ID_HEADER: request_id, TASK_ID_HEADER: task_id})
+    headers = {REQUEST_ID_HEADER: request_id, TASK_ID_HEADER: task_id}
+    if stateful_id is not None and stateful_id.strip():
+        headers[STATEFUL_ID_HEADER] = task_id  # FC 2.0 clients read it back under its own name
+    return Response(status_code=202, headers=headers)
 
 
-async def _invoke_sync(request: Request, function: FunctionRecord) -> Response:
+async def _invoke_sync(request: Request, function: FunctionRecord, *, qualifier: str, log_tail: bool) -> Response:
     metrics = metrics_of(request)
     nc = resources_of(request).nc
     payload = body_of(request)
@@ -136,7 +152,8 @@ async def _invoke_sync(request: Request, function: FunctionRecord) -> Response:
             wire.sync_invoke_subject(name),
             payload,
             timeout=function.timeout + SYNC_REPLY_SLACK_S,
-            headers={wire.REQUEST_ID_HEADER: request_id},
+            headers={wire.REQUEST_ID_HEADER: request_id, wire.REQUEST_QUALIFIER: qualifier,
+                     wire.REQUEST_LOG_TAIL: "1" if log_tail else ""},
         )
     except NoRespondersError as err:
         metrics.sync_invocations.labels(outcome="no_responders").inc()
@@ -158,6 +175,8 @@ async def _invoke_sync(request: Request, function: FunctionRecord) -> Response:
     instance_id = headers.get(wire.REPLY_INSTANCE_ID, "")
     if instance_id:
         response_headers[INSTANCE_ID_HEADER] = instance_id
+    if log_tail:
+        response_headers[LOG_RESULT_HEADER] = headers.get(wire.REPLY_LOG_TAIL, "")
     error_type = headers.get(wire.REPLY_ERROR_TYPE, "")
     if error_type:
         # FC answers 200 for a handler error and says so in x-fc-error-type.

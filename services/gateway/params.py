@@ -15,19 +15,22 @@ from typing import Final
 
 from shared.errors import EntityTooLarge, InvalidArgument, InvalidNextToken
 from shared.transitions import STATUS_ALIASES, Status, parse_status
-from shared.wire import FC_DELAY_HEADER, FC_INVOCATION_TYPE_HEADER, FC_REQUEST_ID_HEADER, FC_TASK_ID_HEADER
+from shared.qualifiers import check_qualifier as _check_qualifier
+from shared.wire import FC_DELAY_HEADER, FC_INVOCATION_TYPE_HEADER, FC_LOG_TYPE_HEADER, FC_TASK_ID_HEADER
+from shared.wire import LATEST as wire_latest
 
 FUNCTION_NAME_RE: Final = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_-]{0,63}$")
 TASK_ID_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,127}$")
-RUNTIME_RE: Final = re.compile(r"^(python3(\.\d+)?|custom(\.debian(10|11|12))?)$")
-QUALIFIER_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+RUNTIME_RE: Final = re.compile(r"^(python3(\.\d+)?|nodejs(18|20)|custom(\.debian(10|11|12))?)$")
+# A request id that is not a task id but can become one with a leading "_" (e.g. a UUID).
+_PREFIXABLE_REQUEST_ID_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,127}$")
 
 MAX_ASYNC_PAYLOAD_BYTES: Final = 128 * 1024
 MAX_SYNC_PAYLOAD_BYTES: Final = 32 * 1024 * 1024
 MAX_DELAY_S: Final = 3600
 DEFAULT_LIMIT: Final = 20
 MAX_LIMIT: Final = 100
-LATEST: Final = "LATEST"
+LATEST: Final = wire_latest
 
 
 # --- names and identifiers ---------------------------------------------------------------------
@@ -51,21 +54,23 @@ def check_task_id(value: str, *, source: str = FC_TASK_ID_HEADER) -> str:
 
 
 def check_runtime(runtime: str) -> str:
+    if runtime == "custom-container":
+        raise InvalidArgument(
+            "runtime custom-container is not supported here: taskmode runs no container engine; "
+            "use custom with customRuntimeConfig.command instead"
+        )
     if not RUNTIME_RE.fullmatch(runtime):
         raise InvalidArgument(
-            f"unsupported runtime {runtime[:40]!r}: use python3, python3.<minor>, custom, "
+            f"unsupported runtime {runtime[:40]!r}: use python3, python3.<minor>, nodejs18, nodejs20, custom, "
             "custom.debian10, custom.debian11 or custom.debian12"
         )
     return runtime
 
 
 def check_qualifier(qualifier: str | None) -> str:
-    """The qualifier as given (None or empty: LATEST); only LATEST semantics exist here."""
-    if not qualifier:
-        return LATEST
-    if not QUALIFIER_RE.fullmatch(qualifier):
-        raise InvalidArgument(f"invalid qualifier {qualifier[:40]!r}")
-    return qualifier
+    """The qualifier's canonical form (None or empty: LATEST); whether it exists is the catalog's
+    business (`shared.qualifiers.resolve`)."""
+    return _check_qualifier(qualifier)
 
 
 def new_task_id() -> str:
@@ -73,12 +78,28 @@ def new_task_id() -> str:
     return f"task-{uuid.uuid4().hex}"
 
 
-def choose_task_id(*, task_id_header: str | None, request_id_header: str | None) -> str:
-    """FC's rule: the given task id, else the caller's request id, else a generated one."""
+def task_id_from_request_id(request_id: str) -> str:
+    """The task id a caller's request id stands for when no task id is given.
+
+    FC's rule is "the request id is the task id", but request ids are freer than task ids (a
+    UUID starts with a digit 60% of the time): one that is a task id is used as it is, one that
+    only breaks the first-character rule gets a leading `_` (so retries with the same request id
+    still find the same task), and any other gets a generated id.
+    """
+    if TASK_ID_RE.fullmatch(request_id):
+        return request_id
+    if _PREFIXABLE_REQUEST_ID_RE.fullmatch(request_id):
+        return f"_{request_id}"
+    return new_task_id()
+
+
+def choose_task_id(*, task_id_header: str | None, request_id_header: str | None, source: str = FC_TASK_ID_HEADER) -> str:
+    """FC's rule: the given task id (checked), else one made from the caller's request id, else
+    a generated one. `source` names the header the task id came in, for the error message."""
     if task_id_header is not None and task_id_header.strip():
-        return check_task_id(task_id_header.strip())
+        return check_task_id(task_id_header.strip(), source=source)
     if request_id_header is not None and request_id_header.strip():
-        return check_task_id(request_id_header.strip(), source=FC_REQUEST_ID_HEADER)
+        return task_id_from_request_id(request_id_header.strip())
     return new_task_id()
 
 
@@ -95,6 +116,15 @@ def parse_invocation_type(value: str | None) -> str:
     if normalized == "async":
         return "Async"
     raise InvalidArgument(f"invalid {FC_INVOCATION_TYPE_HEADER} {value[:40]!r}: use Sync or Async")
+
+
+def parse_log_type(value: str | None) -> bool:
+    """x-fc-log-type: `None` (default) or `Tail`; returns whether the log tail is wanted."""
+    if value is None or not value.strip() or value.strip().lower() == "none":
+        return False
+    if value.strip().lower() == "tail":
+        return True
+    raise InvalidArgument(f"invalid {FC_LOG_TYPE_HEADER} {value[:40]!r}: use None or Tail")
 
 
 def parse_delay(value: str | None) -> int:
@@ -184,15 +214,16 @@ def encode_token(after: str) -> str:
     return base64.urlsafe_b64encode(after.encode()).decode().rstrip("=")
 
 
-def decode_token(token: str | None) -> str | None:
-    """The name a nextToken continues after (None: from the start)."""
+def decode_token(token: str | None, *, pattern: re.Pattern[str] = FUNCTION_NAME_RE) -> str | None:
+    """The name a nextToken continues after (None: from the start); `pattern` is what such a
+    name looks like."""
     if not token:
         return None
     try:
         name = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError) as err:
         raise InvalidNextToken("nextToken is not valid") from err
-    if not FUNCTION_NAME_RE.fullmatch(name):
+    if not pattern.fullmatch(name):
         raise InvalidNextToken("nextToken is not valid")
     return name
 
@@ -203,6 +234,20 @@ def paginate(names: list[str], *, after: str | None, limit: int) -> tuple[list[s
     page = remaining[:limit]
     token = encode_token(page[-1]) if len(remaining) > limit else ""
     return page, token
+
+
+def encode_version_token(after: int) -> str:
+    return encode_token(f"v{after}")
+
+
+def decode_version_token(token: str | None) -> int | None:
+    """The version id a ListFunctionVersions nextToken continues after (None: from the start)."""
+    name = decode_token(token)
+    if name is None:
+        return None
+    if not re.fullmatch(r"v[1-9][0-9]{0,9}", name):
+        raise InvalidNextToken("nextToken is not valid")
+    return int(name[1:])
 
 
 # --- times ------------------------------------------------------------------------------------
