@@ -75,10 +75,24 @@ def test_fold_builds_the_fc_async_task() -> None:
     assert view["alreadyRetriedTimes"] == 1
     assert view["instanceId"] == "i2"
     assert view["taskErrorMessage"] == "E2"
-    assert (view["startedTime"], view["endTime"], view["durationMs"]) == (1000, 1600, 600)
+    # Submitted at 1000, first ran at 1002; ran 1002-1010 and 1500-1600 (the backoff is not run time).
+    assert (view["submitTime"], view["startedTime"], view["endTime"], view["durationMs"]) == (1000, 1002, 1600, 108)
     assert view["requestId"] == "r1" and view["taskPayload"] == "in"
     assert "_id" not in view and "version" not in view
     assert "taskPayload" not in public_view(doc, include_payload=False)
+
+
+def test_times_of_a_task_that_never_ran_and_of_one_stopped_while_running() -> None:
+    never = fold([ev(TaskEnqueued, 1, 1000), ev(TaskStopped, 2, 1400)])
+    assert never is not None
+    assert (never["submitTime"], never["startedTime"], never["endTime"], never["durationMs"]) == (1000, None, 1400, None)
+    stopped = fold([
+        ev(TaskEnqueued, 1, 1000), ev(TaskProcessed, 2, 1001),
+        ev(TaskStarted, 3, 1100, instance_id="i1", function_version="2"),
+        ev(TaskStopping, 4, 1200), ev(TaskStopped, 5, 1250),
+    ])
+    assert stopped is not None
+    assert (stopped["startedTime"], stopped["durationMs"], stopped["executedVersion"]) == (1100, 150, "2")
 
 
 def test_fold_refuses_gaps_and_illegal_edges_without_mutating() -> None:

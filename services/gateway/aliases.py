@@ -129,6 +129,8 @@ async def delete_alias(function_name: str, alias_name: str, resources: Resources
     if not ALIAS_NAME_RE.fullmatch(alias_name):
         raise AliasNotFound(f"alias {alias_name[:80]!r} of function {function_name} does not exist")
     await versions_of(resources).delete_alias(function_name, alias_name)
+    if await resources.catalog.find_async_config(function_name, alias_name) is not None:
+        await resources.catalog.delete_async_config(function_name, alias_name)  # configs go with their qualifier
     log.info("alias deleted", extra={"function": function_name, "alias": alias_name})
     return Response(status_code=204)
 

@@ -66,5 +66,7 @@ async def delete_function_version(function_name: str, version_id: str, resources
     if not VERSION_ID_RE.fullmatch(version_id):
         raise VersionNotFound(f"version {version_id[:40]!r} of function {function_name} does not exist")
     await versions_of(resources).delete_version(function_name, version_id)
+    if await resources.catalog.find_async_config(function_name, version_id) is not None:
+        await resources.catalog.delete_async_config(function_name, version_id)  # configs go with their qualifier
     log.info("version deleted", extra={"function": function_name, "version_id": version_id})
     return Response(status_code=204)
