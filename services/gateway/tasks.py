@@ -122,7 +122,9 @@ async def list_async_tasks(
     nextToken: str | None = None,
     qualifier: str | None = None,
 ) -> Response:
-    wanted = await check_function_and_qualifier(resources, function_name, qualifier)
+    # The query is checked first (400s), then whether the function and qualifier exist (404s).
+    params.check_function_name(function_name)
+    wanted = params.check_qualifier(qualifier) if qualifier else None
     status_filter = params.parse_status_filter(status)
     query = TaskQuery(
         function=function_name,
@@ -136,6 +138,7 @@ async def list_async_tasks(
         next_token=nextToken or None,
         include_payload=params.parse_bool("includePayload", includePayload, default=False),
     )
+    await check_function_and_qualifier(resources, function_name, qualifier)
     try:
         page = await resources.tasks.list_tasks(query)
     except PyMongoError as err:
