@@ -147,6 +147,13 @@ def _decode_token(query: TaskQuery, token: str) -> _Cursor:
     return cursor
 
 
+def check_next_token(query: TaskQuery) -> None:
+    """Raise InvalidNextToken now if `query.next_token` is not ours or was made for other filters
+    (so a caller can refuse bad input before doing anything else)."""
+    if query.next_token:
+        _decode_token(query, query.next_token)
+
+
 def _list_filters(query: TaskQuery, after: _Cursor | None) -> list[Document]:
     """The find filters whose concatenated results, in order, are `query`'s next tasks.
 

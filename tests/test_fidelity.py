@@ -434,3 +434,15 @@ def test_crc64_matches_the_ecma_182_check_value() -> None:
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr("a", "b")
     assert crc64(buf.getvalue()).isdigit()
+
+
+def test_the_end_of_invocation_mark_is_the_same_on_both_sides() -> None:
+    # The workers import nothing of ours, so the mark is spelled three times; keep them equal.
+    from pathlib import Path
+
+    from services.executor import instance, node_instance, python_worker
+
+    assert instance.END_OF_INVOCATION.decode() == python_worker.END_OF_INVOCATION
+    worker_js = Path(node_instance.WORKER).read_text()
+    assert "const END_OF_INVOCATION = '\\x1etaskmode-invocation-end\\x1e';" in worker_js
+    assert instance.END_OF_INVOCATION == b"\x1etaskmode-invocation-end\x1e"

@@ -99,14 +99,19 @@ def user_frames(exc: BaseException) -> list[str]:
 def print_user_traceback(exc: BaseException) -> None:
     """The error as the handler's log shows it (user frames only)."""
     sys.stderr.write("Traceback (most recent call last):\n" + "".join(user_frames(exc)))
-    sys.stderr.write("".join(traceback.format_exception_only(exc)))
+    sys.stderr.write(_shown("".join(traceback.format_exception_only(exc))))
+
+
+def _shown(text: str) -> str:
+    """`text` with the real code directory replaced by /code (a SyntaxError names its file)."""
+    return text.replace(_code_dir, SHOWN_CODE_DIR) if _code_dir else text
 
 
 def error_json(exc: BaseException, *, message: str | None = None) -> bytes:
     """FC's error body: `{"errorMessage", "errorType", "stackTrace"}`, user frames only."""
     return msgspec.json.encode(
         {
-            "errorMessage": str(exc) if message is None else message,
+            "errorMessage": _shown(str(exc) if message is None else message),
             "errorType": type(exc).__name__,
             "stackTrace": user_frames(exc),
         }
