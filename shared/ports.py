@@ -100,6 +100,10 @@ class TaskReadModel(Protocol):
         """Replace (or insert) whole documents."""
         ...
 
+    def check_query(self, query: TaskQuery) -> None:
+        """Raise InvalidNextToken for a token `list_tasks` would refuse, without reading anything."""
+        ...
+
     async def list_tasks(self, query: TaskQuery) -> TaskPage:
         """One page of a function's tasks in FC `AsyncTask` shape."""
         ...

@@ -397,6 +397,10 @@ class TaskStore:
             {"_id": document_id(function, task_id)}, _public_projection(include_payload=True)
         )
 
+    def check_query(self, query: TaskQuery) -> None:
+        """Refuse (InvalidNextToken) a query whose token is not ours or was made for other filters."""
+        check_next_token(query)
+
     async def list_tasks(self, query: TaskQuery) -> TaskPage:
         """One page of a function's tasks, ordered by (submitTime, taskId), keyset-paginated.
 

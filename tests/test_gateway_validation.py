@@ -484,6 +484,9 @@ class FakeTaskStore:
     def __init__(self) -> None:
         self.queries: list[Any] = []
 
+    def check_query(self, query: Any) -> None:
+        pass  # every token is good here: what is checked is that the route passes it on
+
     async def list_tasks(self, query: Any) -> Any:
         from shared.taskstore import TaskPage
 

@@ -21,7 +21,7 @@ from shared.events import TaskStopped, TaskStopping
 from shared.eventstore import StoredEvent, follow
 from shared.ports import EventLog
 from shared.qualifiers import MAIN_VERSION_DRAW, resolve
-from shared.taskstore import TaskQuery, check_next_token
+from shared.taskstore import TaskQuery
 from shared.taskview import TaskDocument
 from shared.transitions import TERMINAL, Status
 from services.gateway import params
@@ -138,7 +138,7 @@ async def list_async_tasks(
         next_token=nextToken or None,
         include_payload=params.parse_bool("includePayload", includePayload, default=False),
     )
-    check_next_token(query)
+    resources.tasks.check_query(query)
     await check_function_and_qualifier(resources, function_name, qualifier)
     try:
         page = await resources.tasks.list_tasks(query)
