@@ -75,12 +75,13 @@ async def _submit(request: Request, function: FunctionRecord, *, qualifier: str)
     name = function.function_name
     try:
         validation.check_payload_size(payload, limit=validation.MAX_ASYNC_PAYLOAD_BYTES)
-        stateful_id = request.headers.get(STATEFUL_ID_HEADER)
-        given_id = request.headers.get(TASK_ID_HEADER)
+        # FC 2.0's header names the task id too; FC 3.0's wins when both are sent.
+        given_id = (request.headers.get(TASK_ID_HEADER) or "").strip()
+        stateful_id = (request.headers.get(STATEFUL_ID_HEADER) or "").strip()
         task_id = validation.choose_task_id(
-            task_id_header=given_id if given_id is not None and given_id.strip() else stateful_id,
+            task_id_header=given_id or stateful_id,
             request_id_header=request.headers.get(REQUEST_ID_HEADER),
-            source=TASK_ID_HEADER if given_id is not None and given_id.strip() else STATEFUL_ID_HEADER,
+            source=STATEFUL_ID_HEADER if stateful_id and not given_id else TASK_ID_HEADER,
         )
         delay_s = validation.parse_delay(request.headers.get(DELAY_HEADER))
     except Exception:
@@ -135,7 +136,7 @@ async def _submit(request: Request, function: FunctionRecord, *, qualifier: str)
         },
     )
     headers = {REQUEST_ID_HEADER: request_id, TASK_ID_HEADER: task_id}
-    if stateful_id is not None and stateful_id.strip():
+    if stateful_id:
         headers[STATEFUL_ID_HEADER] = task_id  # FC 2.0 clients read it back under its own name
     return Response(status_code=202, headers=headers)
 
