@@ -446,3 +446,26 @@ def test_the_end_of_invocation_mark_is_the_same_on_both_sides() -> None:
     worker_js = Path(node_instance.WORKER).read_text()
     assert "const END_OF_INVOCATION = '\\x1etaskmode-invocation-end\\x1e';" in worker_js
     assert instance.END_OF_INVOCATION == b"\x1etaskmode-invocation-end\x1e"
+
+
+async def test_version_listing_pages_both_ways_and_dies_with_its_function(raw: FcClient, fn_name: str) -> None:
+    assert (await raw.create_function(fn_name, code={"index.py": HANDLERS})).status_code == 200
+    for description in ("a", "b", "c"):
+        assert (await raw.request("POST", f"/functions/{fn_name}/versions", json={"description": description})).status_code == 200
+
+    async def ids(**query: str) -> tuple[list[str], str]:
+        page = (await raw.request("GET", f"/functions/{fn_name}/versions", query=query)).json()
+        return [v["versionId"] for v in page["versions"]], page["nextToken"]
+
+    first, token = await ids(limit="2")
+    assert first == ["3", "2"] and token
+    assert await ids(limit="2", nextToken=token) == (["1"], "")
+    first, token = await ids(limit="2", direction="FORWARD")
+    assert first == ["1", "2"]
+    assert await ids(limit="2", direction="FORWARD", nextToken=token) == (["3"], "")
+
+    assert (await raw.request("DELETE", f"/functions/{fn_name}")).status_code == 204
+    assert (await raw.create_function(fn_name, code={"index.py": HANDLERS})).status_code == 200
+    assert await ids() == ([], "")  # a new function: no versions, and ids start again at 1
+    published = await raw.request("POST", f"/functions/{fn_name}/versions", json={})
+    assert published.json()["versionId"] == "1"
