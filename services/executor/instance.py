@@ -311,18 +311,17 @@ class Instance:
     async def _spawn(self, argv: Sequence[str], *, env: Mapping[str, str], framed: bool) -> None:
         """Start the process. `framed`: a worker speaking frames on stdin/stdout, its output on
         stderr (python, nodejs); else a program whose stdout and stderr are both its output."""
-        python = framed
         pipe = asyncio.subprocess.PIPE
         self._proc = await asyncio.create_subprocess_exec(
             *argv, cwd=self.spec.code_dir, env=env, start_new_session=True,  # own group: kill reaches the tree
             preexec_fn=_die_with_parent,
-            stdin=pipe if python else asyncio.subprocess.DEVNULL, stdout=pipe,
-            stderr=pipe if python else asyncio.subprocess.STDOUT,
+            stdin=pipe if framed else asyncio.subprocess.DEVNULL, stdout=pipe,
+            stderr=pipe if framed else asyncio.subprocess.STDOUT,
         )
         self._exited = asyncio.ensure_future(self._proc.wait())
         group_file = orphans.register(self._tmp_dir.parent, pgid=self._proc.pid, instance_id=self.instance_id)
         self._exited.add_done_callback(lambda _: orphans.unregister(group_file))
-        output = self._proc.stderr if python else self._proc.stdout
+        output = self._proc.stderr if framed else self._proc.stdout
         assert output is not None
         self._drain = asyncio.ensure_future(self._collect_output(output))
         logger.info("instance %s started (pid %d)", self.instance_id, self._proc.pid)
