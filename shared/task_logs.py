@@ -5,9 +5,14 @@ RequestId` lines, at most 256 KB, the newest kept) is stored on
 `taskmode.logs.<function>.<taskId>.<attempt>` in the stream TASKMODE_LOGS, which keeps each for
 the 7-day retention of tasks. The executor writes them; the gateway serves them at
 `GET /2023-03-30/functions/{name}/async-tasks/{taskId}/logs`.
+
+An attempt whose handler wrote nothing stores no message (a quiet handler then costs no extra
+append per task): its entry is made from the task's own events by `quiet_attempts`.
 """
 
 from __future__ import annotations
+
+import json
 
 import msgspec
 from nats.js import JetStreamContext
@@ -15,6 +20,8 @@ from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
 from shared import wire
+from shared.taskview import TaskDocument
+from shared.transitions import Status
 
 
 class AttemptLog(msgspec.Struct, kw_only=True, rename="camel"):
@@ -74,3 +81,27 @@ async def read_task_logs(js: JetStreamContext, *, function: str, task_id: str, a
         if msg.data:
             logs.append(_decode(msg.data))
     return logs
+
+
+def quiet_attempts(doc: TaskDocument) -> dict[int, AttemptLog]:
+    """The log entry of every finished attempt of `doc` as it is when the handler wrote nothing:
+    only FC's framing lines. Stored logs replace these where they exist."""
+    entries: dict[int, AttemptLog] = {}
+    events = doc["events"]
+    request_id = doc["requestId"]
+    for index, entry in enumerate(events):
+        if entry["status"] != Status.RUNNING:
+            continue
+        # An attempt runs until the next event that is not Stopping; none yet: still running.
+        end = next((later for later in events[index + 1:] if later["status"] != Status.STOPPING), None)
+        if end is None:
+            continue
+        detail = json.loads(entry["eventDetail"] or "{}")
+        attempt = int(detail.get("attempt", 0))
+        entries[attempt] = AttemptLog(
+            attempt=attempt, request_id=request_id, instance_id=str(detail.get("instanceId", "")),
+            function_version=str(detail.get("functionVersion", "")), start_time=entry["timestamp"],
+            end_time=end["timestamp"],
+            content=f"FC Invoke Start RequestId: {request_id}\nFC Invoke End RequestId: {request_id}\n",
+        )
+    return entries

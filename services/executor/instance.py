@@ -74,6 +74,8 @@ class InvocationResult:
     killed: bool = False  # ended by kill() (a stop), not by its own doing
     duration_ms: float = 0.0
     logs: bytes = b""  # what the invocation wrote, framed by FC's Invoke Start/End lines
+    output_bytes: int = 0  # how much the invocation itself wrote (0: `logs` is only the framing)
+    logs_truncated: bool = False  # the start of the output was dropped to fit INVOCATION_LOG_BYTES
 
 
 class _Capture:
@@ -83,9 +85,11 @@ class _Capture:
         self.request_id = request_id
         self.data = bytearray(f"FC Invoke Start RequestId: {request_id}\n".encode())
         self.truncated = False
+        self.written = 0
         self.ended = asyncio.Event()
 
     def add(self, chunk: bytes) -> None:
+        self.written += len(chunk)
         self.data += chunk
         if len(self.data) > INVOCATION_LOG_BYTES:
             del self.data[:-INVOCATION_LOG_BYTES]
@@ -192,7 +196,8 @@ class Instance:
                 await self._await_output(capture, ok=result.ok or not result.killed)
             finally:
                 self._capture = None
-            return replace(result, duration_ms=(time.perf_counter() - started) * 1000, logs=capture.close())
+            return replace(result, duration_ms=(time.perf_counter() - started) * 1000, logs=capture.close(),
+                           output_bytes=capture.written, logs_truncated=capture.truncated)
 
     async def _await_output(self, capture: _Capture, *, ok: bool) -> None:
         """Let the invocation's last output arrive: up to its end mark, or a short grace."""

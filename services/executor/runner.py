@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from nats.aio.msg import Msg
 
 from services.executor.code_cache import CodeCache
-from services.executor.instance import INVOCATION_LOG_BYTES, Instance, InvocationResult, InvokeContext
+from services.executor.instance import Instance, InvocationResult, InvokeContext
 from services.executor.pool import InstancePool
 from services.executor.metrics import ExecutorMetrics
 from services.executor.settings import ExecutorSettings
@@ -226,13 +226,17 @@ class TaskRunner:
         return resolved
 
     async def _keep_log(self, started: TaskStarted, result: InvocationResult, *, request_id: str) -> None:
-        """Store the attempt's log; losing a log never fails the task."""
-        if self._logs is None:
+        """Store the attempt's log; losing a log never fails the task.
+
+        An attempt that wrote nothing stores nothing (the logs endpoint shows its framing from
+        the task's events), so a quiet handler costs no extra message per task.
+        """
+        if self._logs is None or result.output_bytes == 0:
             return
         log_entry = AttemptLog(
             attempt=started.attempt, request_id=request_id, instance_id=started.instance_id,
             function_version=started.function_version, start_time=started.at_ms, end_time=now_ms(),
-            truncated=len(result.logs) >= INVOCATION_LOG_BYTES, content=result.logs.decode(errors="replace"),
+            truncated=result.logs_truncated, content=result.logs.decode(errors="replace"),
         )
         try:
             await self._logs(started.function, started.task_id, log_entry)

@@ -2,7 +2,7 @@
 
 Not an FC 3.0 operation (FC sends logs to SLS): taskmode's own, documented in the README. The
 answer is `{"taskId", "logs": [AttemptLog...]}`, oldest attempt first; an attempt that is still
-running has no log yet.
+running has no log yet, and one whose handler wrote nothing shows only FC's framing lines.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from fastapi import APIRouter, Response
 from services.gateway.deps import MetricsDep, ResourcesDep, SettingsDep
 from services.gateway.errors import json_response
 from services.gateway.tasks import check_function_and_qualifier, check_ids, task_document
-from shared.task_logs import read_task_logs
+from shared.task_logs import quiet_attempts, read_task_logs
 
 router = APIRouter()
 
@@ -29,5 +29,6 @@ async def get_async_task_logs(
         resources=resources, settings=settings, metrics=metrics, function_name=function_name, task_id=task_id
     )
     attempts = doc["alreadyRetriedTimes"] + 1 if doc["startedTime"] is not None else 0
-    logs = await read_task_logs(resources.nc.jetstream(), function=function_name, task_id=task_id, attempts=attempts)
-    return json_response({"taskId": task_id, "logs": msgspec.to_builtins(logs)})
+    stored = await read_task_logs(resources.nc.jetstream(), function=function_name, task_id=task_id, attempts=attempts)
+    logs = {**quiet_attempts(doc), **{entry.attempt: entry for entry in stored}}
+    return json_response({"taskId": task_id, "logs": [msgspec.to_builtins(logs[n]) for n in sorted(logs)]})
