@@ -46,7 +46,7 @@ class Row:
 def make_doc(i: int, *, now_ms: int, rnd: random.Random) -> dict[str, Any]:
     """A realistic finished task: three events, a ~200-byte payload, a short result."""
     task_id = f"task-{i:07d}"
-    started = now_ms - 3_600_000 + (i // 3)  # three tasks per millisecond: ties on startedTime
+    started = now_ms - 3_600_000 + (i // 3)  # three tasks per millisecond: ties on submitTime
     status = rnd.choice(STATUSES)
     return {
         "_id": document_id(FUNCTION, task_id),
@@ -64,13 +64,15 @@ def make_doc(i: int, *, now_ms: int, rnd: random.Random) -> dict[str, Any]:
         "returnPayload": '{"ok":true}',
         "taskErrorMessage": None,
         "alreadyRetriedTimes": 0,
-        "startedTime": started,
+        "submitTime": started,
+        "startedTime": started + 7,
         "endTime": started + 90,
         "durationMs": 83,
         "requestId": f"req-{i}",
         "instanceId": "i-1",
         "functionArn": f"acs:fc:local:0:functions/{FUNCTION}",
         "qualifier": "LATEST",
+        "executedVersion": "LATEST",
         "destinationStatus": "",
     }
 

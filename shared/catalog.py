@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Final, Generic, TypeVar
+from typing import TYPE_CHECKING, Final, Generic, TypeVar
 
 import msgspec
 from nats.js import JetStreamContext
@@ -31,6 +31,11 @@ from nats.js.object_store import ObjectStore
 from shared import wire
 from shared.errors import AsyncConfigNotFound, ConcurrentUpdateError, FunctionAlreadyExists, FunctionNotFound
 from shared.events import DEFAULT_MAX_EVENT_AGE_S, DEFAULT_MAX_RETRIES
+from shared.function_fields import FunctionSettings, settings_view
+from shared.wire import LATEST
+
+if TYPE_CHECKING:
+    from shared.versions import Versions
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +62,34 @@ class FunctionRecord(msgspec.Struct, kw_only=True, rename="camel"):
     environment_variables: dict[str, str] = {}
     custom_runtime_config: CustomRuntimeConfig | None = None
     instance_concurrency: int = 1
-    code_checksum: str = ""
+    code_checksum: str = ""  # FC's: CRC-64/XZ of the zip, decimal (see shared.function_fields.crc64)
     code_size: int = 0
     created_time: str = ""
     last_modified_time: str = ""
     state: str = "Active"
     last_update_status: str = "Successful"
+    # The zip's key in the object store (sha256 hex); "" for records written before it existed,
+    # whose code_checksum was that key.
+    code_object: str = ""
+    settings: FunctionSettings = msgspec.field(default_factory=FunctionSettings)
+
+    @property
+    def code_key(self) -> str:
+        """Where the zip is in the object store."""
+        return self.code_object or self.code_checksum
+
+
+# Stored with a function record, never shown: internal keys, and `settings` (shown flattened).
+_HIDDEN_FUNCTION_FIELDS: Final = ("codeObject", "settings")
+
+
+def function_view(record: FunctionRecord) -> dict[str, object]:
+    """FC's `Function` JSON for `record`: its own fields plus the stored-only settings, flattened."""
+    view: dict[str, object] = msgspec.to_builtins(record)
+    for name in _HIDDEN_FUNCTION_FIELDS:
+        view.pop(name, None)
+    view.update(settings_view(record.settings))
+    return view
 
 
 class Destination(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -75,9 +102,10 @@ class DestinationConfig(msgspec.Struct, kw_only=True, rename="camel", omit_defau
 
 
 class AsyncConfigRecord(msgspec.Struct, kw_only=True, rename="camel"):
-    """FC 3.0's `AsyncConfig` for one function (qualifier LATEST)."""
+    """FC 3.0's `AsyncConfig` for one function and qualifier (`qualifier` is ours, not FC's)."""
 
     function_arn: str
+    qualifier: str = LATEST
     async_task: bool = False
     max_async_event_age_in_seconds: int = DEFAULT_MAX_EVENT_AGE_S
     max_async_retry_attempts: int = DEFAULT_MAX_RETRIES
@@ -86,9 +114,17 @@ class AsyncConfigRecord(msgspec.Struct, kw_only=True, rename="camel"):
     last_modified_time: str = ""
 
 
-def function_arn(*, region: str, account_id: str, function: str) -> str:
-    """The ARN FC would give `function` (`acs:fc:<region>:<account>:functions/<name>`)."""
-    return f"acs:fc:{region}:{account_id}:functions/{function}"
+def function_arn(*, region: str, account_id: str, function: str, qualifier: str = LATEST) -> str:
+    """The ARN of `function` (`acs:fc:<region>:<account>:functions/<name>`), with `:<qualifier>`
+    appended for any qualifier but LATEST."""
+    arn = f"acs:fc:{region}:{account_id}:functions/{function}"
+    return arn if qualifier == LATEST else f"{arn}:{qualifier}"
+
+
+def async_config_key(function: str, qualifier: str) -> str:
+    """KV key of one qualifier's async config: the bare name for LATEST (as before qualifiers
+    existed), `<name>.<qualifier>` otherwise (function names never contain a dot)."""
+    return function if qualifier == LATEST else f"{function}.{qualifier}"
 
 
 _encode = msgspec.json.Encoder().encode
@@ -202,10 +238,13 @@ class Catalog:
     through another process, and refusing its first task would be wrong.
     """
 
-    def __init__(self, *, functions: KeyValue, async_configs: KeyValue, code: ObjectStore) -> None:
+    def __init__(
+        self, *, functions: KeyValue, async_configs: KeyValue, code: ObjectStore, versions: Versions | None = None
+    ) -> None:
         self._functions = functions
         self._async_configs = async_configs
         self._code = code
+        self.versions = versions
         self._function_mirror: _Mirror[FunctionRecord] | None = None
         self._config_mirror: _Mirror[AsyncConfigRecord] | None = None
 
@@ -214,12 +253,16 @@ class Catalog:
         self._function_mirror = _Mirror(self._functions, _decode_function)
         self._config_mirror = _Mirror(self._async_configs, _decode_async_config)
         await asyncio.gather(self._function_mirror.start(), self._config_mirror.start())
+        if self.versions is not None:
+            await self.versions.watch()
 
     async def close(self) -> None:
         """Stop the mirrors started by `watch`."""
         for mirror in (self._function_mirror, self._config_mirror):
             if mirror is not None:
                 await mirror.stop()
+        if self.versions is not None:
+            await self.versions.close()
 
     @classmethod
     async def open(cls, js: JetStreamContext, *, replicas: int | None = None) -> Catalog:
@@ -237,7 +280,10 @@ class Catalog:
         except BucketNotFoundError:
             code = await js.create_object_store(
                 wire.CODE_BUCKET, config=ObjectStoreConfig(description="function code", replicas=copies))
-        return cls(functions=functions, async_configs=async_configs, code=code)
+        from shared.versions import Versions  # versions snapshot FunctionRecords: imports this module
+
+        versions = Versions(await _key_value(js, wire.VERSIONS_BUCKET, replicas=copies))
+        return cls(functions=functions, async_configs=async_configs, code=code, versions=versions)
 
     async def put_code(self, checksum: str, archive: bytes) -> None:
         """Store a code zip under its checksum (idempotent: same checksum, same bytes)."""
@@ -294,16 +340,20 @@ class Catalog:
             self._function_mirror.records[record.function_name] = record
 
     async def delete_function(self, name: str) -> None:
-        """Remove a function and its async config; `FunctionNotFound` if absent."""
+        """Remove a function, its async configs, versions and aliases; `FunctionNotFound` if absent.
+
+        The record goes first: from then on nothing resolves the function, so what follows
+        cannot be half-visible even if this is interrupted (a recreated function gets a new id
+        and never sees leftovers: see `shared.versions`).
+        """
         await self.get_function(name)
         await self._functions.purge(name)
-        try:
-            await self._async_configs.purge(name)
-        except KeyNotFoundError:
-            pass
-        for mirror in (self._function_mirror, self._config_mirror):
-            if mirror is not None:
-                mirror.records.pop(name, None)
+        if self._function_mirror is not None:
+            self._function_mirror.records.pop(name, None)
+        for qualifier, _ in await self.list_async_configs_of(name):
+            await self.delete_async_config(name, qualifier)
+        if self.versions is not None:
+            await self.versions.delete_all(name)
 
     async def list_functions(self) -> list[FunctionRecord]:
         """Every function, sorted by name."""
@@ -315,45 +365,58 @@ class Catalog:
         return records
 
     async def put_async_config(self, name: str, record: AsyncConfigRecord) -> None:
-        """Store the async-invoke config of function `name`."""
-        await self._async_configs.put(name, _encode(record))
+        """Store the async-invoke config of function `name` for `record.qualifier`."""
+        key = async_config_key(name, record.qualifier)
+        await self._async_configs.put(key, _encode(record))
         if self._config_mirror is not None:
-            self._config_mirror.records[name] = record
+            self._config_mirror.records[key] = record
 
-    async def find_async_config(self, name: str) -> AsyncConfigRecord | None:
-        """The async config of `name`, or None when it was never put."""
+    async def find_async_config(self, name: str, qualifier: str = LATEST) -> AsyncConfigRecord | None:
+        """The async config of `name` for `qualifier`, or None when it was never put."""
+        key = async_config_key(name, qualifier)
         if self._config_mirror is not None:
             # Configs change rarely and a missing one is the common case: trust the mirror
             # both ways (a put through another gateway shows up within milliseconds).
-            return self._config_mirror.records.get(name)
+            return self._config_mirror.records.get(key)
         try:
-            entry = await self._async_configs.get(name)
+            entry = await self._async_configs.get(key)
         except KeyNotFoundError:
             return None
         return _decode_async_config(entry.value) if entry.value else None
 
-    async def get_async_config(self, name: str) -> AsyncConfigRecord:
-        """The async config of `name`; `AsyncConfigNotFound` if none was put."""
-        record = await self.find_async_config(name)
+    async def get_async_config(self, name: str, qualifier: str = LATEST) -> AsyncConfigRecord:
+        """The async config of `name` for `qualifier`; `AsyncConfigNotFound` if none was put."""
+        record = await self.find_async_config(name, qualifier)
         if record is None:
-            raise AsyncConfigNotFound(f"async invoke config of function {name} not found")
+            raise AsyncConfigNotFound(f"async invoke config of function {name} (qualifier {qualifier}) not found")
         return record
 
-    async def delete_async_config(self, name: str) -> None:
-        """Remove the async config of `name`; `AsyncConfigNotFound` if none was put."""
-        await self.get_async_config(name)
-        await self._async_configs.purge(name)
+    async def delete_async_config(self, name: str, qualifier: str = LATEST) -> None:
+        """Remove the async config of `name` for `qualifier`; `AsyncConfigNotFound` if none was put."""
+        await self.get_async_config(name, qualifier)
+        key = async_config_key(name, qualifier)
+        await self._async_configs.purge(key)
         if self._config_mirror is not None:
-            self._config_mirror.records.pop(name, None)
+            self._config_mirror.records.pop(key, None)
 
     async def list_async_configs(self) -> list[tuple[str, AsyncConfigRecord]]:
-        """Every (function name, async config), sorted by name."""
+        """Every (function name, async config), sorted by name, then LATEST before other qualifiers."""
         out = []
-        for name in sorted(await _keys(self._async_configs)):
-            record = await self.find_async_config(name)
+        for key in sorted(await _keys(self._async_configs), key=_config_order):
+            name, _, qualifier = key.partition(".")
+            record = await self.find_async_config(name, qualifier or LATEST)
             if record is not None:
                 out.append((name, record))
         return out
+
+    async def list_async_configs_of(self, name: str) -> list[tuple[str, AsyncConfigRecord]]:
+        """Every (qualifier, async config) of one function."""
+        return [(record.qualifier, record) for owner, record in await self.list_async_configs() if owner == name]
+
+
+def _config_order(key: str) -> tuple[str, bool, str]:
+    name, dot, qualifier = key.partition(".")
+    return name, bool(dot), qualifier
 
 
 async def _stream_replicas(js: JetStreamContext) -> int:

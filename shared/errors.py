@@ -73,6 +73,28 @@ class AsyncConfigNotFound(TaskmodeError):
     http_status = 404
 
 
+class VersionNotFound(TaskmodeError):
+    code = "VersionNotFound"
+    http_status = 404
+
+
+class AliasNotFound(TaskmodeError):
+    code = "AliasNotFound"
+    http_status = 404
+
+
+class AliasAlreadyExists(TaskmodeError):
+    code = "AliasAlreadyExists"
+    http_status = 409
+
+
+class VersionInUse(TaskmodeError):
+    """A version an alias routes to cannot be deleted."""
+
+    code = "VersionInUse"
+    http_status = 409
+
+
 class AsyncTaskNotFound(TaskmodeError):
     code = "AsyncTaskNotFound"
     http_status = 404

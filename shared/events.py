@@ -36,6 +36,10 @@ class TaskEnqueued(TaskEvent, frozen=True, tag="task.enqueued"):
     due_at_ms: int = 0  # when the task may be dispatched (submission time plus any delay)
     max_event_age_s: int = DEFAULT_MAX_EVENT_AGE_S
     max_retries: int = DEFAULT_MAX_RETRIES
+    # The incarnation of the function the task was submitted to (FunctionRecord.function_id); a
+    # task of a deleted function ends Invalid even if the name has been reused since. "" in
+    # events written before incarnations were recorded: then only the name is checked.
+    function_id: str = ""
 
 
 class Submission(msgspec.Struct, frozen=True, kw_only=True):
@@ -46,6 +50,8 @@ class Submission(msgspec.Struct, frozen=True, kw_only=True):
     request_id: str
     due_at_ms: int
     max_retries: int
+    qualifier: str = "LATEST"
+    function_id: str = ""
 
 
 # Larger payloads are read from the Enqueued event instead of being stored twice.
@@ -60,13 +66,21 @@ class TaskProcessed(TaskEvent, frozen=True, tag="task.processed"):
         """The submission to carry for `enqueued`, or None when its payload is too large to copy."""
         if len(enqueued.payload) > CARRIED_PAYLOAD_BYTES:
             return None
-        return Submission(payload=enqueued.payload, request_id=enqueued.request_id,
-                          due_at_ms=enqueued.due_at_ms, max_retries=enqueued.max_retries)
+        return submission_of(enqueued)
+
+
+def submission_of(enqueued: TaskEnqueued) -> Submission:
+    """What an executor needs of `enqueued`."""
+    return Submission(payload=enqueued.payload, request_id=enqueued.request_id, due_at_ms=enqueued.due_at_ms,
+                      max_retries=enqueued.max_retries, qualifier=enqueued.qualifier,
+                      function_id=enqueued.function_id)
 
 
 class TaskStarted(TaskEvent, frozen=True, tag="task.started"):
     instance_id: str
     attempt: int = 0  # 0 for the first run, n for the n-th retry
+    # What ran this attempt: LATEST or a version id (an alias resolves when the task runs).
+    function_version: str = ""
 
 
 class TaskSucceeded(TaskEvent, frozen=True, tag="task.succeeded"):

@@ -17,6 +17,8 @@ from shared.eventstore import StoredEvent
 from shared.taskstore import TaskPage, TaskQuery
 from shared.taskview import TaskDocument
 from shared.transitions import Status
+from shared.versions import Versions
+from shared.wire import LATEST
 
 
 class EventLog(Protocol):
@@ -51,6 +53,11 @@ class EventLog(Protocol):
 class FunctionCatalog(Protocol):
     """Functions, their async configs and code archives (see `shared.catalog`)."""
 
+    @property
+    def versions(self) -> Versions | None:
+        """Versions and aliases (None only for a catalog opened without them)."""
+        ...
+
     async def put_code(self, checksum: str, archive: bytes) -> None: ...
 
     async def get_code(self, checksum: str) -> bytes: ...
@@ -71,13 +78,15 @@ class FunctionCatalog(Protocol):
 
     async def put_async_config(self, name: str, record: AsyncConfigRecord) -> None: ...
 
-    async def find_async_config(self, name: str) -> AsyncConfigRecord | None: ...
+    async def find_async_config(self, name: str, qualifier: str = LATEST) -> AsyncConfigRecord | None: ...
 
-    async def get_async_config(self, name: str) -> AsyncConfigRecord: ...
+    async def get_async_config(self, name: str, qualifier: str = LATEST) -> AsyncConfigRecord: ...
 
-    async def delete_async_config(self, name: str) -> None: ...
+    async def delete_async_config(self, name: str, qualifier: str = LATEST) -> None: ...
 
     async def list_async_configs(self) -> list[tuple[str, AsyncConfigRecord]]: ...
+
+    async def list_async_configs_of(self, name: str) -> list[tuple[str, AsyncConfigRecord]]: ...
 
 
 class TaskReadModel(Protocol):
@@ -101,6 +110,10 @@ class TaskReadModel(Protocol):
 
     async def save_many(self, docs: Sequence[TaskDocument]) -> None:
         """Replace (or insert) whole documents."""
+        ...
+
+    def check_query(self, query: TaskQuery) -> None:
+        """Raise InvalidNextToken for a token `list_tasks` would refuse, without reading anything."""
         ...
 
     async def list_tasks(self, query: TaskQuery) -> TaskPage:

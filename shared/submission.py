@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from shared import wire
 from shared.catalog import AsyncConfigRecord
 from shared.errors import ConcurrentUpdateError, EntityTooLarge, InvalidArgument, TaskAlreadyExists, TaskmodeError
 from shared.events import DEFAULT_MAX_EVENT_AGE_S, DEFAULT_MAX_RETRIES, TaskEnqueued
@@ -28,11 +29,13 @@ from shared.ports import EventLog
 from shared.wire import FC_DELAY_HEADER, FC_REQUEST_ID_HEADER, FC_TASK_ID_HEADER
 
 TASK_ID_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,127}$")
+# A request id that is not a task id but can become one with a leading "_" (e.g. a UUID).
+_PREFIXABLE_REQUEST_ID_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,127}$")
 # What we accept as a caller's x-fc-request-id (echoed back, so kept printable).
 REQUEST_ID_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 MAX_ASYNC_PAYLOAD_BYTES: Final = 128 * 1024
 MAX_DELAY_S: Final = 3600
-LATEST: Final = "LATEST"
+LATEST: Final = wire.LATEST
 
 
 def accepted_request_id(value: str | None) -> str | None:
@@ -61,12 +64,28 @@ def new_task_id() -> str:
     return f"task-{uuid.uuid4().hex}"
 
 
-def choose_task_id(*, task_id_header: str | None, request_id_header: str | None) -> str:
-    """FC's rule: the given task id, else the caller's request id, else a generated one."""
+def task_id_from_request_id(request_id: str) -> str:
+    """The task id a caller's request id stands for when no task id is given.
+
+    FC's rule is "the request id is the task id", but request ids are freer than task ids (a
+    UUID starts with a digit 60% of the time): one that is a task id is used as it is, one that
+    only breaks the first-character rule gets a leading `_` (so retries with the same request id
+    still find the same task), and any other gets a generated id.
+    """
+    if TASK_ID_RE.fullmatch(request_id):
+        return request_id
+    if _PREFIXABLE_REQUEST_ID_RE.fullmatch(request_id):
+        return f"_{request_id}"
+    return new_task_id()
+
+
+def choose_task_id(*, task_id_header: str | None, request_id_header: str | None, source: str = FC_TASK_ID_HEADER) -> str:
+    """FC's rule: the given task id (checked), else one made from the caller's request id, else
+    a generated one. `source` names the header the task id came in, for the error message."""
     if task_id_header is not None and task_id_header.strip():
-        return check_task_id(task_id_header.strip())
+        return check_task_id(task_id_header.strip(), source=source)
     if request_id_header is not None and request_id_header.strip():
-        return check_task_id(request_id_header.strip(), source=FC_REQUEST_ID_HEADER)
+        return task_id_from_request_id(request_id_header.strip())
     return new_task_id()
 
 
@@ -100,6 +119,7 @@ class Admission:
     request_id: str
     qualifier: str = LATEST
     delay_s: int = 0
+    function_id: str = ""  # the incarnation submitted to (a recreated function is another one)
 
 
 def first_event(admission: Admission, config: AsyncConfigRecord | None, *, at_ms: int | None = None) -> TaskEnqueued:
@@ -120,6 +140,7 @@ def first_event(admission: Admission, config: AsyncConfigRecord | None, *, at_ms
         due_at_ms=at + admission.delay_s * 1000,
         max_event_age_s=config.max_async_event_age_in_seconds if config else DEFAULT_MAX_EVENT_AGE_S,
         max_retries=config.max_async_retry_attempts if config else DEFAULT_MAX_RETRIES,
+        function_id=admission.function_id,
     )
 
 

@@ -42,7 +42,9 @@ Document = dict[str, Any]
 
 # Our tokens are a few hundred characters at most (task ids are at most 128); refuse far longer.
 _MAX_TOKEN_CHARS: Final = 4096
-_TOKEN_VERSION: Final = 1
+_TOKEN_VERSION: Final = 2  # 1: positions in the startedTime field, which now means first run
+# Tasks are listed in submission order: a task that has not run yet has no startedTime.
+ORDER_FIELD: Final = "submitTime"
 # Each connect attempt is bounded so a dead server is retried (and logged) instead of hanging.
 _PING_TIMEOUT_S: Final = 2.0
 _MAX_BACKOFF_S: Final = 2.0
@@ -72,7 +74,8 @@ def prefix_upper_bound(prefix: str) -> str | None:
 class TaskQuery:
     """One ListAsyncTasks request, already validated and normalized by the caller.
 
-    `started_time_begin`/`started_time_end` are inclusive epoch milliseconds; `descending` is
+    `started_time_begin`/`started_time_end` are inclusive epoch milliseconds of submission
+    (`submitTime`, the listing's order); `qualifier` selects tasks submitted with it; `descending` is
     `sortOrderByTime=desc`. `limit` and `include_payload` may change between pages; every other
     field is bound into the next token and must stay the same.
     """
@@ -80,6 +83,7 @@ class TaskQuery:
     function: str
     status: str | None = None
     prefix: str | None = None
+    qualifier: str | None = None
     started_time_begin: int | None = None
     started_time_end: int | None = None
     limit: int = 20
@@ -100,7 +104,7 @@ class _Cursor(msgspec.Struct, array_like=True, frozen=True):
     """The decoded next token: the last task served and the filters it was served for."""
 
     version: int
-    started_time: int
+    submit_time: int
     task_id: str
     fingerprint: str
 
@@ -115,6 +119,7 @@ def _fingerprint(query: TaskQuery) -> str:
         query.function,
         query.status or None,
         query.prefix or None,
+        query.qualifier or None,
         query.started_time_begin,
         query.started_time_end,
         "desc" if query.descending else "asc",
@@ -123,7 +128,7 @@ def _fingerprint(query: TaskQuery) -> str:
 
 
 def _encode_token(query: TaskQuery, last: Document) -> str:
-    cursor = _Cursor(_TOKEN_VERSION, int(last["startedTime"]), str(last["taskId"]), _fingerprint(query))
+    cursor = _Cursor(_TOKEN_VERSION, int(last[ORDER_FIELD]), str(last["taskId"]), _fingerprint(query))
     return base64.urlsafe_b64encode(_encode_cursor(cursor)).rstrip(b"=").decode("ascii")
 
 
@@ -143,18 +148,27 @@ def _decode_token(query: TaskQuery, token: str) -> _Cursor:
     return cursor
 
 
+def check_next_token(query: TaskQuery) -> None:
+    """Raise InvalidNextToken now if `query.next_token` is not ours or was made for other filters
+    (so a caller can refuse bad input before doing anything else)."""
+    if query.next_token:
+        _decode_token(query, query.next_token)
+
+
 def _list_filters(query: TaskQuery, after: _Cursor | None) -> list[Document]:
     """The find filters whose concatenated results, in order, are `query`'s next tasks.
 
-    Without a token that is one filter. After a token at (startedTime s, taskId t) it is two,
+    Without a token that is one filter. After a token at (submitTime s, taskId t) it is two,
     both plain index range scans: the rest of the tie at s (taskId beyond t), then every later
-    startedTime. This replaces the textbook `$or` keyset, which nx-27017 evaluates about three
+    submitTime. This replaces the textbook `$or` keyset, which nx-27017 evaluates about three
     times slower than the two queries together; on MongoDB both are tight scans of the listing
     index. A token positioned outside the time range yields no tie query.
     """
     first: Document = {"functionName": query.function}
     if query.status:
         first["status"] = query.status
+    if query.qualifier:
+        first["qualifier"] = query.qualifier
     task_range: Document = {}
     if query.prefix:
         task_range["$gte"] = query.prefix
@@ -168,20 +182,20 @@ def _list_filters(query: TaskQuery, after: _Cursor | None) -> list[Document]:
     if query.started_time_end is not None:
         started_range["$lte"] = query.started_time_end
     if started_range:
-        first["startedTime"] = started_range
+        first[ORDER_FIELD] = started_range
     if after is None:
         return [first]
 
-    at, task_id = after.started_time, after.task_id
+    at, task_id = after.submit_time, after.task_id
     # Several operators on one field AND together (MongoDB semantics, verified on nx-27017).
     beyond = "$lt" if query.descending else "$gt"
-    rest = {**first, "startedTime": {**started_range, beyond: at}}
+    rest = {**first, ORDER_FIELD: {**started_range, beyond: at}}
     in_range = (query.started_time_begin is None or at >= query.started_time_begin) and (
         query.started_time_end is None or at <= query.started_time_end
     )
     if not in_range:
         return [rest]
-    tie = {**first, "startedTime": at, "taskId": {**task_range, beyond: task_id}}
+    tie = {**first, ORDER_FIELD: at, "taskId": {**task_range, beyond: task_id}}
     return [tie, rest]
 
 
@@ -313,7 +327,7 @@ class TaskStore:
     async def ensure_indexes(self, *, ttl_index: bool = True) -> None:
         """Create the listing, uniqueness and TTL indexes; a no-op when they already exist.
 
-        (functionName, startedTime, taskId) serves ListAsyncTasks' filter, sort and keyset in
+        (functionName, submitTime, taskId) serves ListAsyncTasks' filter, sort and keyset in
         both directions; (functionName, taskId) is unique because `_id` is derived from it;
         `expireAt` with expireAfterSeconds=0 lets MongoDB delete tasks past retention. Without
         `ttl_index` the caller sweeps with `purge_expired` instead: the embedded MongoDB-wire
@@ -321,8 +335,8 @@ class TaskStore:
         """
         models = [
             IndexModel(
-                [("functionName", ASCENDING), ("startedTime", ASCENDING), ("taskId", ASCENDING)],
-                name="functionName_startedTime_taskId",
+                [("functionName", ASCENDING), (ORDER_FIELD, ASCENDING), ("taskId", ASCENDING)],
+                name="functionName_submitTime_taskId",
             ),
             IndexModel(
                 [("functionName", ASCENDING), ("taskId", ASCENDING)],
@@ -384,8 +398,12 @@ class TaskStore:
             {"_id": document_id(function, task_id)}, _public_projection(include_payload=True)
         )
 
+    def check_query(self, query: TaskQuery) -> None:
+        """Refuse (InvalidNextToken) a query whose token is not ours or was made for other filters."""
+        check_next_token(query)
+
     async def list_tasks(self, query: TaskQuery) -> TaskPage:
-        """One page of a function's tasks, ordered by (startedTime, taskId), keyset-paginated.
+        """One page of a function's tasks, ordered by (submitTime, taskId), keyset-paginated.
 
         Raises InvalidNextToken for a token that is not ours or was issued for other filters, and
         InvalidArgument for a limit below 1. Fetches `limit + 1` documents to learn whether
@@ -396,7 +414,7 @@ class TaskStore:
         after = _decode_token(query, query.next_token) if query.next_token else None
         direction = DESCENDING if query.descending else ASCENDING
         projection = _public_projection(include_payload=query.include_payload)
-        sort = [("startedTime", direction), ("taskId", direction)]
+        sort = [(ORDER_FIELD, direction), ("taskId", direction)]
         fetch = query.limit + 1
         # The parts run concurrently; gather (not a TaskGroup) so a failure surfaces as the
         # driver's own error, which callers handle, rather than wrapped in an ExceptionGroup.

@@ -54,15 +54,17 @@ class TaskDocument(TypedDict):
     returnPayload: str | None
     taskErrorMessage: str | None
     alreadyRetriedTimes: int
-    startedTime: int  # epoch milliseconds of submission
+    submitTime: int  # epoch milliseconds of submission (ours; FC has no such field)
+    startedTime: int | None  # epoch milliseconds of the first Running (None until it runs)
     endTime: int | None
-    durationMs: int | None
+    durationMs: int | None  # time spent running, summed over attempts (None until one ends)
+    executedVersion: str | None  # LATEST or the version id that ran the latest attempt
     requestId: str
     instanceId: str | None
     functionArn: str
     qualifier: str
     destinationStatus: str | None
-    expireAt: dt.datetime  # expire_at(startedTime)
+    expireAt: dt.datetime  # expire_at(submitTime)
 
 
 # Stored for the projection and for expiry, never shown to API callers.
@@ -76,13 +78,13 @@ def document_id(function: str, task_id: str) -> str:
     return f"{function}/{task_id}"
 
 
-def expire_at(started_time_ms: int) -> dt.datetime:
-    """When a task submitted at `started_time_ms` leaves the read model (aware UTC datetime).
+def expire_at(submit_time_ms: int) -> dt.datetime:
+    """When a task submitted at `submit_time_ms` leaves the read model (aware UTC datetime).
 
     A document's `expireAt`: submission time plus the FC retention period, the deletion time
     itself (the TTL index has expireAfterSeconds=0). Millisecond precision, like BSON dates.
     """
-    return _EPOCH + dt.timedelta(milliseconds=started_time_ms, seconds=wire.RETENTION_S)
+    return _EPOCH + dt.timedelta(milliseconds=submit_time_ms, seconds=wire.RETENTION_S)
 
 
 def _text(data: bytes) -> str:
@@ -122,10 +124,15 @@ def evolve(doc: TaskDocument | None, event: AnyTaskEvent, *, arn: str = "") -> T
     new["events"].append(
         {"eventId": event.version, "status": str(event.status), "timestamp": event.at_ms, "eventDetail": event_detail(event)}
     )
+    if current in _RUNNING_STATES and event.status != Status.STOPPING:
+        new["durationMs"] = (new["durationMs"] or 0) + max(0, event.at_ms - _last_run_start(new))
     match event:
-        case TaskStarted(instance_id=instance_id, attempt=attempt):
+        case TaskStarted(instance_id=instance_id, attempt=attempt, function_version=version):
             new["instanceId"] = instance_id
             new["alreadyRetriedTimes"] = attempt
+            if new["startedTime"] is None:
+                new["startedTime"] = event.at_ms
+            new["executedVersion"] = version or None
         case TaskSucceeded(result=result):
             new["returnPayload"] = _text(result[:RETURN_PAYLOAD_PREVIEW_BYTES])
             new["taskErrorMessage"] = None
@@ -136,13 +143,23 @@ def evolve(doc: TaskDocument | None, event: AnyTaskEvent, *, arn: str = "") -> T
                 new["taskErrorMessage"] = getattr(event, "reason")
     if event.status in TERMINAL:
         new["endTime"] = event.at_ms
-        new["durationMs"] = event.at_ms - new["startedTime"]
     return new
+
+
+# An attempt runs from its Running event until the next event that is not Stopping.
+_RUNNING_STATES: Final = (Status.RUNNING, Status.STOPPING)
+
+
+def _last_run_start(doc: TaskDocument) -> int:
+    for entry in reversed(doc["events"]):
+        if entry["status"] == Status.RUNNING:
+            return entry["timestamp"]
+    return doc["submitTime"]
 
 
 def _first(event: AnyTaskEvent, arn: str) -> TaskDocument:
     enqueued = event if isinstance(event, TaskEnqueued) else None
-    started = event.at_ms
+    submitted = event.at_ms
     return {
         "_id": document_id(event.function, event.task_id),
         "functionName": event.function,
@@ -154,15 +171,17 @@ def _first(event: AnyTaskEvent, arn: str) -> TaskDocument:
         "returnPayload": None,
         "taskErrorMessage": None,
         "alreadyRetriedTimes": 0,
-        "startedTime": started,
+        "submitTime": submitted,
+        "startedTime": None,
         "endTime": None,
         "durationMs": None,
+        "executedVersion": None,
         "requestId": enqueued.request_id if enqueued else "",
         "instanceId": None,
         "functionArn": arn,
         "qualifier": enqueued.qualifier if enqueued else "LATEST",
         "destinationStatus": None,
-        "expireAt": expire_at(started),
+        "expireAt": expire_at(submitted),
     }
 
 

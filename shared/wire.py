@@ -26,6 +26,14 @@ FUNCTIONS_BUCKET: Final = "taskmode_functions"
 ASYNC_CONFIG_BUCKET: Final = "taskmode_async_configs"
 CODE_BUCKET: Final = "taskmode_code"
 TRIGGERS_BUCKET: Final = "taskmode_triggers"
+# Published versions and aliases of functions (see shared/versions.py).
+VERSIONS_BUCKET: Final = "taskmode_versions"
+# Per-invocation logs of async tasks: one message per attempt, kept for the retention period.
+LOGS_STREAM: Final = "TASKMODE_LOGS"
+LOGS_SUBJECT_PREFIX: Final = "taskmode.logs"
+
+# FC's name of a function's unpublished, current configuration and code.
+LATEST: Final = "LATEST"
 
 SCHEDULER_DURABLE: Final = "taskmode-scheduler"
 EXECUTOR_DURABLE: Final = "taskmode-executor"
@@ -60,6 +68,10 @@ DELIVERY_ID_HEADER: Final = "x-taskmode-delivery-id"
 FC_REQUEST_ID_HEADER: Final = "x-fc-request-id"
 FC_INVOCATION_TYPE_HEADER: Final = "x-fc-invocation-type"
 FC_TASK_ID_HEADER: Final = "x-fc-async-task-id"
+# FC 2.0's name for the task id header; accepted as an alias of FC_TASK_ID_HEADER.
+FC_STATEFUL_INVOCATION_ID_HEADER: Final = "x-fc-stateful-async-invocation-id"
+FC_LOG_TYPE_HEADER: Final = "x-fc-log-type"  # request: None | Tail
+FC_LOG_RESULT_HEADER: Final = "x-fc-log-result"  # response: the last 4 KB of the log, base64
 FC_DELAY_HEADER: Final = "x-fc-async-delay"
 FC_INSTANCE_ID_HEADER: Final = "x-fc-instance-id"
 FC_ERROR_TYPE_HEADER: Final = "x-fc-error-type"
@@ -174,3 +186,13 @@ def task_events_filter(function: str, task_id: str) -> str:
 def function_events_filter(function: str) -> str:
     """Consumer filter over every transition of every task of one function."""
     return function_subjects(function)
+
+
+REQUEST_QUALIFIER: Final = "Taskmode-Qualifier"  # gateway -> executor: the qualifier asked for
+REQUEST_LOG_TAIL: Final = "Taskmode-Log-Tail"  # gateway -> executor: "1" to get the log tail back
+REPLY_LOG_TAIL: Final = "Taskmode-Log-Tail"  # executor -> gateway: that tail, base64
+
+
+def log_subject(function: str, task_id: str, attempt: int) -> str:
+    """Subject of one attempt's log of an async task."""
+    return f"{LOGS_SUBJECT_PREFIX}.{function}.{task_id}.{attempt}"

@@ -160,7 +160,10 @@ BAD_CREATE_BODIES = [
     pytest.param(_with(runtime=DROP), ["runtime"], id="missing-runtime"),
     pytest.param(_with(code=DROP), ["code.zipFile"], id="missing-code"),
     pytest.param(_with(code={}), ["code.zipFile"], id="code-without-zipFile"),
-    pytest.param(_with(runtime="nodejs18"), ["nodejs18"], id="unknown-runtime"),
+    pytest.param(_with(runtime="java11"), ["java11"], id="unknown-runtime"),
+    pytest.param(_with(runtime="custom-container"), ["container engine"], id="custom-container"),
+    pytest.param(_with(runtime="nodejs20"), ["index.js"], id="nodejs-handler-module-missing"),
+    pytest.param(_with(handler="main.handler"), ["main.py"], id="python-handler-module-missing"),
     pytest.param(_with(runtime=""), ["runtime"], id="empty-runtime"),
     pytest.param(_with(handler=""), ["handler"], id="empty-handler"),
     pytest.param(_with(timeout=0), ["timeout"], id="timeout-0"),
@@ -393,7 +396,7 @@ async def test_async_invoke_of_unknown_function_enqueues_nothing(fc: FcClient, f
     response = await fc.invoke_async(fn_name, b"x", task_id="ghost", headers={REQUEST_ID_HEADER: "req_ghost_1"})
     body = assert_fc_error(response, 404, "FunctionNotFound", fn_name)
     assert body["RequestId"] == "req_ghost_1"  # a usable caller request id is echoed
-    assert_fc_error(await fc.get_task(fn_name, "ghost"), 404, "AsyncTaskNotFound", "ghost")
+    assert_fc_error(await fc.get_task(fn_name, "ghost"), 404, "FunctionNotFound", fn_name)
     # Not even once the function exists under that name.
     await make_function(fc, fn_name)
     await assert_no_task(fc, fn_name, "ghost")
@@ -430,11 +433,12 @@ async def test_async_invoke_refuses_bad_task_id_and_enqueues_nothing(fc: FcClien
     await assert_only_witness_enqueued(fc, fn_name)
 
 
-async def test_async_invoke_refuses_request_id_unfit_as_task_id(fc: FcClient, fn_name: str) -> None:
-    # Without x-fc-async-task-id the caller's request id becomes the task id, so it must fit.
+async def test_async_invoke_refuses_a_task_id_header_that_breaks_the_rule(fc: FcClient, fn_name: str) -> None:
+    # The task-id rule applies to x-fc-async-task-id; a request id unfit as a task id is still
+    # accepted (it then stands for "_<request id>" or a generated id: see test_fidelity).
     await make_function(fc, fn_name)
-    response = await fc.invoke_async(fn_name, b"x", headers={REQUEST_ID_HEADER: "1abc"})
-    assert_fc_error(response, 400, "InvalidArgument", "x-fc-request-id", "'1abc'")
+    response = await fc.invoke_async(fn_name, b"x", task_id="1abc")
+    assert_fc_error(response, 400, "InvalidArgument", "x-fc-async-task-id", "'1abc'")
     await assert_no_task(fc, fn_name, "1abc")
     await assert_only_witness_enqueued(fc, fn_name)
 
@@ -473,8 +477,10 @@ async def test_invoke_refuses_bad_invocation_type(fc: FcClient, fn_name: str, in
 async def test_unknown_task_is_not_found(fc: FcClient, fn_name: str, function_exists: bool) -> None:
     if function_exists:
         await make_function(fc, fn_name)
-    assert_fc_error(await fc.get_task(fn_name, "nope"), 404, "AsyncTaskNotFound", "nope", fn_name)
-    assert_fc_error(await fc.stop_task(fn_name, "nope"), 404, "AsyncTaskNotFound", "nope", fn_name)
+    code = "AsyncTaskNotFound" if function_exists else "FunctionNotFound"
+    mentions = ("nope", fn_name) if function_exists else (fn_name,)
+    assert_fc_error(await fc.get_task(fn_name, "nope"), 404, code, *mentions)
+    assert_fc_error(await fc.stop_task(fn_name, "nope"), 404, code, *mentions)
     # The refused stop wrote nothing: the id is still free.
     if function_exists:
         assert (await fc.invoke_async(fn_name, b"", task_id="nope")).status_code == 202
@@ -554,10 +560,11 @@ async def test_next_token_is_bound_to_its_filters(fc: FcClient, fn_name: str) ->
     first_id = page["tasks"][0]["taskId"]
 
     for changed in [{"status": "Enqueued"}, {"status": "Succeeded"}, {"prefix": "t"}, {"prefix": "t1"},
-                    {"sortOrderByTime": "desc"}, {"startedTimeBegin": "0"}]:
+                    {"sortOrderByTime": "desc"}, {"startedTimeBegin": "0"}, {"qualifier": "LATEST"}]:
         response = await fc.list_tasks(fn_name, limit="1", nextToken=token, **changed)
         assert_fc_error(response, 400, "InvalidNextToken", "nextToken")
     # A token of another function is refused too.
+    await make_function(fc, fn_name + "_other")
     assert_fc_error(await fc.list_tasks(fn_name + "_other", limit="1", nextToken=token), 400, "InvalidNextToken")
 
     # Replayed with the same filters it works (limit and includePayload may change between pages).

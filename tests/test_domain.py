@@ -75,10 +75,24 @@ def test_fold_builds_the_fc_async_task() -> None:
     assert view["alreadyRetriedTimes"] == 1
     assert view["instanceId"] == "i2"
     assert view["taskErrorMessage"] == "E2"
-    assert (view["startedTime"], view["endTime"], view["durationMs"]) == (1000, 1600, 600)
+    # Submitted at 1000, first ran at 1002; ran 1002-1010 and 1500-1600 (the backoff is not run time).
+    assert (view["submitTime"], view["startedTime"], view["endTime"], view["durationMs"]) == (1000, 1002, 1600, 108)
     assert view["requestId"] == "r1" and view["taskPayload"] == "in"
     assert "_id" not in view and "version" not in view
     assert "taskPayload" not in public_view(doc, include_payload=False)
+
+
+def test_times_of_a_task_that_never_ran_and_of_one_stopped_while_running() -> None:
+    never = fold([ev(TaskEnqueued, 1, 1000), ev(TaskStopped, 2, 1400)])
+    assert never is not None
+    assert (never["submitTime"], never["startedTime"], never["endTime"], never["durationMs"]) == (1000, None, 1400, None)
+    stopped = fold([
+        ev(TaskEnqueued, 1, 1000), ev(TaskProcessed, 2, 1001),
+        ev(TaskStarted, 3, 1100, instance_id="i1", function_version="2"),
+        ev(TaskStopping, 4, 1200), ev(TaskStopped, 5, 1250),
+    ])
+    assert stopped is not None
+    assert (stopped["startedTime"], stopped["durationMs"], stopped["executedVersion"]) == (1100, 150, "2")
 
 
 def test_fold_refuses_gaps_and_illegal_edges_without_mutating() -> None:
@@ -96,3 +110,22 @@ def test_stop_while_running_then_success_keeps_the_result() -> None:
     assert doc is not None and doc["status"] == "Succeeded" and doc["returnPayload"] == "done"
     stopped = fold([ev(TaskEnqueued, 1), ev(TaskStopped, 2, reason="stopped by user")])
     assert stopped is not None and stopped["taskErrorMessage"] == "stopped by user"
+
+
+def test_quiet_attempts_are_framed_from_the_task_events() -> None:
+    from shared.task_logs import quiet_attempts
+
+    doc = fold([
+        ev(TaskEnqueued, 1, 1000, request_id="r9"), ev(TaskProcessed, 2, 1001),
+        ev(TaskStarted, 3, 1002, instance_id="i1", function_version="LATEST"),
+        ev(TaskRetrying, 4, 1010, error="E", attempt=0, retry_at_ms=1500),
+        ev(TaskStarted, 5, 1500, instance_id="i2", attempt=1),
+    ])
+    assert doc is not None
+    entries = quiet_attempts(doc)
+    assert list(entries) == [0]  # attempt 1 is still running: no entry yet
+    first = entries[0]
+    assert (first.request_id, first.instance_id, first.start_time, first.end_time) == ("r9", "i1", 1002, 1010)
+    assert first.content == "FC Invoke Start RequestId: r9\nFC Invoke End RequestId: r9\n"
+    stopped = evolve(evolve(doc, ev(TaskStopping, 6, 1600)), ev(TaskStopped, 7, 1650))
+    assert quiet_attempts(stopped)[1].end_time == 1650

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import sys
 import textwrap
 import time
@@ -196,6 +197,25 @@ async def test_printing_does_not_corrupt_the_protocol(pool: InstancePool, code_d
     assert "marker-from-handler" in instance.output_tail()
 
 
+async def test_each_invocation_gets_its_own_output(pool: InstancePool, code_dir: Path) -> None:
+    async with pool.lease(python_spec(code_dir)) as instance:
+        printed = await instance.invoke(b"print", CTX)
+        quiet = await instance.invoke(b"str", InvokeContext(request_id="req-2", task_id=""))
+    logs = printed.logs.decode()
+    assert logs.startswith("FC Invoke Start RequestId: req-1\n") and logs.endswith("FC Invoke End RequestId: req-1\n")
+    assert "marker-from-handler" in logs and "written to fd 1" in logs
+    # The second invocation printed nothing: the first one's output does not spill into it.
+    assert quiet.logs == b"FC Invoke Start RequestId: req-2\nFC Invoke End RequestId: req-2\n"
+    assert "taskmode-invocation-end" not in instance.output_tail()
+
+
+async def test_custom_runtime_output_is_captured_by_time(pool: InstancePool, echo_spec: FunctionSpec) -> None:
+    async with pool.lease(echo_spec) as instance:
+        result = await instance.invoke(b"hello custom", CTX)
+    assert result.logs.startswith(b"FC Invoke Start RequestId: req-1\n")
+    assert result.logs.endswith(b"FC Invoke End RequestId: req-1\n")
+
+
 async def test_handler_exception_has_fc_error_shape(pool: InstancePool, code_dir: Path) -> None:
     async with pool.lease(python_spec(code_dir)) as instance:
         result = await instance.invoke(b"raise", CTX)
@@ -208,6 +228,9 @@ async def test_handler_exception_has_fc_error_shape(pool: InstancePool, code_dir
     assert body["errorMessage"] == "bad input"
     assert body["errorType"] == "ValueError"
     assert any("index.py" in line and "handler" in line for line in body["stackTrace"])
+    # Only the user's frames, shown under /code as on FC: never the worker's or the server's paths.
+    assert all(line.lstrip().startswith('File "/code/index.py"') for line in body["stackTrace"])
+    assert str(code_dir) not in result.payload.decode()
     assert again.ok
 
 
@@ -461,3 +484,27 @@ async def test_custom_runtime_timeout(pool: InstancePool, tmp_path: Path) -> Non
         result = await instance.invoke(b"x", CTX)
     assert result.timed_out and result.error_message == "Function timed out after 1s"
     assert pid is not None and not psutil.pid_exists(pid)
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
+async def test_node_instance_runs_esm_and_keeps_output_per_invocation(pool: InstancePool, tmp_path: Path) -> None:
+    code_dir = tmp_path / "node"
+    code_dir.mkdir()
+    (code_dir / "index.mjs").write_text(textwrap.dedent('''
+        export const handler = async (event, context) => {
+          console.log("seen", event.toString(), context.attempt);
+          if (event.toString() === "throw") throw new RangeError("too far");
+          return { echo: event.toString(), task: context.taskId, left: context.getRemainingTimeInMillis() > 0 };
+        };
+    '''))
+    spec = FunctionSpec(name="nodefn", runtime="nodejs20", handler="index.handler", timeout_s=10.0,
+                        code_dir=code_dir, code_checksum="n1")
+    async with pool.lease(spec) as instance:
+        first = await instance.invoke(b"one", CTX)
+        failed = await instance.invoke(b"throw", CTX)
+    assert first.ok and json.loads(first.payload) == {"echo": "one", "task": "task-1", "left": True}
+    assert "seen one 2" in first.logs.decode() and "seen throw" not in first.logs.decode()
+    assert not failed.ok and failed.error_message == "RangeError: too far"
+    body = json.loads(failed.payload)
+    assert body["errorType"] == "RangeError" and all("/code/index.mjs" in line for line in body["stackTrace"])
+    assert "RangeError: too far" in failed.logs.decode()

@@ -41,6 +41,7 @@ def make_task(
     status: str = "Succeeded",
     payload: str | None = '{"k": 1}',
     version: int = 3,
+    qualifier: str = "LATEST",
 ) -> Doc:
     """A read-model document shaped like the projection's output."""
     finished = status in ("Succeeded", "Failed")
@@ -62,13 +63,15 @@ def make_task(
         "returnPayload": "ok" if status == "Succeeded" else None,
         "taskErrorMessage": "boom" if status == "Failed" else None,
         "alreadyRetriedTimes": 0,
-        "startedTime": started,
+        "submitTime": started,
+        "startedTime": started + 5,
         "endTime": started + 50 if finished else None,
         "durationMs": 45 if finished else None,
+        "executedVersion": "LATEST",
         "requestId": f"req-{task_id}",
         "instanceId": "i-1",
         "functionArn": f"acs:fc:local:0:functions/{function}",
-        "qualifier": "LATEST",
+        "qualifier": qualifier,
         "destinationStatus": "",
     }
 
@@ -82,7 +85,7 @@ def public(doc: Doc, *, include_payload: bool) -> Doc:
 
 
 def key(doc: Doc) -> tuple[int, str]:
-    return (doc["startedTime"], doc["taskId"])
+    return (doc["submitTime"], doc["taskId"])
 
 
 async def list_all(store: TaskStore, query: TaskQuery) -> tuple[list[Doc], list[int]]:
@@ -115,7 +118,7 @@ def dataset() -> list[Doc]:
         )
     # Same task ids and times under other functions, including one whose name extends FN.
     for other in (f"{FN}-v2", "other"):
-        docs.extend(make_task(d["taskId"], function=other, started=d["startedTime"]) for d in docs[:20])
+        docs.extend(make_task(d["taskId"], function=other, started=d["submitTime"]) for d in docs[:20])
     rnd.shuffle(docs)
     return docs
 
@@ -126,11 +129,11 @@ FILTERS: dict[str, tuple[dict[str, Any], Callable[[Doc], bool]]] = {
     "prefix-short": ({"prefix": "job"}, lambda d: d["taskId"].startswith("job")),
     "prefix-case": ({"prefix": "Ab"}, lambda d: d["taskId"].startswith("Ab")),
     "prefix-none": ({"prefix": "zzz"}, lambda d: False),
-    "begin": ({"started_time_begin": T0 + 5000}, lambda d: d["startedTime"] >= T0 + 5000),
-    "end": ({"started_time_end": T0 + 5000}, lambda d: d["startedTime"] <= T0 + 5000),
+    "begin": ({"started_time_begin": T0 + 5000}, lambda d: d["submitTime"] >= T0 + 5000),
+    "end": ({"started_time_end": T0 + 5000}, lambda d: d["submitTime"] <= T0 + 5000),
     "range": (
         {"started_time_begin": T0 + 3000, "started_time_end": T0 + 9000},
-        lambda d: T0 + 3000 <= d["startedTime"] <= T0 + 9000,
+        lambda d: T0 + 3000 <= d["submitTime"] <= T0 + 9000,
     ),
     "status+prefix": (
         {"status": "Succeeded", "prefix": "job"},
@@ -140,7 +143,7 @@ FILTERS: dict[str, tuple[dict[str, Any], Callable[[Doc], bool]]] = {
         {"status": "Failed", "prefix": "j", "started_time_begin": T0 + 2000, "started_time_end": T0 + 12000},
         lambda d: d["status"] == "Failed"
         and d["taskId"].startswith("j")
-        and T0 + 2000 <= d["startedTime"] <= T0 + 12000,
+        and T0 + 2000 <= d["submitTime"] <= T0 + 12000,
     ),
 }
 
@@ -192,6 +195,16 @@ class TestTaskStoreContract:
         assert await task_store.get(FN, "missing") is None
         assert await task_store.get("nobody", "t1") is None
 
+    async def test_qualifier_filter_keeps_submission_order(self, task_store: TaskStore) -> None:
+        await task_store.save_many([
+            make_task(f"t{i}", started=T0 + i, qualifier="prod" if i % 2 else "LATEST") for i in range(9)
+        ])
+        prod, sizes = await list_all(task_store, TaskQuery(FN, qualifier="prod", limit=2))
+        assert [d["taskId"] for d in prod] == ["t1", "t3", "t5", "t7"]
+        assert sizes == [2, 2]
+        latest, _ = await list_all(task_store, TaskQuery(FN, qualifier="LATEST", limit=3, descending=True))
+        assert [d["taskId"] for d in latest] == ["t8", "t6", "t4", "t2", "t0"]
+
     async def test_expire_at_round_trips_as_aware_datetime(self, task_store: TaskStore) -> None:
         started = T0 + 123
         doc = make_task("t1", started=started)
@@ -212,7 +225,7 @@ class TestTaskStoreContract:
         ttl = by_key[(("expireAt", 1),)]
         assert ttl["expireAfterSeconds"] == 0
         assert by_key[(("functionName", 1), ("taskId", 1))]["unique"] is True
-        assert (("functionName", 1), ("startedTime", 1), ("taskId", 1)) in by_key
+        assert (("functionName", 1), ("submitTime", 1), ("taskId", 1)) in by_key
 
     @pytest.mark.parametrize("descending", [False, True], ids=["asc", "desc"])
     async def test_order_breaks_ties_by_task_id(self, task_store: TaskStore, descending: bool) -> None:
@@ -301,6 +314,7 @@ class TestTaskStoreContract:
             {"function": "other"},
             {"status": "Running"},
             {"prefix": "t"},
+            {"qualifier": "prod"},
             {"started_time_begin": T0},
             {"started_time_end": T0 + 100},
             {"descending": True},
@@ -326,7 +340,7 @@ class TestTaskStoreContract:
             base64.urlsafe_b64encode(b"not json").decode(),
             base64.urlsafe_b64encode(b'{"startedTime": 1}').decode(),
             base64.urlsafe_b64encode(json.dumps([1, True, "t", "0" * 16]).encode()).decode(),
-            base64.urlsafe_b64encode(json.dumps([2, 1, "t", "0" * 16]).encode()).decode(),
+            base64.urlsafe_b64encode(json.dumps([1, 1, "t", "0" * 16]).encode()).decode(),
         ],
         ids=["word", "symbols", "long", "padding-only", "not-json", "wrong-shape", "bool-time", "other-version"],
     )

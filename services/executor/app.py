@@ -23,6 +23,7 @@ from shared import wire
 from shared.bootstrap import open_bus, open_catalog
 from shared.bus import Verdict, decoded, ensure_consumer, fetch, settle
 from shared.events import AnyTaskEvent, decode_event
+from shared.task_logs import AttemptLog, ensure_logs_stream, store_attempt_log
 from shared.transitions import Status
 from shared.metrics_registry import new_registry
 from shared.service import Readiness, background, periodically, serve_http
@@ -58,7 +59,13 @@ async def run(settings: ExecutorSettings, stop: asyncio.Event, stack: AsyncExitS
     background_tasks: set[asyncio.Task[None]] = set()
     stack.push_async_callback(_finish_or_cancel, background_tasks)
     code = CodeCache(catalog=catalog, root=settings.common.data_dir / "code")
-    runner = TaskRunner(events=bus.events, catalog=catalog, code=code, pool=pool, metrics=metrics, settings=settings)
+    await ensure_logs_stream(bus.js, replicas=settings.common.stream_replicas)
+
+    async def keep_log(function: str, task_id: str, entry: AttemptLog) -> None:
+        await store_attempt_log(bus.js, function=function, task_id=task_id, log=entry)
+
+    runner = TaskRunner(events=bus.events, catalog=catalog, code=code, pool=pool, metrics=metrics, settings=settings,
+                        logs=keep_log)
     sync = SyncInvoker(nc=bus.nc, catalog=catalog, code=code, pool=pool)
 
     def spawn(coro: Coroutine[Any, Any, None]) -> None:

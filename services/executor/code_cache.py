@@ -22,7 +22,7 @@ class CodeCache:
 
     async def directory(self, function: FunctionRecord) -> Path:
         """The unpacked code of `function`, fetched from the object store the first time."""
-        checksum = function.code_checksum
+        checksum = function.code_key
         target = self._root / checksum
         if checksum in self._ready:
             return target

@@ -56,7 +56,7 @@ class CustomRuntimeInstance(Instance):
         self.port = free_port(self._ports_taken)
         self._ports_taken.add(self.port)
         env = {**self._environment(), "FC_SERVER_PORT": str(self.port)}
-        await self._spawn(self.spec.custom_command, env=env, python=False)
+        await self._spawn(self.spec.custom_command, env=env, framed=False)
         assert self._exited is not None
         # Poll until the server accepts; start() bounds the whole launch by the timeout.
         while not await accepts(self.port):

@@ -34,6 +34,13 @@ output_logger = logging.getLogger(f"{__name__}.output")  # what user code prints
 KILL_GRACE_S: Final = 0.3  # SIGTERM -> SIGKILL
 OUTPUT_TAIL_BYTES: Final = 4096
 UNHANDLED: Final = "UnhandledInvocationError"
+# What one invocation's log may hold; beyond it the start is dropped (the end explains a failure).
+INVOCATION_LOG_BYTES: Final = 256 * 1024
+# Written by a worker (python, nodejs) on its output after each invocation, before its answer:
+# everything before it on that pipe belongs to the invocation. Never shown.
+END_OF_INVOCATION: Final = b"\x1etaskmode-invocation-end\x1e"
+# How long output may trail an answer from a runtime that writes no END_OF_INVOCATION (custom).
+_UNMARKED_OUTPUT_GRACE_S: Final = 0.05
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,7 @@ class FunctionSpec:
     memory_mb: int = 128
     environment: Mapping[str, str] = field(default_factory=dict)
     custom_command: Sequence[str] = ()  # custom runtime: command + args
+    version: str = "LATEST"  # LATEST or the published version this spec is a snapshot of
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,33 @@ class InvocationResult:
     timed_out: bool = False
     killed: bool = False  # ended by kill() (a stop), not by its own doing
     duration_ms: float = 0.0
+    logs: bytes = b""  # what the invocation wrote, framed by FC's Invoke Start/End lines
+    output_bytes: int = 0  # how much the invocation itself wrote (0: `logs` is only the framing)
+    logs_truncated: bool = False  # the start of the output was dropped to fit INVOCATION_LOG_BYTES
+
+
+class _Capture:
+    """One invocation's output, bounded to INVOCATION_LOG_BYTES (the newest kept)."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.data = bytearray(f"FC Invoke Start RequestId: {request_id}\n".encode())
+        self.truncated = False
+        self.written = 0
+        self.ended = asyncio.Event()
+
+    def add(self, chunk: bytes) -> None:
+        self.written += len(chunk)
+        self.data += chunk
+        if len(self.data) > INVOCATION_LOG_BYTES:
+            del self.data[:-INVOCATION_LOG_BYTES]
+            self.truncated = True
+
+    def close(self) -> bytes:
+        if self.data and not self.data.endswith(b"\n"):
+            self.data += b"\n"
+        self.data += f"FC Invoke End RequestId: {self.request_id}\n".encode()
+        return bytes(self.data)
 
 
 def failure(
@@ -102,6 +137,9 @@ class Instance:
         self._stopping: asyncio.Task[None] | None = None
         self._busy = asyncio.Lock()
         self._cpu_s = 0.0
+        self._capture: _Capture | None = None
+        # Whether the runtime marks the end of each invocation's output (END_OF_INVOCATION).
+        self.marks_output = False
 
     async def _launch(self) -> InvocationResult | None:
         """Start the process and wait until it serves; return a failure if it cannot."""
@@ -157,8 +195,24 @@ class Instance:
                 killed = self._stop_reason == "killed"
                 return failure("Function instance is not running", kind="InstanceStopped", killed=killed)
             started = time.perf_counter()
-            result = await self._invoke_once(payload, context)
-            return replace(result, duration_ms=(time.perf_counter() - started) * 1000)
+            capture = self._capture = _Capture(context.request_id)
+            try:
+                result = await self._invoke_once(payload, context)
+                await self._await_output(capture, ok=result.ok or not result.killed)
+            finally:
+                self._capture = None
+            return replace(result, duration_ms=(time.perf_counter() - started) * 1000, logs=capture.close(),
+                           output_bytes=capture.written, logs_truncated=capture.truncated)
+
+    async def _await_output(self, capture: _Capture, *, ok: bool) -> None:
+        """Let the invocation's last output arrive: up to its end mark, or a short grace."""
+        if not self.alive or not ok:
+            return  # the process is gone: what it wrote has been drained already
+        if self.marks_output:
+            with suppress(TimeoutError):
+                await asyncio.wait_for(capture.ended.wait(), timeout=1.0)
+        else:
+            await asyncio.sleep(_UNMARKED_OUTPUT_GRACE_S)
 
     async def kill(self) -> None:
         """Hard stop: SIGTERM to the process group, SIGKILL after a short grace; idempotent."""
@@ -264,18 +318,20 @@ class Instance:
             "FC_FUNC_CODE_PATH": str(spec.code_dir), "TMPDIR": str(self._tmp_dir),
         }
 
-    async def _spawn(self, argv: Sequence[str], *, env: Mapping[str, str], python: bool) -> None:
+    async def _spawn(self, argv: Sequence[str], *, env: Mapping[str, str], framed: bool) -> None:
+        """Start the process. `framed`: a worker speaking frames on stdin/stdout, its output on
+        stderr (python, nodejs); else a program whose stdout and stderr are both its output."""
         pipe = asyncio.subprocess.PIPE
         self._proc = await asyncio.create_subprocess_exec(
             *argv, cwd=self.spec.code_dir, env=env, start_new_session=True,  # own group: kill reaches the tree
             preexec_fn=_die_with_parent,
-            stdin=pipe if python else asyncio.subprocess.DEVNULL, stdout=pipe,
-            stderr=pipe if python else asyncio.subprocess.STDOUT,
+            stdin=pipe if framed else asyncio.subprocess.DEVNULL, stdout=pipe,
+            stderr=pipe if framed else asyncio.subprocess.STDOUT,
         )
         self._exited = asyncio.ensure_future(self._proc.wait())
         group_file = orphans.register(self._tmp_dir.parent, pgid=self._proc.pid, instance_id=self.instance_id)
         self._exited.add_done_callback(lambda _: orphans.unregister(group_file))
-        output = self._proc.stderr if python else self._proc.stdout
+        output = self._proc.stderr if framed else self._proc.stdout
         assert output is not None
         self._drain = asyncio.ensure_future(self._collect_output(output))
         logger.info("instance %s started (pid %d)", self.instance_id, self._proc.pid)
@@ -283,13 +339,33 @@ class Instance:
     async def _collect_output(self, stream: asyncio.StreamReader) -> None:
         partial = b""
         while chunk := await stream.read(65536):
-            self._tail += chunk
-            del self._tail[:-OUTPUT_TAIL_BYTES]
             *lines, partial = (partial + chunk).split(b"\n")
             for line in lines:
-                output_logger.info("%s: %s", self.instance_id, line.decode(errors="replace"))
+                self._output_line(line)
+            if self._capture is not None and not self.marks_output:
+                # Unmarked output is captured as it comes; marked output line by line, above.
+                self._capture.add(chunk)
         if partial:
-            output_logger.info("%s: %s", self.instance_id, partial.decode(errors="replace"))
+            self._output_line(partial, complete=False)
+
+    def _output_line(self, line: bytes, *, complete: bool = True) -> None:
+        """One line of the process's output: to the tail, the executor's log and the capture."""
+        ended = self.marks_output and line.endswith(END_OF_INVOCATION)
+        if ended:
+            line = line[: -len(END_OF_INVOCATION)]
+            if not line:
+                if self._capture is not None:
+                    self._capture.ended.set()
+                return
+        text = line + b"\n" if complete else line
+        self._tail += text
+        del self._tail[:-OUTPUT_TAIL_BYTES]
+        output_logger.info("%s: %s", self.instance_id, line.decode(errors="replace"))
+        if self._capture is not None:
+            if self.marks_output:
+                self._capture.add(text)
+            if ended:
+                self._capture.ended.set()
 
 
 # The executor's own configuration (bus and database addresses, keys) is not the function's

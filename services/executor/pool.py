@@ -17,6 +17,7 @@ from pathlib import Path
 
 from services.executor.custom_runtime import CustomRuntimeInstance
 from services.executor.instance import FunctionSpec, Instance
+from services.executor.node_instance import NodeInstance
 from services.executor.python_instance import PythonInstance
 from shared.errors import InvalidArgument, ServiceUnavailable
 
@@ -27,6 +28,8 @@ def new_instance(spec: FunctionSpec, *, work_dir: Path) -> Instance:
     """An instance of the class that serves `spec.runtime` (not started yet)."""
     if spec.runtime.startswith("python3"):
         return PythonInstance(spec, work_dir=work_dir)
+    if spec.runtime.startswith("nodejs"):
+        return NodeInstance(spec, work_dir=work_dir)
     if spec.runtime.startswith("custom"):
         return CustomRuntimeInstance(spec, work_dir=work_dir)
     raise InvalidArgument(f"unsupported runtime {spec.runtime!r}")
@@ -61,7 +64,7 @@ class _Slots:
 
 
 class InstancePool:
-    """Warm instances per function, at most `max_instances_per_function` of them at a time."""
+    """Warm instances per function version, at most `max_instances_per_function` of them at a time."""
 
     def __init__(
         self, *, work_dir: Path, max_instances_per_function: int = 4, idle_timeout_s: float = 120.0,
@@ -73,7 +76,7 @@ class InstancePool:
         self._start_timeout_s = start_timeout_s
         self._max = max_instances_per_function
         self._idle_timeout_s = idle_timeout_s
-        self._functions: dict[str, _Slots] = {}
+        self._functions: dict[tuple[str, str], _Slots] = {}
         self._live: set[Instance] = set()  # started (or starting) and not yet discarded
         self._reaper: asyncio.Task[None] | None = None
         self._closed = False
@@ -81,7 +84,8 @@ class InstancePool:
     @asynccontextmanager
     async def lease(self, spec: FunctionSpec) -> AsyncIterator[Instance]:
         """An instance for `spec`, exclusively; reused when idle and of the same spec."""
-        slots = self._functions.setdefault(spec.name, _Slots())
+        # Per version: a canary alias alternates between two, which must not evict each other.
+        slots = self._functions.setdefault((spec.name, spec.version), _Slots())
         while slots.busy >= self._max and not self._closed:
             waiter = asyncio.get_running_loop().create_future()
             slots.waiters.append(waiter)

@@ -22,11 +22,12 @@ class PythonInstance(Instance):
     _decode_response = msgspec.msgpack.Decoder(proto.Response).decode
 
     async def _launch(self) -> InvocationResult | None:
+        self.marks_output = True  # the worker writes END_OF_INVOCATION after each request
         env = self._environment()
         # The worker must import whatever the cwd is; -P keeps the code dir from shadowing it (the
         # worker puts the code dir first on sys.path itself, after it has started).
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO_ROOT, env.get("PYTHONPATH", "")) if p)
-        await self._spawn([sys.executable, "-P", "-m", "services.executor.python_worker"], env=env, python=True)
+        await self._spawn([sys.executable, "-P", "-m", "services.executor.python_worker"], env=env, framed=True)
         spec = self.spec
         init = proto.Init(function_name=spec.name, handler=spec.handler, memory_mb=spec.memory_mb,
                           timeout_s=spec.timeout_s, instance_id=self.instance_id, code_dir=str(spec.code_dir))

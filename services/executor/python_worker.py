@@ -17,6 +17,7 @@ import asyncio
 import importlib
 import inspect
 import io
+import logging
 import os
 import struct
 import sys
@@ -29,6 +30,10 @@ from typing import Any, Final
 import msgspec
 
 FRAME_HEADER: Final = struct.Struct(">I")  # body length, big-endian
+# Must equal services.executor.instance.END_OF_INVOCATION (this module imports nothing of ours).
+END_OF_INVOCATION: Final = "\x1etaskmode-invocation-end\x1e"
+# Where user code appears to live in stack traces, as on FC (the real directory is ours).
+SHOWN_CODE_DIR: Final = "/code"
 
 
 class Init(msgspec.Struct, frozen=True, kw_only=True):
@@ -73,16 +78,67 @@ async def exchange(stdin: asyncio.StreamWriter, stdout: asyncio.StreamReader, me
     return await stdout.readexactly(size)
 
 
+_code_dir = ""  # set by main() once the Init frame names it
+
+
+def user_frames(exc: BaseException) -> list[str]:
+    """The traceback of `exc` as FC shows it: only frames in the user's code, under /code.
+
+    The worker's own frames and the interpreter's (asyncio, importlib) would show this server's
+    paths, which are none of the caller's business and no help in finding the bug.
+    """
+    frames = traceback.extract_tb(exc.__traceback__)
+    root = _code_dir.rstrip("/") + "/" if _code_dir else None
+    shown = traceback.StackSummary.from_list([
+        (SHOWN_CODE_DIR + "/" + frame.filename[len(root):], frame.lineno or 0, frame.name, frame.line)
+        for frame in frames if root is not None and frame.filename.startswith(root)
+    ])
+    return shown.format()
+
+
+def print_user_traceback(exc: BaseException) -> None:
+    """The error as the handler's log shows it (user frames only)."""
+    sys.stderr.write("Traceback (most recent call last):\n" + "".join(user_frames(exc)))
+    sys.stderr.write(_shown("".join(traceback.format_exception_only(exc))))
+
+
+def _shown(text: str) -> str:
+    """`text` with the real code directory replaced by /code (a SyntaxError names its file)."""
+    return text.replace(_code_dir, SHOWN_CODE_DIR) if _code_dir else text
+
+
 def error_json(exc: BaseException, *, message: str | None = None) -> bytes:
-    """FC's error body: `{"errorMessage", "errorType", "stackTrace"}`, without our own frame."""
-    tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
+    """FC's error body: `{"errorMessage", "errorType", "stackTrace"}`, user frames only."""
     return msgspec.json.encode(
         {
-            "errorMessage": str(exc) if message is None else message,
+            "errorMessage": _shown(str(exc) if message is None else message),
             "errorType": type(exc).__name__,
-            "stackTrace": traceback.format_tb(tb) if tb is not None else [],
+            "stackTrace": user_frames(exc),
         }
     )
+
+
+class _RequestIdFilter(logging.Filter):
+    """Stamps each record of the handler's logging with the current request id (as FC's does)."""
+
+    request_id = ""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = self.request_id
+        return True
+
+
+_request_ids = _RequestIdFilter()
+
+
+def configure_logging() -> None:
+    """The root logger writes to stderr (the invocation's log) at INFO, FC's Python format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(request_id)s [%(levelname)s] %(message)s"))
+    handler.addFilter(_request_ids)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
 
 
 class InvalidHandler(Exception):
@@ -140,13 +196,14 @@ async def _await(awaitable: Any) -> Any:
 
 def run_request(handler: Callable[..., Any], init: Init, request: Request) -> Response:
     context = Context(init=init, request=request, started=time.monotonic())
+    _request_ids.request_id = request.request_id
     try:
         result = handler(request.payload, context)
         if inspect.isawaitable(result):
             result = asyncio.run(_await(result))
         body = to_bytes(result)
     except Exception as exc:  # the user's error is the invocation's result, not ours
-        traceback.print_exc()
+        print_user_traceback(exc)
         return Response(
             ok=False,
             payload=error_json(exc),
@@ -199,11 +256,14 @@ def main() -> int:
     if raw is None:
         return 0
     init = msgspec.msgpack.decode(raw, type=Init)
-    sys.path.insert(0, init.code_dir)
+    global _code_dir
+    _code_dir = os.path.realpath(init.code_dir)
+    sys.path.insert(0, _code_dir)
+    configure_logging()
     try:
         handler = load_handler(init.handler)
     except Exception as exc:
-        traceback.print_exc()
+        print_user_traceback(exc)
         message = f"failed to load handler {init.handler!r}: {type(exc).__name__}: {exc}"
         write_all(proto_out, encode_frame(Ready(ok=False, error_message=message, error_payload=error_json(exc))))
         return 1
@@ -212,6 +272,7 @@ def main() -> int:
     while (raw := read_frame(proto_in)) is not None:
         response = run_request(handler, init, decode_request(raw))
         sys.stdout.flush()
+        sys.stderr.write(END_OF_INVOCATION + "\n")
         sys.stderr.flush()
         write_all(proto_out, encode_frame(response))
     return 0

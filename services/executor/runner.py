@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import zipfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from nats.aio.msg import Msg
@@ -21,7 +21,7 @@ from services.executor.pool import InstancePool
 from services.executor.metrics import ExecutorMetrics
 from services.executor.settings import ExecutorSettings
 from services.executor.specs import function_spec
-from shared.errors import ConcurrentUpdateError, FunctionNotFound
+from shared.errors import AliasNotFound, ConcurrentUpdateError, FunctionNotFound, VersionNotFound
 from shared.bus import ACK, Nak, Term, Verdict
 from shared.events import (
     AnyTaskEvent,
@@ -35,15 +35,20 @@ from shared.events import (
     TaskStarted,
     TaskStopped,
     TaskSucceeded,
+    submission_of,
 )
 from shared.eventstore import StoredEvent, follow, now_ms
 from shared.ports import EventLog, FunctionCatalog
+from shared.qualifiers import Resolved, resolve
+from shared.task_logs import AttemptLog
 from shared.taskview import RETURN_PAYLOAD_PREVIEW_BYTES
 from shared.transitions import Status
 
 log = logging.getLogger(__name__)
 
 TaskKey = tuple[str, str]
+# Keeps one attempt's log: (function, task id, log) -> stored (shared.task_logs.store_attempt_log).
+LogSink = Callable[[str, str, AttemptLog], Awaitable[None]]
 # How long an outcome append keeps retrying through bus trouble before giving up.
 OUTCOME_APPEND_PATIENCE_S = 300.0
 
@@ -64,7 +69,9 @@ class TaskRunner:
         pool: InstancePool,
         metrics: ExecutorMetrics,
         settings: ExecutorSettings,
+        logs: LogSink | None = None,
     ) -> None:
+        self._logs = logs
         self._events = events
         self._catalog = catalog
         self._code = code
@@ -149,22 +156,23 @@ class TaskRunner:
         event = current.event
         assert isinstance(event, TaskProcessed | TaskRetrying), "only dispatches are run"
         fields = {"task_id": event.task_id, "function": event.function}
-        function = await self._catalog.find_function(event.function)
-        if function is None:
-            await self._invalid(current, f"function {event.function} was deleted")
-            return
         submission = await self._submission(event)
         if submission is None:
             await self._invalid(current, "the task's submission is no longer in the event store")
             return
+        resolved = await self._resolve(current, submission)
+        if resolved is None:
+            return
+        function = resolved.function
         attempt = event.attempt + 1 if isinstance(event, TaskRetrying) else 0
         try:
-            spec = await function_spec(function, self._code)
+            spec = await function_spec(function, self._code, version=resolved.version_id)
         except (OSError, zipfile.BadZipFile, FunctionNotFound) as err:
             await self._invalid(current, f"the function's code cannot be unpacked: {err}")
             return
         async with self._pool.lease(spec) as instance:
-            started = follow(current, TaskStarted, instance_id=instance.instance_id, attempt=attempt)
+            started = follow(current, TaskStarted, instance_id=instance.instance_id, attempt=attempt,
+                             function_version=resolved.version_id)
             try:
                 started_seq = await self._events.append(started, expected_seq=current.seq)
             except ConcurrentUpdateError:
@@ -185,6 +193,7 @@ class TaskRunner:
                 del self._running[(event.function, event.task_id)]
                 self._metrics.in_process.dec()
         self._metrics.run_seconds.labels(event.function).observe(result.duration_ms / 1000)
+        await self._keep_log(started, result, request_id=submission.request_id)
         await self._finish(StoredEvent(started_seq, started), result, submission.max_retries, running)
 
     async def _submission(self, event: TaskProcessed | TaskRetrying) -> Submission | None:
@@ -194,8 +203,46 @@ class TaskRunner:
         enqueued = await self._events.last_with_status(event.function, event.task_id, Status.ENQUEUED)
         if enqueued is None or not isinstance(enqueued.event, TaskEnqueued):
             return None
-        return Submission(payload=enqueued.event.payload, request_id=enqueued.event.request_id,
-                          due_at_ms=enqueued.event.due_at_ms, max_retries=enqueued.event.max_retries)
+        return submission_of(enqueued.event)
+
+    async def _resolve(self, current: StoredEvent, submission: Submission) -> Resolved | None:
+        """What runs the task: its function as the qualifier it was submitted with names it now.
+
+        None (after ending the task Invalid) when the function it was submitted to is gone: also
+        when a new function of the same name exists, which is another function (another id).
+        """
+        name = current.event.function
+        try:
+            resolved = await resolve(self._catalog, name, submission.qualifier)
+        except FunctionNotFound:
+            await self._invalid(current, f"function {name} was deleted")
+            return None
+        except (VersionNotFound, AliasNotFound) as err:
+            await self._invalid(current, f"qualifier {submission.qualifier} no longer resolves: {err.message}")
+            return None
+        if submission.function_id and resolved.function.function_id != submission.function_id:
+            await self._invalid(current, f"function {name} was deleted (a function of that name was created since)")
+            return None
+        return resolved
+
+    async def _keep_log(self, started: TaskStarted, result: InvocationResult, *, request_id: str) -> None:
+        """Store the attempt's log; losing a log never fails the task.
+
+        An attempt that wrote nothing stores nothing (the logs endpoint shows its framing from
+        the task's events), so a quiet handler costs no extra message per task.
+        """
+        if self._logs is None or result.output_bytes == 0:
+            return
+        log_entry = AttemptLog(
+            attempt=started.attempt, request_id=request_id, instance_id=started.instance_id,
+            function_version=started.function_version, start_time=started.at_ms, end_time=now_ms(),
+            truncated=result.logs_truncated, content=result.logs.decode(errors="replace"),
+        )
+        try:
+            await self._logs(started.function, started.task_id, log_entry)
+        except Exception as err:  # noqa: BLE001 - a lost log is reported, the outcome still counts
+            log.warning("task log not stored", extra={"task_id": started.task_id, "function": started.function,
+                                                      "error": repr(err)})
 
     async def _invalid(self, current: StoredEvent, reason: str) -> None:
         await self._append_or_log(follow(current, TaskInvalid, reason=reason), expected_seq=current.seq)

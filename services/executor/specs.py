@@ -11,8 +11,8 @@ from services.executor.instance import FunctionSpec
 from shared.catalog import FunctionRecord
 
 
-async def function_spec(function: FunctionRecord, code: CodeCache) -> FunctionSpec:
-    """What an instance needs to know about `function`, with its code unpacked locally."""
+async def function_spec(function: FunctionRecord, code: CodeCache, *, version: str = "LATEST") -> FunctionSpec:
+    """What an instance needs to know about `function` (as of `version`), with its code unpacked locally."""
     custom = function.custom_runtime_config
     return FunctionSpec(
         name=function.function_name,
@@ -24,4 +24,5 @@ async def function_spec(function: FunctionRecord, code: CodeCache) -> FunctionSp
         memory_mb=function.memory_size,
         environment=dict(function.environment_variables),
         custom_command=[*custom.command, *custom.args] if custom else [],
+        version=version,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 
 from nats.aio.client import Client
@@ -12,8 +13,12 @@ from services.executor.instance import InvokeContext
 from services.executor.pool import InstancePool
 from services.executor.specs import function_spec
 from shared import wire
-from shared.errors import FunctionNotFound
+from shared.errors import TaskmodeError
 from shared.ports import FunctionCatalog
+from shared.qualifiers import check_qualifier, resolve
+
+# FC's x-fc-log-result: the last 4 KB of the invocation's log.
+LOG_TAIL_BYTES = 4096
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +32,20 @@ class SyncInvoker:
 
     async def handle(self, msg: Msg) -> None:
         function_name = msg.subject.rsplit(".", 1)[-1]
-        request_id = (msg.headers or {}).get(wire.REQUEST_ID_HEADER, "")
-        function = await self._catalog.find_function(function_name)
-        if function is None:
-            await self._reply(msg, b"", {wire.REPLY_SYSTEM_ERROR: FunctionNotFound.code})
+        request_headers = msg.headers or {}
+        request_id = request_headers.get(wire.REQUEST_ID_HEADER, "")
+        try:
+            qualifier = check_qualifier(request_headers.get(wire.REQUEST_QUALIFIER))
+            resolved = await resolve(self._catalog, function_name, qualifier)
+        except TaskmodeError as err:  # deleted (or repointed) since the gateway checked
+            await self._reply(msg, err.message.encode(), {wire.REPLY_SYSTEM_ERROR: err.code})
             return
-        spec = await function_spec(function, self._code)
+        spec = await function_spec(resolved.function, self._code, version=resolved.version_id)
         async with self._pool.lease(spec) as instance:
             result = await instance.invoke(msg.data, InvokeContext(request_id=request_id, task_id=""))
         headers = {wire.REPLY_INSTANCE_ID: instance.instance_id}
+        if request_headers.get(wire.REQUEST_LOG_TAIL):
+            headers[wire.REPLY_LOG_TAIL] = base64.b64encode(result.logs[-LOG_TAIL_BYTES:]).decode()
         if not result.ok:
             headers[wire.REPLY_ERROR_TYPE] = result.error_type or "UnhandledInvocationError"
         log.info("sync invocation", extra={"function": function_name, "request_id": request_id, "ok": result.ok})

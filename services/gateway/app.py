@@ -18,7 +18,19 @@ from shared import wire
 from shared.bootstrap import open_bus, open_catalog
 from shared.taskstore import TaskStore
 from shared.triggers import TriggerCatalog
-from services.gateway import async_configs, functions, http_triggers, invocations, tasks, triggers, watch
+from services.gateway import (
+    aliases,
+    async_configs,
+    function_code,
+    functions,
+    http_triggers,
+    invocations,
+    task_logs,
+    tasks,
+    triggers,
+    versions,
+    watch,
+)
 from services.gateway.auth import guard_request
 from services.gateway.console import build_router as build_console_router
 from services.gateway.context import RequestContextMiddleware, install_exception_handlers
@@ -96,10 +108,14 @@ def create_app(
     for module in (functions, async_configs, invocations, tasks, watch):
         api.include_router(module.router)
     api.include_router(triggers.router)
+    for module in (versions, aliases, function_code, task_logs):
+        api.include_router(module.router)
     app.include_router(api)
     app.include_router(build_console_router())
     # HTTP triggers sit outside the signed API: each trigger's authType decides (http_triggers.py).
     app.include_router(http_triggers.router)
+    # Signed, expiring download links of GetFunctionCode (function_code.py).
+    app.include_router(function_code.downloads)
 
     @app.get("/healthz")
     async def healthz(request: Request) -> Response:

@@ -1,8 +1,14 @@
-"""Put/Get/DeleteAsyncInvokeConfig and ListAsyncInvokeConfigs (LATEST semantics only)."""
+"""Put/Get/DeleteAsyncInvokeConfig and ListAsyncInvokeConfigs, one config per qualifier.
+
+As in FC, LATEST, each version and each alias have their own config: a task takes the config of
+the qualifier it was submitted with (none put: FC's defaults), never another qualifier's.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
+from typing import Final
 
 from fastapi import APIRouter, Response
 
@@ -11,33 +17,45 @@ from services.gateway.deps import BodyDep, ResourcesDep, SettingsDep
 from services.gateway.settings import GatewaySettings
 from services.gateway.errors import json_response
 from services.gateway.schemas import PutAsyncInvokeConfigInput, decode_json
-from shared.catalog import AsyncConfigRecord, DestinationConfig
+from shared.catalog import AsyncConfigRecord, DestinationConfig, async_config_key, function_arn
 from shared.destinations import FunctionTarget, parse_destination
 from shared.errors import InvalidArgument
 from shared.ports import FunctionCatalog
 from shared.events import DEFAULT_MAX_EVENT_AGE_S, DEFAULT_MAX_RETRIES
+from shared.qualifiers import MAIN_VERSION_DRAW, resolve
 
 log = logging.getLogger(__name__)
 
 router = APIRouter()
+
+_CONFIG_KEY_RE: Final = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_-]{0,63}(\.[A-Za-z0-9_-]{1,128})?$")
+
+
+async def _existing_qualifier(resources: ResourcesDep, function_name: str, qualifier: str | None) -> str:
+    """The qualifier, once it is known to name something (404 FunctionNotFound / VersionNotFound /
+    AliasNotFound otherwise)."""
+    params.check_function_name(function_name)
+    checked = params.check_qualifier(qualifier)
+    await resolve(resources.catalog, function_name, checked, draw=lambda: MAIN_VERSION_DRAW)
+    return checked
 
 
 @router.put("/functions/{function_name}/async-invoke-config")
 async def put_async_invoke_config(
     function_name: str, resources: ResourcesDep, settings: SettingsDep, raw: BodyDep, qualifier: str | None = None
 ) -> Response:
-    params.check_function_name(function_name)
-    params.check_qualifier(qualifier)
     body = decode_json(raw, PutAsyncInvokeConfigInput)
+    checked = await _existing_qualifier(resources, function_name, qualifier)
     catalog = resources.catalog
-    function = await catalog.get_function(function_name)
     await _check_destinations(body.destination_config, function=function_name, catalog=catalog, settings=settings)
-    existing = await catalog.find_async_config(function_name)
+    existing = await catalog.find_async_config(function_name, checked)
     now = params.format_time()
     # A put replaces the whole config (omitted fields take their defaults), like FC; only the
     # creation time survives.
     record = AsyncConfigRecord(
-        function_arn=function.function_arn,
+        function_arn=function_arn(region=settings.common.region, account_id=settings.common.account_id,
+                                  function=function_name, qualifier=checked),
+        qualifier=checked,
         async_task=bool(body.async_task),
         max_async_event_age_in_seconds=(
             body.max_async_event_age_in_seconds
@@ -56,6 +74,7 @@ async def put_async_invoke_config(
         "async invoke config put",
         extra={
             "function": function_name,
+            "qualifier": checked,
             "async_task": record.async_task,
             "max_event_age_s": record.max_async_event_age_in_seconds,
             "max_retries": record.max_async_retry_attempts,
@@ -86,21 +105,15 @@ async def _check_destinations(config: DestinationConfig | None, *, function: str
 
 @router.get("/functions/{function_name}/async-invoke-config")
 async def get_async_invoke_config(function_name: str, resources: ResourcesDep, qualifier: str | None = None) -> Response:
-    params.check_function_name(function_name)
-    params.check_qualifier(qualifier)
-    catalog = resources.catalog
-    await catalog.get_function(function_name)
-    return json_response(await catalog.get_async_config(function_name))
+    checked = await _existing_qualifier(resources, function_name, qualifier)
+    return json_response(await resources.catalog.get_async_config(function_name, checked))
 
 
 @router.delete("/functions/{function_name}/async-invoke-config", status_code=204)
 async def delete_async_invoke_config(function_name: str, resources: ResourcesDep, qualifier: str | None = None) -> Response:
-    params.check_function_name(function_name)
-    params.check_qualifier(qualifier)
-    catalog = resources.catalog
-    await catalog.get_function(function_name)
-    await catalog.delete_async_config(function_name)
-    log.info("async invoke config deleted", extra={"function": function_name})
+    checked = await _existing_qualifier(resources, function_name, qualifier)
+    await resources.catalog.delete_async_config(function_name, checked)
+    log.info("async invoke config deleted", extra={"function": function_name, "qualifier": checked})
     return Response(status_code=204)
 
 
@@ -109,8 +122,11 @@ async def list_async_invoke_configs(
     resources: ResourcesDep, functionName: str | None = None, limit: str | None = None, nextToken: str | None = None
 ) -> Response:
     page_size = params.parse_limit(limit)
-    after = params.decode_token(nextToken)
-    configs = dict(await resources.catalog.list_async_configs())
-    names = sorted(n for n in configs if not functionName or n == functionName)
-    page, token = params.paginate(names, after=after, limit=page_size)
-    return json_response({"configs": [configs[n] for n in page], "nextToken": token})
+    after = params.decode_token(nextToken, pattern=_CONFIG_KEY_RE)
+    configs = {
+        async_config_key(name, record.qualifier): record
+        for name, record in await resources.catalog.list_async_configs()
+        if not functionName or name == functionName
+    }
+    page, token = params.paginate(sorted(configs), after=after, limit=page_size)
+    return json_response({"configs": [configs[key] for key in page], "nextToken": token})

@@ -27,7 +27,13 @@ from services.gateway.settings import GatewaySettings
 from services.gateway.submission import submit_task
 from shared import wire
 from shared.errors import EntityTooLarge, TaskmodeError
-from shared.wire import FC_INVOCATION_TYPE_HEADER, FC_REQUEST_ID_HEADER, FC_TASK_ID_HEADER
+from shared.qualifiers import MAIN_VERSION_DRAW, resolve
+from shared.wire import (
+    FC_INVOCATION_TYPE_HEADER,
+    FC_REQUEST_ID_HEADER,
+    FC_STATEFUL_INVOCATION_ID_HEADER,
+    FC_TASK_ID_HEADER,
+)
 
 _PATH: Final = re.compile(rf"^/{wire.API_VERSION}/functions/([^/]+)/invocations$")
 _QUALIFIER: Final = re.compile(r"(?:^|&)qualifier=([^&]*)")
@@ -74,21 +80,28 @@ class AsyncSubmissionFastPath:
         try:
             body = await _read_body(receive, headers, limit=settings.max_request_body_bytes)
             verify(settings, scope, headers, body)
-            qualifier = params.check_qualifier(_qualifier(scope))
-            task_id = await submit_task(resources, metrics, function=function, payload=body, headers=headers,
-                                        request_id=request_id, qualifier=qualifier)
+            try:
+                checked = params.check_qualifier(_qualifier(scope))
+                # As the route: only whether the qualifier names something; the version that runs
+                # is picked when the task runs.
+                resolved = await resolve(resources.catalog, function.function_name, checked,
+                                         draw=lambda: MAIN_VERSION_DRAW)
+            except TaskmodeError:
+                metrics.submissions.labels(outcome="rejected").inc()
+                raise
+            task_id = await submit_task(resources, metrics, function=resolved.function, payload=body,
+                                        headers=headers, request_id=request_id, qualifier=resolved.qualifier)
         except TaskmodeError as err:
             await error_response(err, request_id)(scope, receive, send)
             return
-        await send({
-            "type": "http.response.start",
-            "status": 202,
-            "headers": [
-                (b"content-length", b"0"),
-                (FC_REQUEST_ID_HEADER.encode(), request_id.encode()),
-                (FC_TASK_ID_HEADER.encode(), task_id.encode()),
-            ],
-        })
+        answer = [
+            (b"content-length", b"0"),
+            (FC_REQUEST_ID_HEADER.encode(), request_id.encode()),
+            (FC_TASK_ID_HEADER.encode(), task_id.encode()),
+        ]
+        if headers.get(FC_STATEFUL_INVOCATION_ID_HEADER, "").strip():
+            answer.append((FC_STATEFUL_INVOCATION_ID_HEADER.encode(), task_id.encode()))
+        await send({"type": "http.response.start", "status": 202, "headers": answer})
         await send({"type": "http.response.body", "body": b""})
 
 

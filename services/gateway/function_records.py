@@ -18,15 +18,18 @@ import msgspec
 from services.gateway.archive_check import check_archive
 from services.gateway.params import check_function_name, check_runtime
 from services.gateway.schemas import CreateFunctionInput, CustomRuntimeInput, InputCode, UpdateFunctionInput
+from services.gateway.handler_check import check_handler_in_archive
 from shared.catalog import CustomRuntimeConfig, FunctionRecord
 from shared.errors import EntityTooLarge, InvalidArgument
+from shared.function_fields import crc64, merged, settings_of
 
 MAX_CODE_BYTES: Final = 50 * 1024 * 1024
 
 
 class CodeArchive(msgspec.Struct, frozen=True):
     data: bytes
-    checksum: str  # sha256 hex
+    checksum: str  # sha256 hex: the zip's key in the object store
+    crc64: str  # FC's codeChecksum
 
 
 def decode_code(code: InputCode | None, *, required: bool) -> CodeArchive | None:
@@ -51,7 +54,12 @@ def decode_code(code: InputCode | None, *, required: bool) -> CodeArchive | None
             check_archive(archive)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as err:
         raise InvalidArgument("code.zipFile is not a valid zip archive") from err
-    return CodeArchive(data=data, checksum=hashlib.sha256(data).hexdigest())
+    checksum = crc64(data)
+    if code.checksum and code.checksum.strip() != checksum:
+        raise InvalidArgument(
+            f"code.checksum {code.checksum[:40]!r} does not match the zip's CRC-64 ({checksum})"
+        )
+    return CodeArchive(data=data, checksum=hashlib.sha256(data).hexdigest(), crc64=checksum)
 
 
 def _custom_runtime(given: CustomRuntimeInput | None, current: CustomRuntimeConfig | None) -> CustomRuntimeConfig | None:
@@ -66,6 +74,9 @@ def _custom_runtime(given: CustomRuntimeInput | None, current: CustomRuntimeConf
 
 
 def _check_runtime_config(record: FunctionRecord) -> None:
+    gpu = record.settings.gpu_config or {}
+    if gpu.get("gpuType") or gpu.get("gpuMemorySize"):
+        raise InvalidArgument("gpuConfig cannot be honoured here: taskmode runs functions without GPUs")
     if record.runtime.startswith("custom"):
         config = record.custom_runtime_config
         if config is None or not config.command or not all(part for part in config.command):
@@ -95,16 +106,19 @@ def build_function(
         environment_variables=dict(body.environment_variables or {}),
         custom_runtime_config=_custom_runtime(body.custom_runtime_config, None),
         instance_concurrency=body.instance_concurrency if body.instance_concurrency is not None else 1,
-        code_checksum=code.checksum,
+        code_checksum=code.crc64,
+        code_object=code.checksum,
         code_size=len(code.data),
         created_time=now,
         last_modified_time=now,
+        settings=settings_of(body),
     )
     if body.cpu is not None:
         record.cpu = body.cpu
     if body.disk_size is not None:
         record.disk_size = body.disk_size
     _check_runtime_config(record)
+    check_handler_in_archive(runtime=record.runtime, handler=record.handler, archive=code.data)
     return record
 
 
@@ -124,8 +138,15 @@ def apply_update(
     if body.custom_runtime_config is not None:
         changes["custom_runtime_config"] = _custom_runtime(body.custom_runtime_config, record.custom_runtime_config)
     if code is not None:
-        changes["code_checksum"] = code.checksum
+        changes["code_checksum"] = code.crc64
+        changes["code_object"] = code.checksum
         changes["code_size"] = len(code.data)
+    changes["settings"] = merged(record.settings, settings_of(body))
     updated = msgspec.structs.replace(record, **changes)
     _check_runtime_config(updated)
     return updated
+
+
+def needs_handler_check(body: UpdateFunctionInput) -> bool:
+    """Whether an update can change what the handler check looks at."""
+    return body.code is not None or body.handler is not None or body.runtime is not None

@@ -15,7 +15,6 @@ from typing import Final
 from shared.errors import InvalidArgument, InvalidNextToken
 # The task-id, delay and payload rules are admission's (shared by every way a task arrives).
 from shared.submission import (
-    LATEST as LATEST,
     MAX_ASYNC_PAYLOAD_BYTES as MAX_ASYNC_PAYLOAD_BYTES,
     MAX_DELAY_S as MAX_DELAY_S,
     TASK_ID_RE as TASK_ID_RE,
@@ -24,17 +23,20 @@ from shared.submission import (
     choose_task_id as choose_task_id,
     new_task_id as new_task_id,
     parse_delay as parse_delay,
+    task_id_from_request_id as task_id_from_request_id,
 )
 from shared.transitions import STATUS_ALIASES, Status, parse_status
-from shared.wire import FC_INVOCATION_TYPE_HEADER
+from shared.qualifiers import check_qualifier as _check_qualifier
+from shared.wire import FC_INVOCATION_TYPE_HEADER, FC_LOG_TYPE_HEADER
+from shared.wire import LATEST as wire_latest
 
 FUNCTION_NAME_RE: Final = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_-]{0,63}$")
-RUNTIME_RE: Final = re.compile(r"^(python3(\.\d+)?|custom(\.debian(10|11|12))?)$")
-QUALIFIER_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+RUNTIME_RE: Final = re.compile(r"^(python3(\.\d+)?|nodejs(18|20)|custom(\.debian(10|11|12))?)$")
 
 MAX_SYNC_PAYLOAD_BYTES: Final = 32 * 1024 * 1024
 DEFAULT_LIMIT: Final = 20
 MAX_LIMIT: Final = 100
+LATEST: Final = wire_latest
 
 
 # --- names and identifiers ---------------------------------------------------------------------
@@ -48,22 +50,32 @@ def check_function_name(name: str) -> str:
     return name
 
 
+
+
 def check_runtime(runtime: str) -> str:
+    if runtime == "custom-container":
+        raise InvalidArgument(
+            "runtime custom-container is not supported here: taskmode runs no container engine; "
+            "use custom with customRuntimeConfig.command instead"
+        )
     if not RUNTIME_RE.fullmatch(runtime):
         raise InvalidArgument(
-            f"unsupported runtime {runtime[:40]!r}: use python3, python3.<minor>, custom, "
+            f"unsupported runtime {runtime[:40]!r}: use python3, python3.<minor>, nodejs18, nodejs20, custom, "
             "custom.debian10, custom.debian11 or custom.debian12"
         )
     return runtime
 
 
 def check_qualifier(qualifier: str | None) -> str:
-    """The qualifier as given (None or empty: LATEST); only LATEST semantics exist here."""
-    if not qualifier:
-        return LATEST
-    if not QUALIFIER_RE.fullmatch(qualifier):
-        raise InvalidArgument(f"invalid qualifier {qualifier[:40]!r}")
-    return qualifier
+    """The qualifier's canonical form (None or empty: LATEST); whether it exists is the catalog's
+    business (`shared.qualifiers.resolve`)."""
+    return _check_qualifier(qualifier)
+
+
+
+
+
+
 
 
 # --- invocation headers -----------------------------------------------------------------------
@@ -79,6 +91,19 @@ def parse_invocation_type(value: str | None) -> str:
     if normalized == "async":
         return "Async"
     raise InvalidArgument(f"invalid {FC_INVOCATION_TYPE_HEADER} {value[:40]!r}: use Sync or Async")
+
+
+def parse_log_type(value: str | None) -> bool:
+    """x-fc-log-type: `None` (default) or `Tail`; returns whether the log tail is wanted."""
+    if value is None or not value.strip() or value.strip().lower() == "none":
+        return False
+    if value.strip().lower() == "tail":
+        return True
+    raise InvalidArgument(f"invalid {FC_LOG_TYPE_HEADER} {value[:40]!r}: use None or Tail")
+
+
+
+
 
 
 # --- query parameters -------------------------------------------------------------------------
@@ -148,15 +173,16 @@ def encode_token(after: str) -> str:
     return base64.urlsafe_b64encode(after.encode()).decode().rstrip("=")
 
 
-def decode_token(token: str | None) -> str | None:
-    """The name a nextToken continues after (None: from the start)."""
+def decode_token(token: str | None, *, pattern: re.Pattern[str] = FUNCTION_NAME_RE) -> str | None:
+    """The name a nextToken continues after (None: from the start); `pattern` is what such a
+    name looks like."""
     if not token:
         return None
     try:
         name = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError) as err:
         raise InvalidNextToken("nextToken is not valid") from err
-    if not FUNCTION_NAME_RE.fullmatch(name):
+    if not pattern.fullmatch(name):
         raise InvalidNextToken("nextToken is not valid")
     return name
 
@@ -167,6 +193,20 @@ def paginate(names: list[str], *, after: str | None, limit: int) -> tuple[list[s
     page = remaining[:limit]
     token = encode_token(page[-1]) if len(remaining) > limit else ""
     return page, token
+
+
+def encode_version_token(after: int) -> str:
+    return encode_token(f"v{after}")
+
+
+def decode_version_token(token: str | None) -> int | None:
+    """The version id a ListFunctionVersions nextToken continues after (None: from the start)."""
+    name = decode_token(token)
+    if name is None:
+        return None
+    if not re.fullmatch(r"v[1-9][0-9]{0,9}", name):
+        raise InvalidNextToken("nextToken is not valid")
+    return int(name[1:])
 
 
 # --- times ------------------------------------------------------------------------------------

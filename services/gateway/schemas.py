@@ -12,6 +12,7 @@ from typing import Annotated, TypeVar
 import msgspec
 
 from shared.catalog import DestinationConfig
+from shared.function_fields import FunctionSettings
 from shared.errors import InvalidArgument
 
 Timeout = Annotated[int, msgspec.Meta(ge=1, le=86400)]
@@ -41,8 +42,9 @@ class CustomRuntimeInput(msgspec.Struct, kw_only=True, rename="camel"):
     port: Port | None = None
 
 
-class UpdateFunctionInput(msgspec.Struct, kw_only=True, rename="camel"):
-    """FC's `UpdateFunctionInput` (the implemented subset); None means "leave as it is"."""
+class UpdateFunctionInput(FunctionSettings, kw_only=True, rename="camel"):
+    """FC's `UpdateFunctionInput`; None means "leave as it is". The stored-only fields come from
+    `FunctionSettings`, so every field the SDK can send is kept."""
 
     runtime: str | None = None
     handler: Handler | None = None
@@ -61,6 +63,23 @@ class CreateFunctionInput(UpdateFunctionInput, kw_only=True):
     """FC's `CreateFunctionInput`: a name, a runtime, a handler and code are required."""
 
     function_name: str
+
+
+class PublishVersionInput(msgspec.Struct, kw_only=True, rename="camel"):
+    description: Description | None = None
+
+
+VersionWeights = dict[str, Annotated[float, msgspec.Meta(ge=0, le=1)]]
+
+
+class UpdateAliasInput(msgspec.Struct, kw_only=True, rename="camel"):
+    version_id: str | None = None
+    description: Description | None = None
+    additional_version_weight: VersionWeights | None = None
+
+
+class CreateAliasInput(UpdateAliasInput, kw_only=True):
+    alias_name: str
 
 
 class PutAsyncInvokeConfigInput(msgspec.Struct, kw_only=True, rename="camel"):

@@ -19,6 +19,7 @@ ACCESS_KEYS_VAR = "TASKMODE_ACCESS_KEYS"
 AUTH_DISABLED_VAR = "TASKMODE_AUTH_DISABLED"
 MAX_SKEW_VAR = "TASKMODE_GATEWAY_MAX_CLOCK_SKEW_S"
 PUBLIC_URL_VAR = "TASKMODE_GATEWAY_PUBLIC_URL"
+URL_SECRET_VAR = "TASKMODE_GATEWAY_URL_SECRET"
 
 
 def parse_access_keys(text: str) -> dict[str, str]:
@@ -43,6 +44,8 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
     access_keys: dict[str, str] = {}
     auth_disabled: bool = False
     max_clock_skew_s: int = 900
+    # Signs GetFunctionCode's download URLs; "" derives one from the access keys (see function_code.py).
+    url_secret: str = ""
     # Generous enough for a 50 MB code zip in base64 plus JSON; each route applies its own limit.
     max_request_body_bytes: int = 72 * 1024 * 1024
     # Where clients reach this gateway (HTTP trigger URLs); empty: the base URL of the request.
@@ -59,4 +62,5 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
             auth_disabled=env_bool(AUTH_DISABLED_VAR, False),
             max_clock_skew_s=env_int(MAX_SKEW_VAR, 900),
             public_url=env_str(PUBLIC_URL_VAR, "").rstrip("/"),
+            url_secret=env_str(URL_SECRET_VAR, ""),
         )

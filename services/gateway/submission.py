@@ -14,7 +14,7 @@ from shared import submission
 from shared.catalog import FunctionRecord
 from shared.errors import TaskAlreadyExists
 from shared.transitions import Status
-from shared.wire import FC_DELAY_HEADER, FC_REQUEST_ID_HEADER, FC_TASK_ID_HEADER
+from shared.wire import FC_DELAY_HEADER, FC_REQUEST_ID_HEADER, FC_STATEFUL_INVOCATION_ID_HEADER, FC_TASK_ID_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +33,22 @@ async def submit_task(
     name = function.function_name
     try:
         submission.check_payload_size(payload, limit=submission.MAX_ASYNC_PAYLOAD_BYTES)
+        # FC 2.0's header names the task id too; FC 3.0's wins when both are sent.
+        given_id = (headers.get(FC_TASK_ID_HEADER) or "").strip()
+        stateful_id = (headers.get(FC_STATEFUL_INVOCATION_ID_HEADER) or "").strip()
         task_id = submission.choose_task_id(
-            task_id_header=headers.get(FC_TASK_ID_HEADER),
+            task_id_header=given_id or stateful_id,
             request_id_header=headers.get(FC_REQUEST_ID_HEADER),
+            source=FC_STATEFUL_INVOCATION_ID_HEADER if stateful_id and not given_id else FC_TASK_ID_HEADER,
         )
         delay_s = submission.parse_delay(headers.get(FC_DELAY_HEADER))
     except Exception:
         metrics.submissions.labels(outcome="rejected").inc()
         raise
     admission = submission.Admission(function=name, task_id=task_id, payload=payload, request_id=request_id,
-                                     qualifier=qualifier, delay_s=delay_s)
+                                     qualifier=qualifier, delay_s=delay_s, function_id=function.function_id)
     try:
-        await submission.submit(resources.events, admission, await resources.catalog.find_async_config(name))
+        await submission.submit(resources.events, admission, await resources.catalog.find_async_config(name, qualifier))
     except TaskAlreadyExists:
         metrics.submissions.labels(outcome="duplicate").inc()
         log.info(
@@ -62,6 +66,7 @@ async def submit_task(
             "request_id": request_id,
             "delay_s": delay_s,
             "payload_bytes": len(payload),
+            "qualifier": qualifier,
         },
     )
     return task_id

@@ -20,6 +20,7 @@ from shared.errors import AsyncTaskNotFound, ConcurrentUpdateError, ServiceUnava
 from shared.events import TaskStopped, TaskStopping
 from shared.eventstore import StoredEvent, follow
 from shared.ports import EventLog
+from shared.qualifiers import MAIN_VERSION_DRAW, resolve
 from shared.taskstore import TaskQuery
 from shared.taskview import TaskDocument
 from shared.transitions import TERMINAL, Status
@@ -37,7 +38,17 @@ _STOP_ATTEMPTS: Final = 5
 STOP_REASON: Final = "stopped by user"
 
 
-def _check_ids(function_name: str, task_id: str) -> None:
+async def check_function_and_qualifier(resources: Resources, function_name: str, qualifier: str | None) -> str | None:
+    """404 FunctionNotFound for a function that does not exist (also when tasks of an earlier
+    function of that name are still retained), 404 for a qualifier that names nothing; the
+    qualifier as given, or None when none was given."""
+    params.check_function_name(function_name)
+    checked = params.check_qualifier(qualifier)
+    await resolve(resources.catalog, function_name, checked, draw=lambda: MAIN_VERSION_DRAW)
+    return checked if qualifier else None
+
+
+def check_ids(function_name: str, task_id: str) -> None:
     # Both become NATS subject tokens: anything outside the id alphabets (`*`, `>`, `.`) could
     # widen a subject into a wildcard, so such a task simply cannot exist.
     params.check_function_name(function_name)
@@ -45,7 +56,7 @@ def _check_ids(function_name: str, task_id: str) -> None:
         raise AsyncTaskNotFound(f"task {task_id[:140]!r} of function {function_name} does not exist")
 
 
-async def _task_document(
+async def task_document(
     *, resources: Resources, settings: GatewaySettings, metrics: GatewayMetrics, function_name: str, task_id: str
 ) -> TaskDocument:
     try:
@@ -87,11 +98,13 @@ async def get_async_task(
     metrics: MetricsDep,
     qualifier: str | None = None,
 ) -> Response:
-    _check_ids(function_name, task_id)
-    params.check_qualifier(qualifier)
-    doc = await _task_document(
+    wanted = await check_function_and_qualifier(resources, function_name, qualifier)
+    check_ids(function_name, task_id)
+    doc = await task_document(
         resources=resources, settings=settings, metrics=metrics, function_name=function_name, task_id=task_id
     )
+    if wanted is not None and doc["qualifier"] != wanted:
+        raise AsyncTaskNotFound(f"task {task_id} of function {function_name} has no qualifier {wanted}")
     return json_response(taskview.public_view(doc))
 
 
@@ -109,13 +122,15 @@ async def list_async_tasks(
     nextToken: str | None = None,
     qualifier: str | None = None,
 ) -> Response:
+    # The query is checked first (400s), then whether the function and qualifier exist (404s).
     params.check_function_name(function_name)
-    params.check_qualifier(qualifier)
+    wanted = params.check_qualifier(qualifier) if qualifier else None
     status_filter = params.parse_status_filter(status)
     query = TaskQuery(
         function=function_name,
         status=str(status_filter) if status_filter is not None else None,
         prefix=prefix or None,
+        qualifier=wanted,
         started_time_begin=params.parse_time_ms("startedTimeBegin", startedTimeBegin),
         started_time_end=params.parse_time_ms("startedTimeEnd", startedTimeEnd),
         limit=params.parse_limit(limit),
@@ -123,6 +138,8 @@ async def list_async_tasks(
         next_token=nextToken or None,
         include_payload=params.parse_bool("includePayload", includePayload, default=False),
     )
+    resources.tasks.check_query(query)
+    await check_function_and_qualifier(resources, function_name, qualifier)
     try:
         page = await resources.tasks.list_tasks(query)
     except PyMongoError as err:
@@ -135,8 +152,8 @@ async def list_async_tasks(
 async def stop_async_task(
     function_name: str, task_id: str, resources: ResourcesDep, metrics: MetricsDep, qualifier: str | None = None
 ) -> Response:
-    _check_ids(function_name, task_id)
-    params.check_qualifier(qualifier)
+    await check_function_and_qualifier(resources, function_name, qualifier)
+    check_ids(function_name, task_id)
     events = resources.events
     stops = metrics.stops
     last = await events.last(function_name, task_id)

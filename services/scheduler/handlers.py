@@ -35,9 +35,12 @@ class Dispatcher:
         current = StoredEvent(msg.metadata.sequence.stream, event)
         fields = {"task_id": event.task_id, "function": event.function}
         # The catalog answers from its local mirror: no round trip per task.
-        if await self._catalog.find_function(event.function) is None:
+        function = await self._catalog.find_function(event.function)
+        if function is None or (event.function_id and function.function_id != event.function_id):
+            # Gone, or replaced by a new function of the same name: not the one it was submitted to.
+            since = "" if function is None else " (a function of that name was created since)"
             outcome: TaskInvalid | TaskExpired | TaskProcessed = follow(
-                current, TaskInvalid, reason=f"function {event.function} was deleted")
+                current, TaskInvalid, reason=f"function {event.function} was deleted{since}")
             self._metrics.invalid.labels(event.function).inc()
         elif now - event.due_at_ms > event.max_event_age_s * 1000:
             outcome = follow(
