@@ -56,6 +56,7 @@ class FunctionRecord(msgspec.Struct, kw_only=True, rename="camel"):
     environment_variables: dict[str, str] = {}
     custom_runtime_config: CustomRuntimeConfig | None = None
     instance_concurrency: int = 1
+    internet_access: bool = True  # False: its instances get no network at all
     code_checksum: str = ""
     code_size: int = 0
     created_time: str = ""

@@ -15,7 +15,8 @@ from prometheus_client import CollectorRegistry
 
 from services.executor import orphans
 from services.executor.code_cache import CodeCache
-from services.executor.pool import InstancePool
+from services.executor.pool import InstancePool, new_sandbox
+from services.executor.sandbox import SandboxUnavailable
 from services.executor.metrics import ExecutorMetrics
 from services.executor.runner import TaskRunner
 from services.executor.settings import ExecutorSettings
@@ -30,6 +31,7 @@ from shared.service import Readiness, background, periodically, serve_http
 log = logging.getLogger(__name__)
 Spawn = Callable[[Coroutine[Any, Any, None]], None]  # runs a coroutine as a tracked background task
 SHUTDOWN_GRACE_S = 10.0  # running tasks may finish; those cut off count as a lost attempt
+EXIT_NO_SANDBOX = 5  # a supervisor should not restart us: nothing changes until the host does
 
 
 async def run(settings: ExecutorSettings, stop: asyncio.Event, stack: AsyncExitStack) -> None:
@@ -37,12 +39,23 @@ async def run(settings: ExecutorSettings, stop: asyncio.Event, stack: AsyncExitS
     readiness = Readiness()
     serve_http(metrics.registry, readiness, port=settings.common.metrics_port, host=settings.common.metrics_host,
                stack=stack)
+    work_dir = settings.common.data_dir / "instances"
+    sandbox = new_sandbox(settings.sandbox, work_dir=work_dir)
+    try:
+        await asyncio.to_thread(sandbox.check)
+    except SandboxUnavailable as err:
+        log.critical("NO SANDBOX FOR FUNCTION INSTANCES; refusing to run them: %s", err)
+        raise SystemExit(EXIT_NO_SANDBOX) from err
+    if not sandbox.enabled:
+        log.warning("FUNCTION INSTANCES RUN UNSANDBOXED (TASKMODE_SANDBOX=false): a function can read the "
+                    "executor's files and reach everything it can reach")
     bus = await open_bus(settings.common, stack, name=wire.EXECUTOR_CLIENT_NAME, stop=stop)
-    orphans.reap(settings.common.data_dir / "instances")
+    orphans.reap(work_dir)
     pool = InstancePool(
-        work_dir=settings.common.data_dir / "instances",
+        work_dir=work_dir,
         max_instances_per_function=settings.max_instances_per_function,
         idle_timeout_s=settings.idle_timeout_s,
+        sandbox=sandbox,
     )
     stack.push_async_callback(pool.close)
     await ensure_consumer(

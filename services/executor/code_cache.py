@@ -9,6 +9,7 @@ import uuid
 import zipfile
 from pathlib import Path
 
+from shared import codezip
 from shared.catalog import FunctionRecord
 from shared.ports import FunctionCatalog
 
@@ -41,7 +42,7 @@ def _unpack(archive: bytes, target: Path) -> None:
     staging.mkdir(parents=True)
     try:
         with zipfile.ZipFile(io.BytesIO(archive)) as zf:
-            zf.extractall(staging)
+            codezip.extract(zf, staging, archive_bytes=len(archive))
         staging.rename(target)
     except FileExistsError:
         shutil.rmtree(staging, ignore_errors=True)

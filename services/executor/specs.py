@@ -24,4 +24,7 @@ async def function_spec(function: FunctionRecord, code: CodeCache) -> FunctionSp
         memory_mb=function.memory_size,
         environment=dict(function.environment_variables),
         custom_command=[*custom.command, *custom.args] if custom else [],
+        custom_port=custom.port if custom else 9000,
+        disk_mb=function.disk_size,
+        internet_access=function.internet_access,
     )

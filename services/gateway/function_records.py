@@ -15,9 +15,9 @@ from typing import Final
 
 import msgspec
 
-from services.gateway.archive_check import check_archive
 from services.gateway.params import check_function_name, check_runtime
 from services.gateway.schemas import CreateFunctionInput, CustomRuntimeInput, InputCode, UpdateFunctionInput
+from shared import codezip
 from shared.catalog import CustomRuntimeConfig, FunctionRecord
 from shared.errors import EntityTooLarge, InvalidArgument
 
@@ -30,7 +30,8 @@ class CodeArchive(msgspec.Struct, frozen=True):
 
 
 def decode_code(code: InputCode | None, *, required: bool) -> CodeArchive | None:
-    """Decode and check `code.zipFile` (base64 zip, at most 50 MB decoded)."""
+    """Decode and check `code.zipFile` (base64 zip, at most 50 MB decoded, within `shared.codezip`'s
+    limits once unpacked). CPU-bound on a large archive: callers run it off the event loop."""
     if code is None or code.zip_file is None:
         if code is not None and (code.oss_bucket_name or code.oss_object_name):
             raise InvalidArgument("code from OSS is not supported here: send code.zipFile")
@@ -48,7 +49,8 @@ def decode_code(code: InputCode | None, *, required: bool) -> CodeArchive | None
         raise EntityTooLarge(f"code.zipFile exceeds maximum allowed size ({MAX_CODE_BYTES} bytes decoded)")
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            check_archive(archive)
+            codezip.check_declared(archive, archive_bytes=len(data))  # cheap, and before inflating anything
+            codezip.check_members(archive)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as err:
         raise InvalidArgument("code.zipFile is not a valid zip archive") from err
     return CodeArchive(data=data, checksum=hashlib.sha256(data).hexdigest())
@@ -95,6 +97,7 @@ def build_function(
         environment_variables=dict(body.environment_variables or {}),
         custom_runtime_config=_custom_runtime(body.custom_runtime_config, None),
         instance_concurrency=body.instance_concurrency if body.instance_concurrency is not None else 1,
+        internet_access=body.internet_access if body.internet_access is not None else True,
         code_checksum=code.checksum,
         code_size=len(code.data),
         created_time=now,
@@ -115,7 +118,8 @@ def apply_update(
     changes: dict[str, object] = {"last_modified_time": now}
     if body.runtime is not None:
         changes["runtime"] = check_runtime(body.runtime)
-    for name in ("handler", "timeout", "memory_size", "cpu", "disk_size", "description", "instance_concurrency"):
+    for name in ("handler", "timeout", "memory_size", "cpu", "disk_size", "description", "instance_concurrency",
+                 "internet_access"):
         value = getattr(body, name)
         if value is not None:
             changes[name] = value

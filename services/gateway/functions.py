@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 
@@ -26,7 +27,7 @@ _UPDATE_ATTEMPTS = 5
 async def create_function(resources: ResourcesDep, settings: SettingsDep, raw: BodyDep) -> Response:
     body = decode_json(raw, CreateFunctionInput)
     params.check_function_name(body.function_name)
-    code = function_records.decode_code(body.code, required=True)
+    code = await asyncio.to_thread(function_records.decode_code, body.code, required=True)
     assert code is not None
     record = function_records.build_function(
         body,
@@ -68,7 +69,7 @@ async def list_functions(
 async def update_function(function_name: str, resources: ResourcesDep, raw: BodyDep) -> Response:
     params.check_function_name(function_name)
     body = decode_json(raw, UpdateFunctionInput)
-    code = function_records.decode_code(body.code, required=False)
+    code = await asyncio.to_thread(function_records.decode_code, body.code, required=False)
     catalog = resources.catalog
     for attempt in range(_UPDATE_ATTEMPTS):
         current, revision = await catalog.get_function_versioned(function_name)

@@ -55,6 +55,7 @@ class UpdateFunctionInput(msgspec.Struct, kw_only=True, rename="camel"):
     code: InputCode | None = None
     custom_runtime_config: CustomRuntimeInput | None = None
     instance_concurrency: InstanceConcurrency | None = None
+    internet_access: bool | None = None
 
 
 class CreateFunctionInput(UpdateFunctionInput, kw_only=True):
