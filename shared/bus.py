@@ -51,6 +51,8 @@ async def connect(
     unlimited, so reconnecting is switched on only once a connection exists, from then on forever.
     """
     user, password = user_credentials or (None, None)
+    # Replies to a user's requests arrive under an inbox prefix only that user may subscribe to.
+    inbox = f"_INBOX.{user}" if user else "_INBOX"
 
     async def quiet(err: Exception) -> None:
         log.warning("nats connection trouble", extra={"url": url, "error": repr(err)})
@@ -60,7 +62,7 @@ async def connect(
         try:
             nc = await nats.connect(
                 url, name=name, allow_reconnect=False, connect_timeout=2, error_cb=quiet,
-                user=user, password=password,
+                user=user, password=password, inbox_prefix=inbox,
             )
         except Exception as err:  # noqa: BLE001 - every connect failure is retried the same way
             last = err

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared import natsauth
+
 _NATS_LISTEN = re.compile(rb"Listening for client connections on [\d.]+:(\d+)")
 
 
@@ -105,21 +107,29 @@ def _spawn(name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] |
 NATS_MAX_PAYLOAD_BYTES = 40 * 1024 * 1024
 
 
-def nats_config(*, port: int, store: Path) -> str:
-    """The nats-server configuration taskmode runs with (JetStream on, loopback only)."""
+def nats_config(*, port: int, store: Path, authorization: str = "") -> str:
+    """The nats-server configuration taskmode runs with (JetStream on, loopback only), with the
+    roles' users and permissions when `authorization` is given (`natsauth.render_authorization`)."""
     return (
         f"listen: 127.0.0.1:{port}\n"
         f"max_payload: {NATS_MAX_PAYLOAD_BYTES}\n"
         f"jetstream {{\n  store_dir: {json.dumps(str(store))}\n}}\n"
+        f"{authorization}"
     )
 
 
-def start_nats(data_dir: Path, *, port: int = -1, deadline_s: float = 20.0) -> ChildProcess:
-    """A JetStream-enabled nats-server storing under `data_dir/nats`; port -1 lets it choose."""
+def start_nats(data_dir: Path, *, port: int = -1, deadline_s: float = 20.0,
+               passwords: dict[str, str] | None = None) -> ChildProcess:
+    """A JetStream-enabled nats-server storing under `data_dir/nats`; port -1 lets it choose.
+
+    With `passwords` (role -> password) it asks every client for a role's credentials; its
+    configuration then holds them and is written readable by its owner only.
+    """
     store = data_dir / "nats"
     store.mkdir(parents=True, exist_ok=True)
     config = data_dir / "nats-server.conf"
-    config.write_text(nats_config(port=port, store=store))
+    authorization = natsauth.render_authorization(passwords) if passwords else ""
+    natsauth.write_private(config, nats_config(port=port, store=store, authorization=authorization))
     log_path = data_dir / "logs" / "nats-server.log"
     if log_path.exists():
         log_path.unlink()
@@ -158,11 +168,17 @@ def start_mongo_wire(data_dir: Path, *, port: int | None = None, deadline_s: flo
     return ChildProcess("mongo", proc, log_path, url=f"mongodb://127.0.0.1:{chosen}")
 
 
+# Inherited by no service: each gets only its own credentials, from `env`.
+SECRET_VARIABLES: tuple[str, ...] = ("TASKMODE_ACCESS_KEYS", "TASKMODE_ACCESS_KEYS_FILE", "NATS_USER",
+                                     "NATS_PASSWORD", "NATS_PASSWORD_FILE")
+
+
 def start_service(
     module: str, *, env: dict[str, str], log_path: Path, name: str | None = None
 ) -> ChildProcess:
-    """`python -m <module>` with `env` added to this process's environment."""
-    full_env = {**os.environ, **env}
+    """`python -m <module>` with `env` added to this process's environment (minus its secrets)."""
+    inherited = {k: v for k, v in os.environ.items() if k not in SECRET_VARIABLES}
+    full_env = {**inherited, **env}
     proc = _spawn(name or module, [sys.executable, "-m", module], log_path, full_env)
     return ChildProcess(name or module, proc, log_path)
 
@@ -185,13 +201,15 @@ class Stack:
     auth_disabled: bool = False
     metrics_ports: bool = False
     service_env: dict[str, str] = field(default_factory=dict)
+    nats_passwords: dict[str, str] = field(default_factory=dict)  # role -> password, for our own nats-server
     infra: list[ChildProcess] = field(default_factory=list)
     services: dict[str, ChildProcess] = field(default_factory=dict)
 
     def start_infra(self, *, nats_port: int = -1, mongo_port: int | None = None) -> None:
         """Start nats-server (unless `nats_url` is set) and the MongoDB-wire server (unless `mongodb_url` is)."""
         if not self.nats_url:
-            nats = start_nats(self.data_dir, port=nats_port)
+            self.nats_passwords = natsauth.load_or_create_passwords(self.secrets_dir)
+            nats = start_nats(self.data_dir, port=nats_port, passwords=self.nats_passwords)
             self.infra.append(nats)
             self.nats_url = nats.url
         if not self.mongodb_url:
@@ -207,7 +225,7 @@ class Stack:
         old = next(child for child in self.infra if child.name == "nats")
         old.stop()
         port = int(self.nats_url.rsplit(":", 1)[1])
-        self.infra[self.infra.index(old)] = start_nats(self.data_dir, port=port)
+        self.infra[self.infra.index(old)] = start_nats(self.data_dir, port=port, passwords=self.nats_passwords)
 
     def stop_mongo_wire(self) -> None:
         """Stop the stack's own MongoDB-wire server (an outage of the read model)."""
@@ -220,6 +238,16 @@ class Stack:
         port = int(self.mongodb_url.rsplit(":", 1)[1])
         self.infra.append(start_mongo_wire(self.data_dir, port=port))
 
+    @property
+    def secrets_dir(self) -> Path:
+        """Credentials (0600 files): the roles' NATS passwords and the gateway's access keys."""
+        return self.data_dir / "secrets"
+
+    def nats_credentials(self, role: str) -> tuple[str, str] | None:
+        """(user, password) of a role on our own nats-server, or None when it asks for none."""
+        password = self.nats_passwords.get(role)
+        return None if password is None else (role, password)
+
     def env_for(self, service: str) -> dict[str, str]:
         env = {
             "NATS_URL": self.nats_url,
@@ -227,9 +255,14 @@ class Stack:
             "TASKMODE_DATA_DIR": str(self.data_dir / "services" / service),
             "PYTHONUNBUFFERED": "1",
         }
+        if service in self.nats_passwords:  # a file, so that the password is not in the environment
+            env["NATS_USER"] = service
+            env["NATS_PASSWORD_FILE"] = str(natsauth.password_file(self.secrets_dir, service))
         if service == "gateway":  # only the gateway checks signatures; no one else holds the keys
             env["TASKMODE_GATEWAY_PORT"] = str(self.gateway_port)
-            env["TASKMODE_ACCESS_KEYS"] = self.access_keys
+            keys_file = self.secrets_dir / "access-keys"
+            natsauth.write_private(keys_file, self.access_keys + "\n")
+            env["TASKMODE_ACCESS_KEYS_FILE"] = str(keys_file)
             env["TASKMODE_AUTH_DISABLED"] = "true" if self.auth_disabled else "false"
         if not self.metrics_ports:
             for name in ("SCHEDULER", "EXECUTOR", "PROJECTION"):

@@ -5,6 +5,7 @@ Built once in `__main__` from the environment and passed down; nothing here runs
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Self
 
 import msgspec
@@ -16,6 +17,7 @@ PORT_VAR = "TASKMODE_GATEWAY_PORT"
 HOST_VAR = "TASKMODE_GATEWAY_HOST"
 METRICS_PORT_VAR = "TASKMODE_GATEWAY_METRICS_PORT"
 ACCESS_KEYS_VAR = "TASKMODE_ACCESS_KEYS"
+ACCESS_KEYS_FILE_VAR = "TASKMODE_ACCESS_KEYS_FILE"  # the same, from a file only the gateway can read
 AUTH_DISABLED_VAR = "TASKMODE_AUTH_DISABLED"
 MAX_SKEW_VAR = "TASKMODE_GATEWAY_MAX_CLOCK_SKEW_S"
 
@@ -35,6 +37,16 @@ def parse_access_keys(text: str) -> dict[str, str]:
     return keys
 
 
+def _access_keys_text() -> str:
+    path = env_str(ACCESS_KEYS_FILE_VAR, "")
+    if not path:
+        return env_str(ACCESS_KEYS_VAR, "")
+    try:
+        return Path(path).read_text().strip()
+    except OSError as err:
+        raise InvalidArgument(f"{ACCESS_KEYS_FILE_VAR} {path!r} cannot be read: {err}") from err
+
+
 class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
     common: CommonSettings
     host: str = "127.0.0.1"
@@ -52,7 +64,7 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
             common=CommonSettings.from_env(metrics_port_var=METRICS_PORT_VAR, metrics_port_default=0),
             host=env_str(HOST_VAR, "127.0.0.1"),
             port=env_int(PORT_VAR, 9000),
-            access_keys=parse_access_keys(env_str(ACCESS_KEYS_VAR, "")),
+            access_keys=parse_access_keys(_access_keys_text()),
             auth_disabled=env_bool(AUTH_DISABLED_VAR, False),
             max_clock_skew_s=env_int(MAX_SKEW_VAR, 900),
         )
