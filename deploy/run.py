@@ -16,8 +16,31 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from services.executor.pool import new_sandbox  # noqa: E402
+from services.executor.sandbox import SandboxSettings, SandboxUnavailable  # noqa: E402
+from shared import logrotate  # noqa: E402
 from shared.devstack import Stack  # noqa: E402
-from shared.settings import env_bool  # noqa: E402
+from shared.settings import env_bool, env_int  # noqa: E402
+
+_BANNER = "!" * 100
+
+
+def _sandbox_ok(data_dir: Path) -> bool:
+    """Say loudly when function instances cannot be sandboxed; go on only if told to."""
+    settings = SandboxSettings.from_env()
+    if not settings.enabled:
+        print(f"{_BANNER}\nTASKMODE_SANDBOX=false: FUNCTION INSTANCES RUN UNSANDBOXED. Any function can read this\n"
+              f"machine's files as the executor's user and reach NATS and MongoDB. Development only.\n{_BANNER}",
+              flush=True)
+        return True
+    try:
+        new_sandbox(settings, work_dir=data_dir / "services" / "executor" / "instances").check()
+    except SandboxUnavailable as err:
+        print(f"{_BANNER}\nNO SANDBOX FOR FUNCTION INSTANCES: {err}\n"
+              f"taskmode will not run functions unsandboxed unless you set TASKMODE_SANDBOX=false.\n{_BANNER}",
+              file=sys.stderr, flush=True)
+        return False
+    return True
 
 
 def _access_keys(data_dir: Path) -> str:
@@ -34,7 +57,11 @@ def _access_keys(data_dir: Path) -> str:
 def main() -> int:
     data_dir = Path(os.environ.get("TASKMODE_DATA_DIR", ".data")).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    if not _sandbox_ok(data_dir):
+        return 1
     keys = _access_keys(data_dir)
+    log_max_bytes = env_int("TASKMODE_LOG_MAX_BYTES", logrotate.DEFAULT_MAX_BYTES)
+    log_keep = env_int("TASKMODE_LOG_KEEP", logrotate.DEFAULT_KEEP)
     stack = Stack(
         data_dir=data_dir,
         access_keys=keys,
@@ -60,6 +87,7 @@ def main() -> int:
             f"  access key id    {key_id}\n"
             f"  access secret    {secret}\n"
             f"  NATS             {stack.nats_url}\n"
+            f"  NATS users       one per service; passwords in {stack.secrets_dir} (admin: nats-admin.password)\n"
             f"  MongoDB          {stack.mongodb_url}\n"
             f"  metrics          http://127.0.0.1:{stack.gateway_port}/metrics (gateway), "
             f":9101 scheduler, :9102 executor, :9103 projection\n"
@@ -68,6 +96,7 @@ def main() -> int:
             flush=True,
         )
         while not stopping.wait(1.0):
+            logrotate.rotate_all((data_dir / "logs").glob("*.log"), max_bytes=log_max_bytes, keep=log_keep)
             for name, child in list(stack.services.items()):
                 if child.process.poll() is not None:
                     print(f"{name} exited with {child.process.returncode}; restarting", flush=True)

@@ -173,12 +173,17 @@ SECRET_VARIABLES: tuple[str, ...] = ("TASKMODE_ACCESS_KEYS", "TASKMODE_ACCESS_KE
                                      "NATS_PASSWORD", "NATS_PASSWORD_FILE")
 
 
+def child_environment(env: dict[str, str]) -> dict[str, str]:
+    """This process's environment minus its secrets, plus `env` (the child's own settings)."""
+    inherited = {k: v for k, v in os.environ.items() if k not in SECRET_VARIABLES}
+    return {**inherited, **env}
+
+
 def start_service(
     module: str, *, env: dict[str, str], log_path: Path, name: str | None = None
 ) -> ChildProcess:
     """`python -m <module>` with `env` added to this process's environment (minus its secrets)."""
-    inherited = {k: v for k, v in os.environ.items() if k not in SECRET_VARIABLES}
-    full_env = {**inherited, **env}
+    full_env = child_environment(env)
     proc = _spawn(name or module, [sys.executable, "-m", module], log_path, full_env)
     return ChildProcess(name or module, proc, log_path)
 

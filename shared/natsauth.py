@@ -49,6 +49,7 @@ _FUNCTIONS: Final = f"KV_{wire.FUNCTIONS_BUCKET}"
 _CONFIGS: Final = f"KV_{wire.ASYNC_CONFIG_BUCKET}"
 _LEASES: Final = f"KV_{wire.LEASES_BUCKET}"
 _CODE: Final = f"OBJ_{wire.CODE_BUCKET}"
+_NONCES: Final = f"KV_{wire.NONCES_BUCKET}"
 
 
 def inbox_prefix(role: str) -> str:
@@ -104,6 +105,7 @@ def permissions(role: str) -> Permissions:
             publish=(*common_publish, *appends, *_catalog_read(),
                      f"$KV.{wire.FUNCTIONS_BUCKET}.>", f"$KV.{wire.ASYNC_CONFIG_BUCKET}.>",
                      f"$O.{wire.CODE_BUCKET}.>", *_stream_api(_CODE, purge=True),
+                     *_stream_api(_NONCES, create=True), f"$KV.{wire.NONCES_BUCKET}.>",
                      f"{wire.SYNC_INVOKE_PREFIX}.>"),
             subscribe=tuple(inbox),
         )

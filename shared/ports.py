@@ -87,6 +87,10 @@ class TaskReadModel(Protocol):
         """Whole stored documents by `_id`; absent ids are left out."""
         ...
 
+    def reachable(self) -> bool:
+        """Whether the store is believed up (without a round trip)."""
+        ...
+
     async def save_many(self, docs: Sequence[TaskDocument]) -> None:
         """Replace (or insert) whole documents."""
         ...

@@ -26,6 +26,8 @@ EXECUTOR_DURABLE: Final = "taskmode-executor"
 PROJECTION_DURABLE: Final = "taskmode-projection"
 # Which instance of a partitioned service owns which partition: leases in this KV bucket.
 LEASES_BUCKET: Final = "taskmode_leases"
+# Signature nonces the gateways have seen (replay protection), kept for twice the clock skew.
+NONCES_BUCKET: Final = "taskmode_nonces"
 
 SYNC_INVOKE_PREFIX: Final = "taskmode.invoke"
 EXECUTOR_QUEUE_GROUP: Final = "taskmode-executors"

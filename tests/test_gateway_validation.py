@@ -454,6 +454,9 @@ class FakeTaskStore:
     def __init__(self) -> None:
         self.queries: list[Any] = []
 
+    def reachable(self) -> bool:
+        return True
+
     async def list_tasks(self, query: Any) -> Any:
         from shared.taskstore import TaskPage
 

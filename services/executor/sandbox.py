@@ -246,7 +246,7 @@ class UidLeases:
     def __init__(self, *, base: int, count: int, lock_dir: Path | None = None) -> None:
         self._base = base
         self._count = count
-        self._dir = lock_dir or Path(tempfile.gettempdir()) / "taskmode-sandbox-uids"
+        self._dir = lock_dir or Path(tempfile.gettempdir()) / "taskmode_sandbox_uids"
         self._next = 0
 
     def acquire(self) -> tuple[int, int]:

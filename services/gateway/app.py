@@ -23,6 +23,7 @@ from services.gateway.context import RequestContextMiddleware, install_exception
 from services.gateway.deps import Resources
 from services.gateway.errors import json_response
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.nonces import KvNonces
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -36,9 +37,11 @@ async def open_resources(settings: GatewaySettings, stack: AsyncExitStack) -> Re
     bus = await open_bus(settings.common, stack, name=wire.GATEWAY_CLIENT_NAME)
     catalog = await open_catalog(bus, stack)
     log.info("nats ready", extra={"stream": wire.EVENT_STREAM})
+    nonces = await KvNonces.open(bus.js, remember_s=2 * settings.max_clock_skew_s,
+                                 replicas=settings.common.stream_replicas)
     task_store = await TaskStore.connect(settings.common.mongodb_url)
     stack.push_async_callback(task_store.close)
-    return Resources(nc=bus.nc, catalog=catalog, events=bus.events, tasks=task_store)
+    return Resources(nc=bus.nc, catalog=catalog, events=bus.events, tasks=task_store, nonces=nonces)
 
 
 def _serve_metrics_port(metrics: GatewayMetrics, settings: GatewaySettings, stack: AsyncExitStack) -> None:

@@ -1,36 +1,67 @@
-"""Authentication: the guard in front of every API route.
+"""The guard in front of every API route: cheap refusals first, the body last.
 
-`guard_request` reads the body (capped), then checks its ACS3-HMAC-SHA256 signature against the
-configured access keys unless auth is disabled. Routes get the body back from `deps.body_of`.
+In order, each step costing more than the one before, so a hostile request is refused before it
+costs much: the bus must be up (every route needs it; without it the answer is a quick 503); the
+signature is checked from the headers alone (the signature covers the claimed body hash, not the
+body); the nonce must not have been seen (replay protection, `nonces.py`); then the body is read,
+under the route's size cap, hashed as it streams in and compared with the signed hash. An
+unsigned 70 MB upload therefore costs a header parse, not 70 MB of memory. Routes get the body
+from `deps.body_of`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 from datetime import datetime, timezone
+from typing import Final
 from urllib.parse import quote
 
 from fastapi import Request
 
-from services.gateway.deps import settings_of
-from shared import acs3
-from shared.errors import EntityTooLarge
+from services.gateway import params
+from services.gateway.deps import resources_of, settings_of
+from services.gateway.settings import GatewaySettings
+from shared import acs3, wire
+from shared.errors import EntityTooLarge, ServiceUnavailable, SignatureNonceUsed, SignatureNotMatch
 
 log = logging.getLogger(__name__)
 
+SMALL_BODY_BYTES: Final = 64 * 1024  # configs, stops, reads: anything but code and payloads
+NONCE_HEADER: Final = "x-acs-signature-nonce"
 
-async def read_body(request: Request, *, limit: int) -> bytes:
-    """The whole body, refusing more than `limit` bytes before reading them all."""
+
+def body_limit(request: Request, settings: GatewaySettings) -> int:
+    """The most this route accepts: code for function writes, a payload for invocations."""
+    template = getattr(request.scope.get("route"), "path", "")
+    if template.endswith("/invocations"):
+        kind = (request.headers.get(wire.FC_INVOCATION_TYPE_HEADER) or "").lower()
+        return params.MAX_ASYNC_PAYLOAD_BYTES if kind == "async" else params.MAX_SYNC_PAYLOAD_BYTES
+    if template.endswith(("/functions", "/functions/{function_name}")) and request.method in ("POST", "PUT"):
+        return settings.max_request_body_bytes
+    return SMALL_BODY_BYTES
+
+
+async def read_body(request: Request, *, limit: int, expected_sha256: str | None = None) -> bytes:
+    """The whole body, refusing more than `limit` bytes before reading them all, and (when given)
+    one whose SHA-256 is not `expected_sha256`."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise EntityTooLarge(f"request body exceeds maximum allowed size ({limit} bytes)")
     chunks: list[bytes] = []
     size = 0
+    digest = hashlib.sha256()
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise EntityTooLarge(f"request body exceeds maximum allowed size ({limit} bytes)")
+        digest.update(chunk)
         chunks.append(chunk)
+    if expected_sha256 is not None and not hmac.compare_digest(
+            digest.hexdigest().encode(), expected_sha256.lower().encode("utf-8", "replace")):
+        raise SignatureNotMatch(
+            f"x-acs-content-sha256 {expected_sha256!r} does not match the body's SHA-256 {digest.hexdigest()}.")
     return b"".join(chunks)
 
 
@@ -44,20 +75,27 @@ def _raw_path(request: Request) -> str:
 
 
 async def guard_request(request: Request) -> None:
-    """Router dependency: read the body, then verify the caller's signature (unless disabled)."""
+    """Router dependency: bus up, signature, nonce, then the body under the route's cap."""
     settings = settings_of(request)
-    body = await read_body(request, limit=settings.max_request_body_bytes)
-    request.state.body = body
+    resources = resources_of(request)
+    if not resources.nc.is_connected:
+        raise ServiceUnavailable("the event bus is unreachable; try again shortly")
+    limit = body_limit(request, settings)
     if settings.auth_disabled:
+        request.state.body = await read_body(request, limit=limit)
         return
-    access_key_id = acs3.verify_request(
+    verified = acs3.verify_signature(
         method=request.method,
         raw_path=_raw_path(request),
         raw_query=request.scope.get("query_string", b"").decode("latin-1"),
         headers=request.headers,
-        body=body,
         secrets=settings.access_keys,
         now=datetime.now(timezone.utc),
         max_skew_s=settings.max_clock_skew_s,
     )
-    request.state.access_key_id = access_key_id
+    if not verified.nonce or NONCE_HEADER not in verified.signed_headers:
+        raise SignatureNotMatch(f"{NONCE_HEADER} must be present and signed (it makes each request unrepeatable)")
+    if not await resources.nonces.first_use(verified.access_key_id, verified.nonce):
+        raise SignatureNonceUsed(f"the request with {NONCE_HEADER} {verified.nonce[:64]!r} was already received")
+    request.state.access_key_id = verified.access_key_id
+    request.state.body = await read_body(request, limit=limit, expected_sha256=verified.content_sha256)

@@ -23,7 +23,7 @@ from shared.events import DEFAULT_MAX_EVENT_AGE_S, DEFAULT_MAX_RETRIES, TaskEnqu
 from shared.eventstore import StoredEvent, follow, now_ms
 from shared.transitions import Status
 from services.gateway import params as validation
-from services.gateway.context import request_id_of
+from services.gateway.context import note_task_id, request_id_of
 from services.gateway.deps import body_of, metrics_of, resources_of
 from services.gateway.errors import InvocationTimeout, reported_error
 from shared.wire import (
@@ -75,6 +75,7 @@ async def _submit(request: Request, function: FunctionRecord, *, qualifier: str)
     except Exception:
         metrics.submissions.labels(outcome="rejected").inc()
         raise
+    note_task_id(request, task_id)
     config = await resources.catalog.find_async_config(name)
     at_ms = now_ms()
     event = TaskEnqueued(

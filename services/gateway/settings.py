@@ -11,7 +11,7 @@ from typing import Self
 import msgspec
 
 from shared.errors import InvalidArgument
-from shared.settings import CommonSettings, env_bool, env_int, env_str
+from shared.settings import CommonSettings, env_bool, env_float, env_int, env_str
 
 PORT_VAR = "TASKMODE_GATEWAY_PORT"
 HOST_VAR = "TASKMODE_GATEWAY_HOST"
@@ -20,6 +20,10 @@ ACCESS_KEYS_VAR = "TASKMODE_ACCESS_KEYS"
 ACCESS_KEYS_FILE_VAR = "TASKMODE_ACCESS_KEYS_FILE"  # the same, from a file only the gateway can read
 AUTH_DISABLED_VAR = "TASKMODE_AUTH_DISABLED"
 MAX_SKEW_VAR = "TASKMODE_GATEWAY_MAX_CLOCK_SKEW_S"
+HEADER_TIMEOUT_VAR = "TASKMODE_GATEWAY_HEADER_TIMEOUT_S"
+BODY_IDLE_TIMEOUT_VAR = "TASKMODE_GATEWAY_BODY_IDLE_TIMEOUT_S"
+MAX_PER_CLIENT_VAR = "TASKMODE_GATEWAY_MAX_CONNECTIONS_PER_CLIENT"
+MAX_CONNECTIONS_VAR = "TASKMODE_GATEWAY_MAX_CONNECTIONS"
 
 
 def parse_access_keys(text: str) -> dict[str, str]:
@@ -56,6 +60,10 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
     max_clock_skew_s: int = 900
     # Generous enough for a 50 MB code zip in base64 plus JSON; each route applies its own limit.
     max_request_body_bytes: int = 72 * 1024 * 1024
+    header_timeout_s: float = 10.0  # a request's headers must arrive within this
+    body_idle_timeout_s: float = 10.0  # a body may pause at most this long
+    max_connections_per_client: int = 64  # 0: no cap (set it so behind a proxy)
+    max_connections: int = 2048  # past this, requests are answered 503 at once
 
     @classmethod
     def from_env(cls) -> Self:
@@ -67,4 +75,8 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
             access_keys=parse_access_keys(_access_keys_text()),
             auth_disabled=env_bool(AUTH_DISABLED_VAR, False),
             max_clock_skew_s=env_int(MAX_SKEW_VAR, 900),
+            header_timeout_s=env_float(HEADER_TIMEOUT_VAR, 10.0),
+            body_idle_timeout_s=env_float(BODY_IDLE_TIMEOUT_VAR, 10.0),
+            max_connections_per_client=env_int(MAX_PER_CLIENT_VAR, 64),
+            max_connections=env_int(MAX_CONNECTIONS_VAR, 2048),
         )
