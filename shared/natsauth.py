@@ -105,7 +105,7 @@ def permissions(role: str) -> Permissions:
             publish=(*common_publish, *appends, *_catalog_read(),
                      f"$KV.{wire.FUNCTIONS_BUCKET}.>", f"$KV.{wire.ASYNC_CONFIG_BUCKET}.>",
                      f"$O.{wire.CODE_BUCKET}.>", *_stream_api(_CODE, purge=True),
-                     *_stream_api(_NONCES, create=True), f"$KV.{wire.NONCES_BUCKET}.>",
+                     *_stream_api(_NONCES, create=True, read=True), f"$KV.{wire.NONCES_BUCKET}.>",
                      f"{wire.SYNC_INVOKE_PREFIX}.>"),
             subscribe=tuple(inbox),
         )

@@ -12,6 +12,7 @@ them in this process (tests, or a single gateway that opts out of the bus round 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections import OrderedDict
@@ -20,9 +21,11 @@ from typing import Protocol
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
+from nats.errors import Error as NatsError
 from nats.js.kv import KeyValue
 
 from shared import wire
+from shared.errors import ServiceUnavailable
 
 
 class NonceLog(Protocol):
@@ -54,6 +57,8 @@ class KvNonces:
             await self._kv.create(_key(access_key_id, nonce), b"")
         except KeyWrongLastSequenceError:
             return False
+        except (NatsError, asyncio.TimeoutError) as err:
+            raise ServiceUnavailable("the bus did not record the request's nonce; try again") from err
         return True
 
 
