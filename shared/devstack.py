@@ -225,12 +225,24 @@ class Stack:
             # expired tasks from the projection instead.
             self.service_env.setdefault("TASKMODE_EXPIRY_SWEEP_S", "60")
 
-    def restart_nats(self) -> None:
-        """Stop the stack's own nats-server and start it again on the same port and store."""
+    def restart_nats(self, *, kill: bool = False) -> None:
+        """Stop (or `kill` -9) the stack's own nats-server and start it again on the same port and store."""
+        self.stop_nats(kill=kill)
+        self.start_nats_again()
+
+    def stop_nats(self, *, kill: bool = False) -> None:
+        """Stop (or `kill` -9) the stack's own nats-server, leaving it down."""
         old = next(child for child in self.infra if child.name == "nats")
-        old.stop()
+        if kill:
+            old.kill()
+        else:
+            old.stop()
+        self.infra.remove(old)
+
+    def start_nats_again(self) -> None:
+        """Start the stack's own nats-server on its port and store, after `stop_nats`."""
         port = int(self.nats_url.rsplit(":", 1)[1])
-        self.infra[self.infra.index(old)] = start_nats(self.data_dir, port=port, passwords=self.nats_passwords)
+        self.infra.append(start_nats(self.data_dir, port=port, passwords=self.nats_passwords))
 
     def stop_mongo_wire(self) -> None:
         """Stop the stack's own MongoDB-wire server (an outage of the read model)."""

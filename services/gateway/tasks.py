@@ -52,7 +52,9 @@ async def _task_document(
     *, resources: Resources, settings: GatewaySettings, metrics: GatewayMetrics, function_name: str, task_id: str
 ) -> TaskDocument:
     docs: dict[str, TaskDocument] = {}
-    if resources.tasks.reachable():  # while MongoDB is known down, straight to the stream
+    if not resources.tasks.reachable():  # while MongoDB is known down, straight to the stream
+        metrics.read_model_skipped.inc()
+    else:
         try:
             with pymongo.timeout(READ_MODEL_TIMEOUT_S):
                 docs = await resources.tasks.load_many([taskview.document_id(function_name, task_id)])
