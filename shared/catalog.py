@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from datetime import datetime
 from typing import Final, Generic, TypeVar
 
 import msgspec
@@ -21,6 +22,7 @@ from nats.js.errors import (
     KeyNotFoundError,
     KeyWrongLastSequenceError,
     NoKeysError,
+    NotFoundError,
     ObjectNotFoundError,
 )
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -231,6 +233,30 @@ class Catalog:
     async def put_code(self, checksum: str, archive: bytes) -> None:
         """Store a code zip under its checksum (idempotent: same checksum, same bytes)."""
         await self._code.put(checksum, archive)
+
+    async def list_code(self) -> list[tuple[str, datetime | None]]:
+        """Every stored code archive: (checksum, when it was last put; None if unknown)."""
+        try:
+            infos = await self._code.list(ignore_deletes=True)
+        except NotFoundError:
+            return []
+        listed: list[tuple[str, datetime | None]] = []
+        for info in infos:
+            put_at: datetime | None = None
+            with contextlib.suppress(TypeError, ValueError):
+                put_at = datetime.fromisoformat(str(info.mtime))
+            listed.append((str(info.name), put_at))
+        return listed
+
+    async def delete_code(self, checksum: str) -> None:
+        """Remove a code archive (a no-op if it is already gone)."""
+        with contextlib.suppress(ObjectNotFoundError, NotFoundError):
+            await self._code.delete(checksum)
+
+    async def referenced_code(self) -> set[str]:
+        """The checksums some function's record points at: code that must be kept. (Versions, when
+        they exist, must add theirs here.)"""
+        return {record.code_checksum for record in await self.list_functions()}
 
     async def get_code(self, checksum: str) -> bytes:
         """The code zip with `checksum`; raises `FunctionNotFound` if it was removed."""

@@ -9,6 +9,7 @@ nothing needs to inherit from a protocol.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from typing import Protocol
 
 from shared.catalog import AsyncConfigRecord, FunctionRecord
@@ -54,6 +55,12 @@ class FunctionCatalog(Protocol):
     async def put_code(self, checksum: str, archive: bytes) -> None: ...
 
     async def get_code(self, checksum: str) -> bytes: ...
+
+    async def list_code(self) -> list[tuple[str, datetime | None]]: ...
+
+    async def delete_code(self, checksum: str) -> None: ...
+
+    async def referenced_code(self) -> set[str]: ...
 
     async def create_function(self, record: FunctionRecord) -> None: ...
 

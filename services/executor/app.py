@@ -93,6 +93,13 @@ async def run(settings: ExecutorSettings, stop: asyncio.Event, stack: AsyncExitS
     await bus.nc.subscribe(f"{wire.SYNC_INVOKE_PREFIX}.*", queue=wire.EXECUTOR_QUEUE_GROUP, cb=on_sync)
     readiness.add("nats", lambda: bus.nc.is_connected)
     background(stack, periodically(UsageExporter(pool, metrics).export, every_s=5, stop=stop, what="usage export"))
+
+    async def collect_code() -> None:
+        in_use = await catalog.referenced_code() | {i.spec.code_checksum for i in pool.instances()}
+        await code.sweep(in_use, grace_s=settings.code_gc_grace_s)
+
+    background(stack, periodically(collect_code, every_s=min(60.0, max(settings.code_gc_grace_s / 4, 0.5)),
+                                   stop=stop, what="code directory garbage collection"))
     await _dispatch_loop(bus.js, runner, settings, stop, spawn)
 
 

@@ -7,6 +7,7 @@ closes. Nothing is built at import time.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -16,9 +17,11 @@ from prometheus_client import start_http_server
 
 from shared import wire
 from shared.bootstrap import open_bus, open_catalog
+from shared.service import background, periodically
 from shared.taskstore import TaskStore
 from services.gateway import async_configs, functions, invocations, tasks
 from services.gateway.auth import guard_request
+from services.gateway.code_gc import sweep_code
 from services.gateway.context import RequestContextMiddleware, install_exception_handlers
 from services.gateway.deps import Resources
 from services.gateway.errors import json_response
@@ -71,6 +74,16 @@ def create_app(
         async with AsyncExitStack() as stack:
             app.state.resources = resources if resources is not None else await open_resources(settings, stack)
             _serve_metrics_port(gateway_metrics, settings, stack)
+            if resources is None and settings.code_gc_every_s > 0:
+                catalog = app.state.resources.catalog
+                stopped = asyncio.Event()
+                stack.callback(stopped.set)
+
+                async def collect_code() -> None:
+                    await sweep_code(catalog, grace_s=settings.code_gc_grace_s)
+
+                background(stack, periodically(collect_code, every_s=settings.code_gc_every_s, stop=stopped,
+                                               what="code garbage collection"))
             log.info(
                 "gateway ready",
                 extra={"host": settings.host, "port": settings.port, "auth_disabled": settings.auth_disabled},

@@ -64,6 +64,8 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
     body_idle_timeout_s: float = 10.0  # a body may pause at most this long
     max_connections_per_client: int = 64  # 0: no cap (set it so behind a proxy)
     max_connections: int = 2048  # past this, requests are answered 503 at once
+    code_gc_every_s: float = 600.0  # 0: never sweep unreferenced code archives
+    code_gc_grace_s: float = 3600.0  # an unreferenced archive younger than this is kept
 
     @classmethod
     def from_env(cls) -> Self:
@@ -79,4 +81,6 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
             body_idle_timeout_s=env_float(BODY_IDLE_TIMEOUT_VAR, 10.0),
             max_connections_per_client=env_int(MAX_PER_CLIENT_VAR, 64),
             max_connections=env_int(MAX_CONNECTIONS_VAR, 2048),
+            code_gc_every_s=env_float("TASKMODE_CODE_GC_EVERY_S", 600.0),
+            code_gc_grace_s=env_float("TASKMODE_CODE_GC_GRACE_S", 3600.0),
         )
