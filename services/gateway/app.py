@@ -19,7 +19,7 @@ from shared import wire
 from shared.bootstrap import open_bus, open_catalog
 from shared.service import background, periodically
 from shared.taskstore import TaskStore
-from services.gateway import async_configs, functions, invocations, tasks
+from services.gateway import async_configs, functions, invocations, openapi, tasks
 from services.gateway.auth import guard_request
 from services.gateway.code_gc import sweep_code
 from services.gateway.context import RequestContextMiddleware, install_exception_handlers
@@ -92,7 +92,8 @@ def create_app(
             log.info("gateway shutting down")
 
     # No trailing-slash redirects: a redirected signed request would not verify anyway.
-    app = FastAPI(lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None, redirect_slashes=False)
+    app = FastAPI(lifespan=lifespan, openapi_url="/openapi.json", docs_url=None, redoc_url=None, redirect_slashes=False)
+    openapi.install(app)
     app.state.settings = settings
     app.state.metrics = gateway_metrics
     if resources is not None:  # usable at once, even by a test transport that skips the lifespan

@@ -6,7 +6,7 @@ import logging
 
 from fastapi import APIRouter, Response
 
-from services.gateway import params
+from services.gateway import openapi, params
 from services.gateway.deps import BodyDep, ResourcesDep
 from services.gateway.errors import json_response
 from services.gateway.schemas import PutAsyncInvokeConfigInput, decode_json
@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 
-@router.put("/functions/{function_name}/async-invoke-config")
+@router.put("/functions/{function_name}/async-invoke-config",
+            openapi_extra=openapi.request_body(PutAsyncInvokeConfigInput))
 async def put_async_invoke_config(
     function_name: str, resources: ResourcesDep, raw: BodyDep, qualifier: str | None = None
 ) -> Response:

@@ -9,7 +9,7 @@ import uuid
 import msgspec
 from fastapi import APIRouter, Response
 
-from services.gateway import function_records, params
+from services.gateway import function_records, openapi, params
 from services.gateway.deps import BodyDep, ResourcesDep, SettingsDep
 from services.gateway.errors import json_response
 from services.gateway.schemas import CreateFunctionInput, UpdateFunctionInput, decode_json
@@ -23,7 +23,7 @@ router = APIRouter()
 _UPDATE_ATTEMPTS = 5
 
 
-@router.post("/functions")
+@router.post("/functions", openapi_extra=openapi.request_body(CreateFunctionInput))
 async def create_function(resources: ResourcesDep, settings: SettingsDep, raw: BodyDep) -> Response:
     body = decode_json(raw, CreateFunctionInput)
     params.check_function_name(body.function_name)
@@ -65,7 +65,7 @@ async def list_functions(
     return json_response({"functions": [msgspec.to_builtins(records[n]) for n in page], "nextToken": token})
 
 
-@router.put("/functions/{function_name}")
+@router.put("/functions/{function_name}", openapi_extra=openapi.request_body(UpdateFunctionInput))
 async def update_function(function_name: str, resources: ResourcesDep, raw: BodyDep) -> Response:
     params.check_function_name(function_name)
     body = decode_json(raw, UpdateFunctionInput)

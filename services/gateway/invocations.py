@@ -22,7 +22,7 @@ from shared.errors import (
 from shared.events import DEFAULT_MAX_EVENT_AGE_S, DEFAULT_MAX_RETRIES, TaskEnqueued, TaskProcessed
 from shared.eventstore import StoredEvent, follow, now_ms
 from shared.transitions import Status
-from services.gateway import params as validation
+from services.gateway import openapi, params as validation
 from services.gateway.context import note_task_id, request_id_of
 from services.gateway.deps import body_of, metrics_of, resources_of
 from services.gateway.errors import InvocationTimeout, reported_error
@@ -43,7 +43,7 @@ router = APIRouter()
 SYNC_REPLY_SLACK_S = 5.0
 
 
-@router.post("/functions/{function_name}/invocations")
+@router.post("/functions/{function_name}/invocations", openapi_extra=openapi.invocation())
 async def invoke_function(function_name: str, request: Request, qualifier: str | None = None) -> Response:
     validation.check_function_name(function_name)
     invocation_type = validation.parse_invocation_type(request.headers.get(INVOCATION_TYPE_HEADER))
