@@ -377,7 +377,9 @@ class Sandbox:
                  "--unshare-uts", "--unshare-cgroup-try", "--hostname", "fc-instance")
         if self._rootless:
             uid = settings.uid_base
-            args.add("--unshare-user", "--disable-userns", "--uid", str(uid), "--gid", str(uid))
+            # (Not --disable-userns: bwrap makes it a second, nested namespace that slirp4netns cannot
+            # join to give the sandbox its network.)
+            args.add("--unshare-user", "--uid", str(uid), "--gid", str(uid))
         else:
             uid, launch._uid_lock = self._uids.acquire()
         _system_roots(args)
