@@ -96,7 +96,7 @@ def _spawn(name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] |
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=env,
+            env=env if env is not None else child_environment({}),  # servers get no secrets either
             start_new_session=True,  # a Ctrl-C in the terminal reaches us, not the children
         )
     finally:
