@@ -129,8 +129,9 @@ async def paced_phase(fc: FcClient, n: int, rate: float, *, name: str = "bench_l
     return {"to_running": to_running, "to_succeeded": to_succeeded, "get": get_ms}
 
 
-async def jetstream_baseline(url: str, n: int) -> dict[str, float]:
-    nc = await nats.connect(url)
+async def jetstream_baseline(url: str, n: int, *, credentials: tuple[str, str] | None = None) -> dict[str, float]:
+    user, password = credentials or (None, None)
+    nc = await nats.connect(url, user=user, password=password)
     js = nc.jetstream()
     await js.add_stream(StreamConfig(name="BENCH_BASELINE", subjects=["bench.baseline.>"]))
     payload = b'{"payload":"{}"}'
@@ -181,7 +182,7 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         stack, fc, base = start_stack(Path(tmp))
         try:
-            baseline = await jetstream_baseline(stack.nats_url, args.tasks)
+            baseline = await jetstream_baseline(stack.nats_url, args.tasks, credentials=stack.nats_credentials("admin"))
             tp = await throughput_phase(fc, base, args.tasks)
             lat = await paced_phase(fc, args.paced, args.rate)
             memory = rss_mb(stack)
