@@ -78,8 +78,12 @@ def new_stack(tmp: Path, *, extra_env: dict[str, str] | None = None) -> Stack:
         gateway_port=free_port(),
         service_env={**FAST_ENV, **(extra_env or {})},
     )
-    stack.start_infra()
-    stack.start_services()
+    try:
+        stack.start_infra()
+        stack.start_services()
+    except BaseException:
+        stack.stop()  # a service that failed to start must not leave the others running
+        raise
     return stack
 
 
