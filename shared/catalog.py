@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from datetime import datetime
 from typing import TYPE_CHECKING, Final, Generic, TypeVar
 
 import msgspec
@@ -288,6 +289,32 @@ class Catalog:
     async def put_code(self, checksum: str, archive: bytes) -> None:
         """Store a code zip under its checksum (idempotent: same checksum, same bytes)."""
         await self._code.put(checksum, archive)
+
+    async def list_code(self) -> list[tuple[str, datetime | None]]:
+        """Every stored code archive: (checksum, when it was last put; None if unknown)."""
+        try:
+            infos = await self._code.list(ignore_deletes=True)
+        except NotFoundError:
+            return []
+        listed: list[tuple[str, datetime | None]] = []
+        for info in infos:
+            put_at: datetime | None = None
+            with contextlib.suppress(TypeError, ValueError):
+                put_at = datetime.fromisoformat(str(info.mtime))
+            listed.append((str(info.name), put_at))
+        return listed
+
+    async def delete_code(self, checksum: str) -> None:
+        """Remove a code archive (a no-op if it is already gone)."""
+        with contextlib.suppress(ObjectNotFoundError, NotFoundError):
+            await self._code.delete(checksum)
+
+    async def referenced_code(self) -> set[str]:
+        """The code keys some function's record or published version points at: code to keep."""
+        referenced = {record.code_key for record in await self.list_functions()}
+        if self.versions is not None:
+            referenced |= await self.versions.referenced_code()
+        return referenced
 
     async def get_code(self, checksum: str) -> bytes:
         """The code zip with `checksum`; raises `FunctionNotFound` if it was removed."""

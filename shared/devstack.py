@@ -29,6 +29,8 @@ from pathlib import Path
 
 import psutil
 
+from shared import natsauth
+
 _NATS_LISTEN = re.compile(rb"Listening for client connections on [\d.]+:(\d+)")
 
 
@@ -118,7 +120,7 @@ def _spawn(name: str, argv: Sequence[str], log_path: Path, env: dict[str, str] |
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=env,
+            env=env if env is not None else child_environment({}),  # servers get no secrets either
             start_new_session=True,  # a Ctrl-C in the terminal reaches us, not the children
             preexec_fn=_die_with(os.getpid()),  # noqa: PLW1509 - async-signal-safe: one prctl call
         )
@@ -135,12 +137,14 @@ def start_program(name: str, argv: Sequence[str], *, log_path: Path, env: dict[s
 NATS_MAX_PAYLOAD_BYTES = 40 * 1024 * 1024
 
 
-def nats_config(*, port: int, store: Path) -> str:
-    """The nats-server configuration taskmode runs with (JetStream on, loopback only)."""
+def nats_config(*, port: int, store: Path, authorization: str = "") -> str:
+    """The nats-server configuration taskmode runs with (JetStream on, loopback only), with the
+    roles' users and permissions when `authorization` is given (`natsauth.render_authorization`)."""
     return (
         f"listen: 127.0.0.1:{port}\n"
         f"max_payload: {NATS_MAX_PAYLOAD_BYTES}\n"
         f"jetstream {{\n  store_dir: {json.dumps(str(store))}\n}}\n"
+        f"{authorization}"
     )
 
 
@@ -178,19 +182,25 @@ def start_nats_with(
     """
     offset = _log_offset(log_path)
     argv = [executable("nats-server"), "-c", str(config)]
-    proc = _spawn(name, argv, log_path, {**os.environ, **env} if env else None)
+    proc = _spawn(name, argv, log_path, child_environment(env or {}))
     chosen = int(wait_for_log_line(_NATS_LISTEN, log_path=log_path, offset=offset, process=proc,
                                    deadline_s=deadline_s).group(1))
     wait_for_port(chosen, deadline_s=deadline_s, process=proc)
     return ChildProcess(name, proc, log_path, url=f"nats://127.0.0.1:{chosen}")
 
 
-def start_nats(data_dir: Path, *, port: int = -1, deadline_s: float = 20.0) -> ChildProcess:
-    """A JetStream-enabled nats-server storing under `data_dir/nats`; port -1 lets it choose."""
+def start_nats(data_dir: Path, *, port: int = -1, deadline_s: float = 20.0,
+               passwords: dict[str, str] | None = None) -> ChildProcess:
+    """A JetStream-enabled nats-server storing under `data_dir/nats`; port -1 lets it choose.
+
+    With `passwords` (role -> password) it asks every client for a role's credentials; its
+    configuration then holds them and is written readable by its owner only.
+    """
     store = data_dir / "nats"
     store.mkdir(parents=True, exist_ok=True)
     config = data_dir / "nats-server.conf"
-    config.write_text(nats_config(port=port, store=store))
+    authorization = natsauth.render_authorization(passwords) if passwords else ""
+    natsauth.write_private(config, nats_config(port=port, store=store, authorization=authorization))
     return start_nats_with(config, log_path=data_dir / "logs" / "nats-server.log", deadline_s=deadline_s)
 
 
@@ -225,15 +235,19 @@ CLUSTER_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "nats" / "c
 @dataclass
 class NatsCluster:
     """Three (or more) nats-server nodes on loopback, each run with deploy/nats/cluster.conf, the
-    file docker-compose.yml and deploy/k8s use, so the cluster tested here is the one deployed."""
+    file docker-compose.yml and deploy/k8s use, so the cluster tested here is the one deployed
+    (with its users: each role's password reaches the nodes in its NATS_<ROLE>_PASSWORD variable)."""
 
     data_dir: Path
     envs: list[dict[str, str]]
+    passwords: dict[str, str]
     nodes: list[ChildProcess] = field(default_factory=list)
 
     @classmethod
     def start(cls, data_dir: Path, *, size: int = 3) -> NatsCluster:
         """Start `size` nodes storing under `data_dir/node-<n>`; returns once all listen."""
+        passwords = natsauth.new_passwords()
+        variables = {natsauth.password_variable(role): password for role, password in passwords.items()}
         route_ports = [free_port() for _ in range(size)]
         routes = {f"NATS_ROUTE_{i + 1}": f"nats://127.0.0.1:{port}" for i, port in enumerate(route_ports)}
         envs = [
@@ -244,10 +258,11 @@ class NatsCluster:
                 "NATS_CLUSTER_LISTEN": f"127.0.0.1:{route_ports[i]}",
                 "NATS_STORE_DIR": str(data_dir / f"node-{i + 1}"),
                 **routes,
+                **variables,
             }
             for i in range(size)
         ]
-        cluster = cls(data_dir=data_dir, envs=envs)
+        cluster = cls(data_dir=data_dir, envs=envs, passwords=passwords)
         for index in range(size):
             cluster.nodes.append(cluster._start_node(index))
         return cluster
@@ -259,6 +274,10 @@ class NatsCluster:
     @property
     def urls(self) -> list[str]:
         return [node.url for node in self.nodes]
+
+    def credentials(self, role: str) -> tuple[str, str]:
+        """(user, password) of `role` on the cluster."""
+        return role, self.passwords[role]
 
     def monitor_url(self, index: int) -> str:
         return f"http://{self.envs[index]['NATS_HTTP_LISTEN']}"
@@ -301,11 +320,28 @@ def start_mongo_wire(data_dir: Path, *, port: int | None = None, deadline_s: flo
     return ChildProcess("mongo", proc, log_path, url=f"mongodb://127.0.0.1:{chosen}")
 
 
+# Inherited by no service: each gets only its own credentials, from `env`.
+SECRET_VARIABLES: tuple[str, ...] = ("TASKMODE_ACCESS_KEYS", "TASKMODE_ACCESS_KEYS_FILE", "NATS_USER",
+                                     "NATS_PASSWORD", "NATS_PASSWORD_FILE", "TASKMODE_DELIVERY_SECRET",
+                                     "TASKMODE_GATEWAY_URL_SECRET")
+
+
+def _is_secret(name: str) -> bool:
+    # NATS_<ROLE>_PASSWORD: a whole cluster's users, as compose's env file holds them.
+    return name in SECRET_VARIABLES or (name.startswith("NATS_") and name.endswith("_PASSWORD"))
+
+
+def child_environment(env: dict[str, str]) -> dict[str, str]:
+    """This process's environment minus its secrets, plus `env` (the child's own settings)."""
+    inherited = {k: v for k, v in os.environ.items() if not _is_secret(k)}
+    return {**inherited, **env}
+
+
 def start_service(
     module: str, *, env: dict[str, str], log_path: Path, name: str | None = None
 ) -> ChildProcess:
-    """`python -m <module>` with `env` added to this process's environment."""
-    full_env = {**os.environ, **env}
+    """`python -m <module>` with `env` added to this process's environment (minus its secrets)."""
+    full_env = child_environment(env)
     proc = _spawn(name or module, [sys.executable, "-m", module], log_path, full_env)
     return ChildProcess(name or module, proc, log_path)
 
@@ -330,15 +366,21 @@ class Stack:
     service_env: dict[str, str] = field(default_factory=dict)
     # Signs webhook destination records (only the deliverer holds it; receivers are told it).
     delivery_secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    # role -> password: generated for our own nats-server, or given with `nats_url` for one that
+    # asks for them (a NatsCluster's).
+    nats_passwords: dict[str, str] = field(default_factory=dict)
     infra: list[ChildProcess] = field(default_factory=list)
     services: dict[str, ChildProcess] = field(default_factory=dict)
 
     def start_infra(self, *, nats_port: int = -1, mongo_port: int | None = None) -> None:
         """Start nats-server (unless `nats_url` is set) and the MongoDB-wire server (unless `mongodb_url` is)."""
         if not self.nats_url:
-            nats = start_nats(self.data_dir, port=nats_port)
+            self.nats_passwords = natsauth.load_or_create_passwords(self.secrets_dir)
+            nats = start_nats(self.data_dir, port=nats_port, passwords=self.nats_passwords)
             self.infra.append(nats)
             self.nats_url = nats.url
+        elif self.nats_passwords:  # someone else's server that asks for them: hand them over as files
+            natsauth.store_passwords(self.secrets_dir, self.nats_passwords)
         if not self.mongodb_url:
             mongo = start_mongo_wire(self.data_dir, port=mongo_port)
             self.infra.append(mongo)
@@ -347,12 +389,24 @@ class Stack:
             # expired tasks from the projection instead.
             self.service_env.setdefault("TASKMODE_EXPIRY_SWEEP_S", "60")
 
-    def restart_nats(self) -> None:
-        """Stop the stack's own nats-server and start it again on the same port and store."""
+    def restart_nats(self, *, kill: bool = False) -> None:
+        """Stop (or `kill` -9) the stack's own nats-server and start it again on the same port and store."""
+        self.stop_nats(kill=kill)
+        self.start_nats_again()
+
+    def stop_nats(self, *, kill: bool = False) -> None:
+        """Stop (or `kill` -9) the stack's own nats-server, leaving it down."""
         old = next(child for child in self.infra if child.name == "nats")
-        old.stop()
+        if kill:
+            old.kill()
+        else:
+            old.stop()
+        self.infra.remove(old)
+
+    def start_nats_again(self) -> None:
+        """Start the stack's own nats-server on its port and store, after `stop_nats`."""
         port = int(self.nats_url.rsplit(":", 1)[1])
-        self.infra[self.infra.index(old)] = start_nats(self.data_dir, port=port)
+        self.infra.append(start_nats(self.data_dir, port=port, passwords=self.nats_passwords))
 
     def infra_child(self, name: str) -> ChildProcess:
         """The stack's own "nats" or "mongo" server."""
@@ -363,7 +417,7 @@ class Stack:
         old = self.infra_child(name)
         old.stop()
         if name == "nats":
-            new = start_nats(self.data_dir, port=int(self.nats_url.rsplit(":", 1)[1]))
+            new = start_nats(self.data_dir, port=int(self.nats_url.rsplit(":", 1)[1]), passwords=self.nats_passwords)
         else:
             new = start_mongo_wire(self.data_dir, port=int(self.mongodb_url.rsplit(":", 1)[1]))
         self.infra[self.infra.index(old)] = new
@@ -380,6 +434,16 @@ class Stack:
         port = int(self.mongodb_url.rsplit(":", 1)[1])
         self.infra.append(start_mongo_wire(self.data_dir, port=port))
 
+    @property
+    def secrets_dir(self) -> Path:
+        """Credentials (0600 files): the roles' NATS passwords and the gateway's access keys."""
+        return self.data_dir / "secrets"
+
+    def nats_credentials(self, role: str) -> tuple[str, str] | None:
+        """(user, password) of a role on our own nats-server, or None when it asks for none."""
+        password = self.nats_passwords.get(role)
+        return None if password is None else (role, password)
+
     def env_for(self, service: str) -> dict[str, str]:
         env = {
             "NATS_URL": self.nats_url,
@@ -387,9 +451,14 @@ class Stack:
             "TASKMODE_DATA_DIR": str(self.data_dir / "services" / service),
             "PYTHONUNBUFFERED": "1",
         }
+        if service in self.nats_passwords:  # a file, so that the password is not in the environment
+            env["NATS_USER"] = service
+            env["NATS_PASSWORD_FILE"] = str(natsauth.password_file(self.secrets_dir, service))
         if service == "gateway":  # only the gateway checks signatures; no one else holds the keys
             env["TASKMODE_GATEWAY_PORT"] = str(self.gateway_port)
-            env["TASKMODE_ACCESS_KEYS"] = self.access_keys
+            keys_file = self.secrets_dir / "access-keys"
+            natsauth.write_private(keys_file, self.access_keys + "\n")
+            env["TASKMODE_ACCESS_KEYS_FILE"] = str(keys_file)
             env["TASKMODE_AUTH_DISABLED"] = "true" if self.auth_disabled else "false"
             env["TASKMODE_CONSOLE_LOGS_DIR"] = str(self.data_dir / "logs")  # the console shows task logs
         if service == "deliverer":

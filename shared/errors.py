@@ -63,6 +63,12 @@ class RequestTimeTooSkewed(AccessDenied):
     code = "RequestTimeTooSkewed"
 
 
+class SignatureNonceUsed(AccessDenied):
+    """A signed request arrived again (a replay): each nonce is accepted once."""
+
+    code = "SignatureNonceUsed"
+
+
 class FunctionNotFound(TaskmodeError):
     code = "FunctionNotFound"
     http_status = 404

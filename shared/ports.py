@@ -9,6 +9,7 @@ nothing needs to inherit from a protocol.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from typing import Any, Protocol
 
 from shared.catalog import AsyncConfigRecord, FunctionRecord
@@ -62,6 +63,12 @@ class FunctionCatalog(Protocol):
 
     async def get_code(self, checksum: str) -> bytes: ...
 
+    async def list_code(self) -> list[tuple[str, datetime | None]]: ...
+
+    async def delete_code(self, checksum: str) -> None: ...
+
+    async def referenced_code(self) -> set[str]: ...
+
     async def create_function(self, record: FunctionRecord) -> None: ...
 
     async def get_function_versioned(self, name: str) -> tuple[FunctionRecord, int]: ...
@@ -106,6 +113,10 @@ class TaskReadModel(Protocol):
 
     async def load_many(self, ids: Iterable[str]) -> dict[str, TaskDocument]:
         """Whole stored documents by `_id`; absent ids are left out."""
+        ...
+
+    def believed_reachable(self) -> bool:
+        """Whether the store is believed up (without a round trip)."""
         ...
 
     async def save_many(self, docs: Sequence[TaskDocument]) -> None:

@@ -90,7 +90,15 @@ def _positive(name: str, value: int, *, most: int) -> int:
 
 
 def _credentials() -> tuple[str, str] | None:
+    """NATS_USER with NATS_PASSWORD, or with NATS_PASSWORD_FILE (a file only the service can read,
+    so that the password is not in its environment)."""
     user = os.environ.get("NATS_USER", "")
     if not user:
         return None
+    password_file = os.environ.get("NATS_PASSWORD_FILE", "")
+    if password_file:
+        try:
+            return user, Path(password_file).read_text().strip()
+        except OSError as err:
+            raise InvalidArgument(f"NATS_PASSWORD_FILE {password_file!r} cannot be read: {err}") from err
     return user, os.environ.get("NATS_PASSWORD", "")

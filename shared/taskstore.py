@@ -51,6 +51,7 @@ _MAX_BACKOFF_S: Final = 2.0
 
 
 SERVER_SELECTION_TIMEOUT_MS: Final = 5000
+HEARTBEAT_MS: Final = 1000
 
 
 def prefix_upper_bound(prefix: str) -> str | None:
@@ -282,6 +283,12 @@ class TaskStore:
             TASKS_COLLECTION, codec_options=codec
         )
 
+    def believed_reachable(self) -> bool:
+        """False while the driver's monitor finds no server to read from: a reader with another
+        way to answer (the event stream) can take it at once instead of waiting out server
+        selection. Costs no round trip."""
+        return bool(self._client.topology_description.has_readable_server())
+
     @property
     def collection(self) -> AsyncCollection[Document]:
         """The underlying collection, for diagnostics and tests; writes go through the methods."""
@@ -310,6 +317,8 @@ class TaskStore:
             # Fail within seconds while the server is away: readers can answer otherwise, and a
             # writer's supervisor restarts it, rather than requests hanging for pymongo's 30 s.
             serverSelectionTimeoutMS=SERVER_SELECTION_TIMEOUT_MS,
+            # Notice an outage (and the recovery) within a couple of seconds: `believed_reachable` reads it.
+            heartbeatFrequencyMS=HEARTBEAT_MS,
         )
 
         async def ping() -> None:

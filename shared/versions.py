@@ -137,6 +137,26 @@ class Versions:
 
     # --- versions -----------------------------------------------------------------------------
 
+    async def referenced_code(self) -> set[str]:
+        """The code keys of every published version's snapshot (code garbage collection keeps
+        them). Read from the bucket, not the mirror: a sweep must not miss a version another
+        process published a moment ago."""
+        try:
+            keys = list(await self._kv.keys())
+        except NoKeysError:
+            return set()
+        referenced: set[str] = set()
+        for key in keys:
+            if key.split(".")[1:2] != ["v"]:
+                continue  # an alias or a counter
+            try:
+                entry = await self._kv.get(key)
+            except KeyNotFoundError:
+                continue
+            if entry.value:
+                referenced.add(_decode_version(entry.value).function.code_key)
+        return referenced
+
     async def publish(self, function: FunctionRecord, *, description: str, now: str) -> VersionRecord:
         """Snapshot `function` as its next version (ids are 1, 2, 3, ... per incarnation)."""
         name = function.function_name

@@ -41,6 +41,8 @@ PROJECTION_DURABLE: Final = "taskmode-projection"
 DELIVERER_DURABLE: Final = "taskmode-deliverer"
 # Which instance of a partitioned service owns which partition: leases in this KV bucket.
 LEASES_BUCKET: Final = "taskmode_leases"
+# Signature nonces the gateways have seen (replay protection), kept for twice the clock skew.
+NONCES_BUCKET: Final = "taskmode_nonces"
 
 SYNC_INVOKE_PREFIX: Final = "taskmode.invoke"
 TRIGGERS_CLIENT_NAME: Final = "taskmode-triggers"

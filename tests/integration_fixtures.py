@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from shared.devstack import Stack, free_port
@@ -52,11 +54,23 @@ def sleep(event, context):
 
 def stubborn(event, context):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    with open(os.environ["PIDFILE_DIR"] + "/" + context.task_id, "w") as f:
-        f.write(str(os.getpid()))
     while True:
         time.sleep(0.05)
 '''
+
+
+def function_processes(function: str, *, argv0: str = "") -> list[psutil.Process]:
+    """The host's processes of `function`'s instances (found by the FC_FUNCTION_NAME they carry;
+    a sandboxed instance cannot tell the host its pids itself)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            cmdline = proc.info["cmdline"] or []
+            if argv0 and (not cmdline or cmdline[0] != argv0):
+                continue
+            if proc.environ().get("FC_FUNCTION_NAME") == function and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+    return found
 
 
 def new_stack(tmp: Path, *, extra_env: dict[str, str] | None = None) -> Stack:
@@ -66,8 +80,12 @@ def new_stack(tmp: Path, *, extra_env: dict[str, str] | None = None) -> Stack:
         gateway_port=free_port(),
         service_env={**FAST_ENV, **(extra_env or {})},
     )
-    stack.start_infra()
-    stack.start_services()
+    try:
+        stack.start_infra()
+        stack.start_services()
+    except BaseException:
+        stack.stop()  # a service that failed to start must not leave the others running
+        raise
     return stack
 
 

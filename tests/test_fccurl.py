@@ -169,7 +169,7 @@ def test_print_curl_commands_work_with_the_real_curl(api: str, fn_name: str, tmp
     def printed(*args: str) -> str:
         done = run_fccurl("--print-curl", *args, cwd=tmp_path)
         assert done.returncode == 0, done.stderr
-        assert b"valid until" in done.stderr
+        assert b"valid once, until" in done.stderr
         return done.stdout.decode().strip()
 
     def shell(command: str) -> bytes:
@@ -184,11 +184,15 @@ def test_print_curl_commands_work_with_the_real_curl(api: str, fn_name: str, tmp
     status, headers, _ = split_response(shell(submit))
     assert (status, headers["x-fc-async-task-id"]) == (202, "curl-1")
 
-    get = printed(f"{api}/functions/{fn_name}/async-tasks/curl-1")
-    task = wait_for(lambda: (t := json.loads(shell(get)))["status"] in TERMINAL and t, what="curl-1 finishing")
+    def get() -> str:
+        return printed(f"{api}/functions/{fn_name}/async-tasks/curl-1")
+
+    task = wait_for(lambda: (t := json.loads(shell(get())))["status"] in TERMINAL and t, what="curl-1 finishing")
     assert (task["status"], task["returnPayload"]) == ("Succeeded", payload)
-    # The printed command stays valid: it can be run again while the signature's date is fresh.
-    assert json.loads(shell(get))["taskId"] == "curl-1"
+    # A printed command runs once: its nonce makes a second run a refused replay.
+    once = get()
+    assert json.loads(shell(once))["taskId"] == "curl-1"
+    assert json.loads(shell(once))["Code"] == "SignatureNonceUsed"
 
     # A query value with a space, sent percent-encoded, and a PUT without a body.
     listing = printed(f"{api}/functions/{fn_name}/async-tasks?prefix=no such&limit=5")

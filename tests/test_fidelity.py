@@ -443,7 +443,7 @@ def test_the_end_of_invocation_mark_is_the_same_on_both_sides() -> None:
     from services.executor import instance, node_instance, python_worker
 
     assert instance.END_OF_INVOCATION.decode() == python_worker.END_OF_INVOCATION
-    worker_js = Path(node_instance.WORKER).read_text()
+    worker_js = node_instance.WORKER_FILE.read_text()
     assert "const END_OF_INVOCATION = '\\x1etaskmode-invocation-end\\x1e';" in worker_js
     assert instance.END_OF_INVOCATION == b"\x1etaskmode-invocation-end\x1e"
 

@@ -41,8 +41,8 @@ def handler(event, context):
         return None
     if event == b"calls":
         return str(calls)
-    if event == b"pid":
-        return str(os.getpid())
+    if event == b"pid":  # the pid alone is 2 in every sandbox (a PID namespace each)
+        return os.environ["FC_INSTANCE_ID"] + ":" + str(os.getpid())
     if event == b"context":
         return {
             "request_id": context.request_id,
@@ -67,16 +67,13 @@ def handler(event, context):
     if event == b"exit":
         os._exit(3)
     if event == b"sleep":
-        if "MARKER" in os.environ:
-            open(os.environ["MARKER"], "w").close()
+        print("sleeping now", flush=True)
         time.sleep(60)
     if event == b"stubborn":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         child = subprocess.Popen([sys.executable, "-c",
             "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
-        with open(os.environ["MARKER"] + ".tmp", "w") as f:
-            f.write(str(child.pid))
-        os.rename(os.environ["MARKER"] + ".tmp", os.environ["MARKER"])
+        print("child started", flush=True)
         while True:
             time.sleep(1)
     return event
@@ -184,7 +181,7 @@ async def test_handler_sees_context_and_environment(pool: InstancePool, code_dir
         "FC_INSTANCE_ID": instance.instance_id,
         "GREETING": "hi",
     }
-    assert Path(seen["cwd"]) == code_dir
+    assert seen["cwd"] == instance.paths.code_dir == "/code"  # the sandbox shows the code there
 
 
 async def test_printing_does_not_corrupt_the_protocol(pool: InstancePool, code_dir: Path) -> None:
@@ -287,18 +284,15 @@ async def test_timeout_kills_the_instance(pool: InstancePool, code_dir: Path) ->
         assert (await fresh.invoke(b"str", CTX)).ok
 
 
-async def test_kill_ends_a_sigterm_ignoring_tree_within_two_seconds(
-    pool: InstancePool, code_dir: Path, tmp_path: Path
-) -> None:
-    marker = tmp_path / "child.pid"
-    spec = python_spec(code_dir, environment={"MARKER": str(marker)}, timeout_s=30.0)
+async def test_kill_ends_a_sigterm_ignoring_tree_within_two_seconds(pool: InstancePool, code_dir: Path) -> None:
+    spec = python_spec(code_dir, timeout_s=30.0)
     async with pool.lease(spec) as instance:
         pid = instance.pid
         assert pid is not None
         invocation = asyncio.create_task(instance.invoke(b"stubborn", CTX))
-        await wait_until(marker.exists)
-        child_pid = int(marker.read_text())
-        assert psutil.pid_exists(child_pid)
+        await wait_until(lambda: "child started" in instance.output_tail(), timeout_s=15)
+        tree = psutil.Process(pid).children(recursive=True)
+        child_pid = max(p.pid for p in tree)  # the handler's own child, the newest process
         started = time.monotonic()
         await instance.kill()
         elapsed_s = time.monotonic() - started
@@ -312,12 +306,11 @@ async def test_kill_ends_a_sigterm_ignoring_tree_within_two_seconds(
 
 async def test_pool_close_kills_invocations_in_flight(tmp_path: Path, code_dir: Path) -> None:
     pool = InstancePool(work_dir=tmp_path / "work")
-    marker = tmp_path / "sleeping"
-    async with pool.lease(python_spec(code_dir, timeout_s=30.0, environment={"MARKER": str(marker)})) as instance:
+    async with pool.lease(python_spec(code_dir, timeout_s=30.0)) as instance:
         pid = instance.pid
         assert pid is not None
         invocation = asyncio.create_task(instance.invoke(b"sleep", CTX))
-        await wait_until(marker.exists)
+        await wait_until(lambda: "sleeping now" in instance.output_tail(), timeout_s=15)
         await pool.close()
         result = await invocation
     assert result.killed and not psutil.pid_exists(pid)
@@ -397,13 +390,20 @@ async def test_usage_reports_the_process_tree(pool: InstancePool, code_dir: Path
     assert 1 << 20 < rss < 1 << 31
 
 
+def web_dir(tmp_path: Path) -> Path:
+    """A code directory the sandbox's uid may read (pytest's own are private to root)."""
+    code = tmp_path / "web"
+    code.mkdir(mode=0o755, exist_ok=True)
+    return code
+
+
 def custom_spec(tmp_path: Path, command: list[str], **overrides: Any) -> FunctionSpec:
     return FunctionSpec(
         name="web",
         runtime="custom.debian10",
         handler="index.handler",
         timeout_s=overrides.pop("timeout_s", 10.0),
-        code_dir=tmp_path,
+        code_dir=web_dir(tmp_path),
         code_checksum="c1",
         custom_command=command,
         **overrides,
@@ -412,7 +412,7 @@ def custom_spec(tmp_path: Path, command: list[str], **overrides: Any) -> Functio
 
 @pytest.fixture
 def echo_spec(tmp_path: Path) -> FunctionSpec:
-    (tmp_path / "server.py").write_text(ECHO_SERVER)
+    (web_dir(tmp_path) / "server.py").write_text(ECHO_SERVER)
     return custom_spec(tmp_path, [sys.executable, "server.py"])
 
 
@@ -478,7 +478,7 @@ async def test_custom_command_not_found(pool: InstancePool, tmp_path: Path) -> N
 
 async def test_custom_runtime_timeout(pool: InstancePool, tmp_path: Path) -> None:
     slow = ECHO_SERVER.replace("def do_POST(self):", "def do_POST(self):\n        __import__('time').sleep(60)")
-    (tmp_path / "slow.py").write_text(slow)
+    (web_dir(tmp_path) / "slow.py").write_text(slow)
     async with pool.lease(custom_spec(tmp_path, [sys.executable, "slow.py"], timeout_s=1.0)) as instance:
         pid = instance.pid
         result = await instance.invoke(b"x", CTX)

@@ -164,30 +164,26 @@ async def test_stop_enqueued_task_never_runs(fc: FcClient, fn_name: str) -> None
     assert statuses(task) == ["Enqueued", "Stopped"]
 
 
-async def test_stop_running_task_kills_handler_that_ignores_sigterm(fc: FcClient, fn_name: str, tmp_path) -> None:
-    import os
+async def test_stop_running_task_kills_handler_that_ignores_sigterm(fc: FcClient, fn_name: str) -> None:
     import time
 
-    import psutil
+    from tests.integration_fixtures import function_processes
 
-    await make_function(fc, fn_name, handler="index.stubborn", env={"PIDFILE_DIR": str(tmp_path)})
+    await make_function(fc, fn_name, handler="index.stubborn")
     await fc.invoke_async(fn_name, b"", task_id="stubborn_1")
     await fc.wait_for(fn_name, "stubborn_1", {"Running"})
-    pid_file = tmp_path / "stubborn_1"
     end = time.monotonic() + 10
-    while not pid_file.exists() and time.monotonic() < end:
+    while not (handlers := function_processes(fn_name)) and time.monotonic() < end:
         await asyncio.sleep(0.05)
-    pid = int(pid_file.read_text())
-    assert psutil.pid_exists(pid)
+    assert handlers, "the handler's processes were not found"
     stopped_at = time.monotonic()
     response = await fc.stop_task(fn_name, "stubborn_1")
     assert response.status_code == 200, response.text
     task = await fc.wait_for(fn_name, "stubborn_1", {"Stopped"}, deadline_s=10)
-    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+    while function_processes(fn_name):
         assert time.monotonic() - stopped_at < 2.0, "handler still alive 2 s after stop"
         await asyncio.sleep(0.02)
     assert statuses(task)[-2:] == ["Stopping", "Stopped"]
-    assert os.path.exists(pid_file)
 
 
 async def test_stopping_a_finished_task_is_a_conflict(fc: FcClient, fn_name: str) -> None:

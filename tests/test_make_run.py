@@ -74,6 +74,9 @@ async def test_launcher_runs_everything_stops_cleanly_and_keeps_data(tmp_path: P
         await fc.invoke_async("kept", b"persist me", task_id="kept_task")
         await fc.wait_for("kept", "kept_task", {"Succeeded"})
         await fc.close()
+        environments = [child.environ() for child in psutil.Process(proc.pid).children(recursive=True)]
+        assert not [env for env in environments if "TASKMODE_ACCESS_KEYS" in env or "NATS_PASSWORD" in env]
+        assert sum("TASKMODE_ACCESS_KEYS_FILE" in env for env in environments) == 1  # the gateway's
     finally:
         children = stop_launcher(proc)
     assert len(children) >= 8  # nats, mongo-wire and six services (plus instances)
@@ -94,3 +97,37 @@ async def test_launcher_runs_everything_stops_cleanly_and_keeps_data(tmp_path: P
         await fc.close()
     finally:
         stop_launcher(proc)
+
+
+def test_only_the_gateway_gets_the_access_keys_and_no_service_a_password_in_its_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shared.devstack import Stack, child_environment
+
+    monkeypatch.setenv("TASKMODE_ACCESS_KEYS", "leaked:secret")
+    monkeypatch.setenv("NATS_PASSWORD", "leaked")
+    stack = Stack(data_dir=tmp_path, access_keys="id:secret", gateway_port=9999, nats_url="nats://127.0.0.1:1",
+                  mongodb_url="mongodb://127.0.0.1:1", nats_passwords={"gateway": "g", "executor": "e"})
+    for service in ("gateway", "scheduler", "executor", "projection"):
+        env = child_environment(stack.env_for(service))
+        assert "TASKMODE_ACCESS_KEYS" not in env and "NATS_PASSWORD" not in env, service
+        assert ("TASKMODE_ACCESS_KEYS_FILE" in env) == (service == "gateway"), service
+    keys_file = Path(child_environment(stack.env_for("gateway"))["TASKMODE_ACCESS_KEYS_FILE"])
+    assert keys_file.read_text().strip() == "id:secret"
+    assert keys_file.stat().st_mode & 0o777 == 0o600
+    assert child_environment(stack.env_for("executor"))["NATS_USER"] == "executor"
+
+
+def test_log_rotation_keeps_a_writer_appending(tmp_path: Path) -> None:
+    from shared.logrotate import rotate_all
+
+    log = tmp_path / "service.log"
+    with open(log, "ab", buffering=0) as writer:  # as devstack opens a child's log
+        for round_ in range(4):
+            writer.write(b"x" * 1500)
+            assert rotate_all([log], max_bytes=1000, keep=2) == [log]
+            assert log.stat().st_size == 0
+            writer.write(b"after\n")
+            assert log.read_bytes() == b"after\n", round_
+            log.write_bytes(b"")  # next round starts empty
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["service.log", "service.log.1", "service.log.2"]

@@ -13,7 +13,7 @@ import httpx
 import nats
 import pytest
 
-from shared import wire
+from shared import natsauth, wire
 from shared.devstack import NatsCluster, Stack, free_port
 from tests.fc_client import FcClient
 from tests.integration_fixtures import ACCESS_KEY_ID, ACCESS_KEY_SECRET, FAST_ENV, client_for
@@ -49,6 +49,7 @@ def stack_on_cluster(tmp_path: Path, cluster: NatsCluster) -> Iterator[Stack]:
         access_keys=f"{ACCESS_KEY_ID}:{ACCESS_KEY_SECRET}",
         gateway_port=free_port(),
         nats_url=cluster.urls[0],
+        nats_passwords=cluster.passwords,  # every service connects as its role, as in compose
         service_env={**FAST_ENV, "TASKMODE_STREAM_REPLICAS": "3"},
     )
     try:
@@ -59,9 +60,10 @@ def stack_on_cluster(tmp_path: Path, cluster: NatsCluster) -> Iterator[Stack]:
         stack.stop()
 
 
-async def stream_leader(url: str) -> tuple[str, int]:
+async def stream_leader(cluster: NatsCluster, url: str) -> tuple[str, int]:
     """The event stream's leader node and its replica count, as the cluster reports them."""
-    nc = await nats.connect(url)
+    user, password = cluster.credentials(natsauth.ADMIN)
+    nc = await nats.connect(url, user=user, password=password)
     try:
         info = await nc.jetstream().stream_info(wire.EVENT_STREAM)
         assert info.cluster is not None and info.cluster.leader
@@ -89,7 +91,7 @@ async def test_tasks_survive_killing_the_stream_leader(cluster: NatsCluster, sta
     fc = client_for(stack_on_cluster)
     try:
         await make_function(fc, "clustered")
-        leader, replicas = await stream_leader(cluster.urls[0])
+        leader, replicas = await stream_leader(cluster, cluster.urls[0])
         assert replicas == 3
 
         async def submit_all() -> None:
@@ -126,5 +128,5 @@ async def test_tasks_survive_killing_the_stream_leader(cluster: NatsCluster, sta
     for name, child in stack_on_cluster.services.items():
         assert child.process.poll() is None, f"{name} exited with {child.process.returncode}"
     wait_for_healthy(cluster)  # the restarted node rejoined
-    _, replicas = await stream_leader(cluster.urls[victim])
+    _, replicas = await stream_leader(cluster, cluster.urls[victim])
     assert replicas == 3

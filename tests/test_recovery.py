@@ -218,16 +218,15 @@ async def test_a_busy_function_does_not_hold_up_other_functions(stack_with: Stac
     assert fast["endTime"] < first_slow_end, "the quick task waited behind the backlog"
 
 
-async def test_processes_an_instance_started_die_when_its_executor_is_replaced(own_stack: Stack, own_fc: FcClient, tmp_path: Path) -> None:
-    import psutil
+async def test_processes_an_instance_started_die_with_its_executor(own_stack: Stack, own_fc: FcClient) -> None:
+    from tests.integration_fixtures import function_processes
 
-    # A custom runtime whose server forks a helper process: the helper is not the executor's
-    # child, so only the restarted executor's clean-up can end it.
-    server = f'''
+    # A custom runtime whose server forks a helper in a session of its own: the helper is not
+    # the executor's child, and only the sandbox's PID namespace ends it with the executor.
+    server = '''
 import os, subprocess, time
 from http.server import BaseHTTPRequestHandler, HTTPServer
-helper = subprocess.Popen(["sleep", "300"])
-open({str(tmp_path / "helper.pid")!r}, "w").write(str(helper.pid))
+helper = subprocess.Popen(["sleep", "300"], start_new_session=True)
 
 class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
@@ -240,14 +239,16 @@ HTTPServer(("127.0.0.1", int(os.environ["FC_SERVER_PORT"])), Handler).serve_fore
     assert response.status_code == 200, response.text
     await own_fc.invoke_async("forking", b"", task_id="long")
     await own_fc.wait_for("forking", "long", {"Running"})
-    helper_pid = int((tmp_path / "helper.pid").read_text())
+    async def helper_running() -> bool:
+        return bool(function_processes("forking", argv0="sleep"))
+
+    async def helper_gone() -> bool:
+        return not function_processes("forking", argv0="sleep")
+
+    await wait_until(helper_running, deadline_s=20, what="the helper running")
     own_stack.kill_service("executor")
-    assert psutil.pid_exists(helper_pid)  # outlived its executor and its own parent
+    await wait_until(helper_gone, deadline_s=20, what="the orphaned helper gone")
     own_stack.start_service("executor")
-    end = time.monotonic() + 20
-    while psutil.pid_exists(helper_pid) and psutil.Process(helper_pid).status() != psutil.STATUS_ZOMBIE:
-        assert time.monotonic() < end, "the orphaned helper is still running"
-        await asyncio.sleep(0.1)
 
 
 async def test_read_model_outage_keeps_tasks_running_and_readable(own_stack: Stack, own_fc: FcClient) -> None:

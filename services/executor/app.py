@@ -14,7 +14,8 @@ from nats.js import JetStreamContext
 
 from services.executor import orphans
 from services.executor.code_cache import CodeCache
-from services.executor.pool import InstancePool
+from services.executor.pool import InstancePool, new_sandbox
+from services.executor.sandbox import SandboxUnavailable
 from services.executor.metrics import ExecutorMetrics
 from services.executor.runner import TaskRunner
 from services.executor.settings import ExecutorSettings
@@ -31,6 +32,7 @@ from shared.service import Readiness, background, periodically, serve_http
 log = logging.getLogger(__name__)
 Spawn = Callable[[Coroutine[Any, Any, None]], None]  # runs a coroutine as a tracked background task
 SHUTDOWN_GRACE_S = 10.0  # running tasks may finish; those cut off count as a lost attempt
+EXIT_NO_SANDBOX = 5  # a supervisor should not restart us: nothing changes until the host does
 
 
 async def run(settings: ExecutorSettings, stop: asyncio.Event, stack: AsyncExitStack) -> None:
@@ -38,12 +40,23 @@ async def run(settings: ExecutorSettings, stop: asyncio.Event, stack: AsyncExitS
     readiness = Readiness()
     serve_http(metrics.registry, readiness, port=settings.common.metrics_port, host=settings.common.metrics_host,
                stack=stack)
+    work_dir = settings.common.data_dir / "instances"
+    sandbox = new_sandbox(settings.sandbox, work_dir=work_dir)
+    try:
+        await asyncio.to_thread(sandbox.check)
+    except SandboxUnavailable as err:
+        log.critical("NO SANDBOX FOR FUNCTION INSTANCES; refusing to run them: %s", err)
+        raise SystemExit(EXIT_NO_SANDBOX) from err
+    if not sandbox.enabled:
+        log.warning("FUNCTION INSTANCES RUN UNSANDBOXED (TASKMODE_SANDBOX=false): a function can read the "
+                    "executor's files and reach everything it can reach")
     bus = await open_bus(settings.common, stack, name=wire.EXECUTOR_CLIENT_NAME, stop=stop)
-    orphans.reap(settings.common.data_dir / "instances")
+    orphans.reap(work_dir)
     pool = InstancePool(
-        work_dir=settings.common.data_dir / "instances",
+        work_dir=work_dir,
         max_instances_per_function=settings.max_instances_per_function,
         idle_timeout_s=settings.idle_timeout_s,
+        sandbox=sandbox,
     )
     stack.push_async_callback(pool.close)
     await ensure_consumer(
@@ -87,6 +100,13 @@ async def run(settings: ExecutorSettings, stop: asyncio.Event, stack: AsyncExitS
     await bus.nc.subscribe(f"{wire.SYNC_INVOKE_PREFIX}.*", queue=wire.EXECUTOR_QUEUE_GROUP, cb=on_sync)
     readiness.add("nats", lambda: bus.nc.is_connected)
     background(stack, periodically(UsageExporter(pool, metrics).export, every_s=5, stop=stop, what="usage export"))
+
+    async def collect_code() -> None:
+        in_use = await catalog.referenced_code() | {i.spec.code_dir.name for i in pool.instances()}
+        await code.sweep(in_use, grace_s=settings.code_gc_grace_s)
+
+    background(stack, periodically(collect_code, every_s=min(60.0, max(settings.code_gc_grace_s / 4, 0.5)),
+                                   stop=stop, what="code directory garbage collection"))
     await _dispatch_loop(bus.js, runner, settings, stop, spawn)
 
 

@@ -1,24 +1,31 @@
 """Custom-runtime instances: the user's own HTTP server, started from `custom_command`.
 
-As in FC, the server listens on the port in `FC_SERVER_PORT` and each invocation is a
-`POST /invoke` carrying the event as the body. We pick a free port per instance so that several
-instances of one function can run side by side.
+As in FC, the server listens on `FC_SERVER_PORT` (the function's `customRuntimeConfig.port`,
+9000 by default) and each invocation is a `POST /invoke` carrying the event as the body. The
+sandbox gives every instance a network namespace of its own, so instances cannot collide on
+that port, and the executor cannot reach it directly either: `relay.py` runs beside the server
+inside the sandbox and passes HTTP through from a Unix socket in a bound directory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import sys
+from pathlib import Path
 from typing import ClassVar, Final
 
 import httpx
 
+from services.executor import relay
 from services.executor.instance import Instance, InvocationResult, InvokeContext, failure
 from shared import wire
 
 INVOKE_PATH: Final = "/invoke"
 READY_POLL_S: Final = 0.02
 ERROR_BODY_CHARS: Final = 1024
+RELAY_FILE: Final = Path(relay.__file__).resolve()
+SOCKET_NAME: Final = "invoke.sock"
 
 
 def free_port(taken: set[int]) -> int:
@@ -31,41 +38,41 @@ def free_port(taken: set[int]) -> int:
             return port
 
 
-async def accepts(port: int) -> bool:
-    try:
-        _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except OSError:
-        return False
-    writer.close()
-    await writer.wait_closed()
-    return True
-
-
 class CustomRuntimeInstance(Instance):
-    """`spec.custom_command` in `code_dir`, served over HTTP on 127.0.0.1:`port`."""
+    """`spec.custom_command` in its code directory, served over HTTP through the relay's socket."""
 
     port = 0
     _client: httpx.AsyncClient | None = None
-    # Ports are a process-wide resource: two instances starting at once must not get the same one,
-    # or the second could mistake the first's server for its own.
+    # Unsandboxed, instances share the host's network: two starting at once must not get the same
+    # port, or one could mistake the other's server for its own.
     _ports_taken: ClassVar[set[int]] = set()
 
     async def _launch(self) -> InvocationResult | None:
         if not self.spec.custom_command:
             return failure("custom runtime needs a command", kind="InitializationError")
-        self.port = free_port(self._ports_taken)
-        self._ports_taken.add(self.port)
+        if self._sandbox.enabled:
+            self.port = self.spec.custom_port
+        else:
+            self.port = free_port(self._ports_taken)
+            self._ports_taken.add(self.port)
+        socket_dir = self._tmp_dir / "run"
+        socket_dir.mkdir(parents=True, exist_ok=True)
+        host_socket = socket_dir / SOCKET_NAME
         env = {**self._environment(), "FC_SERVER_PORT": str(self.port)}
-        await self._spawn(self.spec.custom_command, env=env, framed=False)
+        relay_argv = [f"{self.paths.runtime_dir}/{RELAY_FILE.name}", f"{self.paths.socket_dir}/{SOCKET_NAME}",
+                      str(self.port), "--"]
+        await self._spawn([sys.executable, "-P", *relay_argv, *self.spec.custom_command], env=env, framed=False,
+                          socket_dir=socket_dir)
         assert self._exited is not None
-        # Poll until the server accepts; start() bounds the whole launch by the timeout.
-        while not await accepts(self.port):
+        # The relay creates its socket once the server accepts; start() bounds the whole launch.
+        while not host_socket.exists():
             await asyncio.wait({self._exited}, timeout=READY_POLL_S)
             if self._exited.done():
                 return await self._exited_early(self._exited.result())
-        # trust_env=False: a proxy from the environment must never sit between us and 127.0.0.1.
+        # trust_env=False: a proxy from the environment must never sit between us and the instance.
         self._client = httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{self.port}", timeout=None, trust_env=False
+            base_url="http://instance", timeout=None, trust_env=False,
+            transport=httpx.AsyncHTTPTransport(uds=str(host_socket)),
         )
         return None
 

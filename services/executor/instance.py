@@ -1,15 +1,14 @@
 """A function instance: one worker process that runs user handlers, one invocation at a time.
 
 An `Instance` is one OS process (a session leader, so a kill reaches the whole tree) that serves
-one invocation at a time; subclasses speak a runtime's protocol (`python_instance.py`,
-`custom_runtime.py`) and `pool.py` leases them. Nothing here knows about NATS or MongoDB; the
-executor service drives it.
+one invocation at a time, started inside the sandbox `sandbox.py` builds; subclasses speak a
+runtime's protocol (`python_instance.py`, `custom_runtime.py`) and `pool.py` leases them.
+Nothing here knows about NATS or MongoDB; the executor service drives it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import shutil
@@ -27,6 +26,7 @@ import msgspec
 import psutil
 
 from services.executor import orphans
+from services.executor.sandbox import Confinement, Launch, Sandbox, die_with_parent
 
 logger = logging.getLogger(__name__)
 output_logger = logging.getLogger(f"{__name__}.output")  # what user code prints, per instance
@@ -55,6 +55,9 @@ class FunctionSpec:
     environment: Mapping[str, str] = field(default_factory=dict)
     custom_command: Sequence[str] = ()  # custom runtime: command + args
     version: str = "LATEST"  # LATEST or the published version this spec is a snapshot of
+    custom_port: int = 9000  # custom runtime: where its server listens (in its own network namespace)
+    disk_mb: int = 512  # the size of its /tmp
+    internet_access: bool = True
 
 
 @dataclass(frozen=True)
@@ -123,11 +126,14 @@ def _describe_exit(code: int | None) -> str:
 class Instance:
     """One process serving one invocation at a time; subclasses speak the runtime's protocol."""
 
-    def __init__(self, spec: FunctionSpec, *, work_dir: Path) -> None:
+    def __init__(self, spec: FunctionSpec, *, work_dir: Path, sandbox: Sandbox) -> None:
         self.spec = spec
         self.instance_id = f"{spec.name}-{uuid.uuid4().hex[:8]}"
         self.idle_since = time.monotonic()  # pool bookkeeping
-        self._tmp_dir = work_dir / self.instance_id
+        self._sandbox = sandbox
+        self._tmp_dir = work_dir / self.instance_id  # on the host: scratch, sockets
+        self.paths = sandbox.paths(code_dir=spec.code_dir, instance_dir=self._tmp_dir)
+        self._launched: Launch | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._exited: asyncio.Task[int] | None = None
         self._drain: asyncio.Task[None] | None = None
@@ -299,6 +305,8 @@ class Instance:
             if self._drain is not None:
                 with suppress(TimeoutError, asyncio.CancelledError):
                     await asyncio.wait_for(self._drain, timeout=1.0)
+        if self._launched is not None:
+            await self._launched.close()
         await self._release_resources()
         await asyncio.to_thread(shutil.rmtree, self._tmp_dir, True)
         logger.info("instance %s stopped (%s)", self.instance_id, self._stop_reason)
@@ -309,26 +317,36 @@ class Instance:
             os.killpg(self._proc.pid, signum)  # start_new_session: pgid == pid
 
     def _environment(self) -> dict[str, str]:
+        """The instance's whole environment: a fixed base, the function's variables, FC's."""
         self._tmp_dir.mkdir(parents=True, exist_ok=True)
-        spec = self.spec
+        spec, paths = self.spec, self.paths
         return {  # FC's variables win over the function's own
-            **inherited_environment(), **spec.environment,
+            **base_environment(home=paths.tmp_dir), **spec.environment,
             "FC_FUNCTION_NAME": spec.name, "FC_FUNCTION_HANDLER": spec.handler,
             "FC_FUNCTION_MEMORY_SIZE": str(spec.memory_mb), "FC_INSTANCE_ID": self.instance_id,
-            "FC_FUNC_CODE_PATH": str(spec.code_dir), "TMPDIR": str(self._tmp_dir),
+            "FC_FUNC_CODE_PATH": paths.code_dir, "TMPDIR": paths.tmp_dir,
         }
 
-    async def _spawn(self, argv: Sequence[str], *, env: Mapping[str, str], framed: bool) -> None:
-        """Start the process. `framed`: a worker speaking frames on stdin/stdout, its output on
-        stderr (python, nodejs); else a program whose stdout and stderr are both its output."""
+    async def _spawn(self, argv: Sequence[str], *, env: Mapping[str, str], framed: bool,
+                     socket_dir: Path | None = None) -> None:
+        """Start the process inside the sandbox (every runtime goes through here). `framed`: a
+        worker speaking frames on stdin/stdout, its output on stderr (python, nodejs); else a
+        program whose stdout and stderr are both its output. `socket_dir` is bound writable."""
+        spec = self.spec
+        self._launched = launch = self._sandbox.launch(
+            argv, env=env, code_dir=spec.code_dir, instance_dir=self._tmp_dir, socket_dir=socket_dir,
+            confinement=Confinement(memory_mb=spec.memory_mb, tmp_mb=spec.disk_mb, internet=spec.internet_access),
+        )
         pipe = asyncio.subprocess.PIPE
         self._proc = await asyncio.create_subprocess_exec(
-            *argv, cwd=self.spec.code_dir, env=env, start_new_session=True,  # own group: kill reaches the tree
-            preexec_fn=_die_with_parent,
+            *launch.argv, cwd=launch.cwd, env=launch.env, pass_fds=launch.pass_fds,
+            start_new_session=True,  # own group: kill reaches the tree
+            preexec_fn=die_with_parent,
             stdin=pipe if framed else asyncio.subprocess.DEVNULL, stdout=pipe,
             stderr=pipe if framed else asyncio.subprocess.STDOUT,
         )
         self._exited = asyncio.ensure_future(self._proc.wait())
+        await launch.started(self._proc.pid)
         group_file = orphans.register(self._tmp_dir.parent, pgid=self._proc.pid, instance_id=self.instance_id)
         self._exited.add_done_callback(lambda _: orphans.unregister(group_file))
         output = self._proc.stderr if framed else self._proc.stdout
@@ -368,21 +386,13 @@ class Instance:
                 self._capture.ended.set()
 
 
-# The executor's own configuration (bus and database addresses, keys) is not the function's
-# business: user code sees the machine's environment minus these.
-_PRIVATE_ENV_PREFIXES: Final = ("TASKMODE_", "NATS_", "MONGODB_")
-
-
-def inherited_environment() -> dict[str, str]:
-    """The executor's environment as a function instance may see it."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(_PRIVATE_ENV_PREFIXES)}
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: if the executor dies (even by SIGKILL), so does the
-    instance, so a crashed executor leaves no orphaned handler running a task twice."""
-    if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def base_environment(*, home: str) -> dict[str, str]:
+    """What every instance's environment starts from. Nothing of the executor's own environment
+    is passed on: it holds the bus and database addresses (and, in a careless deployment,
+    secrets), none of which is the function's business."""
+    return {
+        "PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "HOME": home,
+        "PYTHONUNBUFFERED": "1",
+    }

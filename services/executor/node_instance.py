@@ -18,7 +18,7 @@ import msgspec
 
 from services.executor.instance import UNHANDLED, Instance, InvocationResult, InvokeContext, failure
 
-WORKER: Final = str(Path(__file__).with_name("node_worker.js"))
+WORKER_FILE: Final = Path(__file__).with_name("node_worker.js").resolve()
 NODE_BINARY_VAR: Final = "TASKMODE_NODE_BINARY"
 _FRAME_HEADER: Final = struct.Struct(">I")
 
@@ -39,11 +39,14 @@ class NodeInstance(Instance):
                 kind="InitializationError",
             )
         self.marks_output = True
-        await self._spawn([node, WORKER], env=self._environment(), framed=True)
+        # The sandbox shows the worker at the runtime directory; node itself must be under a
+        # directory the sandbox binds (/usr, where Debian's nodejs lives).
+        worker = f"{self.paths.runtime_dir}/{WORKER_FILE.name}"
+        await self._spawn([node, worker], env=self._environment(), framed=True)
         spec = self.spec
         ready = await self._exchange({
             "functionName": spec.name, "handler": spec.handler, "memoryMb": spec.memory_mb,
-            "timeoutS": spec.timeout_s, "instanceId": self.instance_id, "codeDir": str(spec.code_dir),
+            "timeoutS": spec.timeout_s, "instanceId": self.instance_id, "codeDir": self.paths.code_dir,
         })
         if ready.get("ok"):
             return None

@@ -15,24 +15,32 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.executor.custom_runtime import CustomRuntimeInstance
+from services.executor.custom_runtime import RELAY_FILE, CustomRuntimeInstance
 from services.executor.instance import FunctionSpec, Instance
+from services.executor.node_instance import WORKER_FILE as NODE_WORKER_FILE
 from services.executor.node_instance import NodeInstance
-from services.executor.python_instance import PythonInstance
+from services.executor.python_instance import WORKER_FILE, PythonInstance
+from services.executor.sandbox import Sandbox, SandboxSettings
 from shared.errors import InvalidArgument, ServiceUnavailable
 
 logger = logging.getLogger(__name__)
 
 
-def new_instance(spec: FunctionSpec, *, work_dir: Path) -> Instance:
+def new_instance(spec: FunctionSpec, *, work_dir: Path, sandbox: Sandbox) -> Instance:
     """An instance of the class that serves `spec.runtime` (not started yet)."""
     if spec.runtime.startswith("python3"):
-        return PythonInstance(spec, work_dir=work_dir)
+        return PythonInstance(spec, work_dir=work_dir, sandbox=sandbox)
     if spec.runtime.startswith("nodejs"):
-        return NodeInstance(spec, work_dir=work_dir)
+        return NodeInstance(spec, work_dir=work_dir, sandbox=sandbox)
     if spec.runtime.startswith("custom"):
-        return CustomRuntimeInstance(spec, work_dir=work_dir)
+        return CustomRuntimeInstance(spec, work_dir=work_dir, sandbox=sandbox)
     raise InvalidArgument(f"unsupported runtime {spec.runtime!r}")
+
+
+def new_sandbox(settings: SandboxSettings, *, work_dir: Path) -> Sandbox:
+    """The sandbox instances of this pool run in, with the worker scripts every runtime needs."""
+    return Sandbox(settings, support_dir=work_dir / ".sandbox",
+                   worker_files={path.name: path for path in (WORKER_FILE, NODE_WORKER_FILE, RELAY_FILE)})
 
 
 @dataclass
@@ -68,9 +76,10 @@ class InstancePool:
 
     def __init__(
         self, *, work_dir: Path, max_instances_per_function: int = 4, idle_timeout_s: float = 120.0,
-        start_timeout_s: float = 30.0,
+        start_timeout_s: float = 30.0, sandbox: Sandbox | None = None,
     ) -> None:
         self._work_dir = work_dir
+        self.sandbox = sandbox or new_sandbox(SandboxSettings(), work_dir=work_dir)
         # A cold start is bounded by max(function timeout, start_timeout_s): like FC, a short invocation
         # timeout must not make a slow-booting runtime unusable.
         self._start_timeout_s = start_timeout_s
@@ -135,7 +144,7 @@ class InstancePool:
         await asyncio.gather(*(self._discard(instance) for instance in stale))
         if slots.idle:
             return slots.idle.pop()
-        instance = new_instance(spec, work_dir=self._work_dir)
+        instance = new_instance(spec, work_dir=self._work_dir, sandbox=self.sandbox)
         self._live.add(instance)
         try:
             await instance.start(timeout_s=max(spec.timeout_s, self._start_timeout_s))

@@ -1,8 +1,7 @@
-"""Python instances: `python -m services.executor.python_worker` speaking msgpack frames over stdio."""
+"""Python instances: `python_worker.py` speaking msgpack frames over stdio."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Final
@@ -12,25 +11,24 @@ import msgspec
 from services.executor import python_worker as proto
 from services.executor.instance import UNHANDLED, Instance, InvocationResult, InvokeContext
 
-_REPO_ROOT: Final = str(Path(__file__).resolve().parents[2])
+WORKER_FILE: Final = Path(proto.__file__).resolve()  # run as a script: it imports no taskmode module
 
 
 class PythonInstance(Instance):
-    """`python -m services.executor.python_worker` speaking msgpack frames over its stdio."""
+    """`python -P python_worker.py` speaking msgpack frames over its stdio."""
 
     _decode_ready = msgspec.msgpack.Decoder(proto.Ready).decode
     _decode_response = msgspec.msgpack.Decoder(proto.Response).decode
 
     async def _launch(self) -> InvocationResult | None:
         self.marks_output = True  # the worker writes END_OF_INVOCATION after each request
-        env = self._environment()
-        # The worker must import whatever the cwd is; -P keeps the code dir from shadowing it (the
-        # worker puts the code dir first on sys.path itself, after it has started).
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO_ROOT, env.get("PYTHONPATH", "")) if p)
-        await self._spawn([sys.executable, "-P", "-m", "services.executor.python_worker"], env=env, framed=True)
+        # -P: the code directory (the cwd) must not shadow the standard library or msgspec; the
+        # worker puts it first on sys.path itself, once it has started.
+        worker = f"{self.paths.runtime_dir}/{WORKER_FILE.name}"
+        await self._spawn([sys.executable, "-P", worker], env=self._environment(), framed=True)
         spec = self.spec
         init = proto.Init(function_name=spec.name, handler=spec.handler, memory_mb=spec.memory_mb,
-                          timeout_s=spec.timeout_s, instance_id=self.instance_id, code_dir=str(spec.code_dir))
+                          timeout_s=spec.timeout_s, instance_id=self.instance_id, code_dir=self.paths.code_dir)
         ready = self._decode_ready(await self._exchange(init))
         if ready.ok:
             return None

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import msgspec
 
+from services.executor.sandbox import SandboxSettings
 from shared.settings import CommonSettings, env_float, env_int
 
 
@@ -16,6 +17,8 @@ class ExecutorSettings(msgspec.Struct, frozen=True, kw_only=True):
     ack_wait_s: float  # a dead executor's tasks are picked up again after this long
     retry_base_ms: int  # first retry after a handler error; doubles each time (FC: 0.5 s)
     retry_max_ms: int
+    sandbox: SandboxSettings
+    code_gc_grace_s: float  # unpacked code unused for this long is removed
 
     @classmethod
     def from_env(cls) -> ExecutorSettings:
@@ -30,6 +33,8 @@ class ExecutorSettings(msgspec.Struct, frozen=True, kw_only=True):
             ack_wait_s=env_float("TASKMODE_EXECUTOR_ACK_WAIT_S", 30.0),
             retry_base_ms=env_int("TASKMODE_RETRY_BASE_MS", 500),
             retry_max_ms=env_int("TASKMODE_RETRY_MAX_MS", 300_000),
+            sandbox=SandboxSettings.from_env(),
+            code_gc_grace_s=env_float("TASKMODE_EXECUTOR_CODE_GC_GRACE_S", 3600.0),
         )
 
     def backoff_ms(self, attempt: int) -> int:

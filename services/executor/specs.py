@@ -25,4 +25,8 @@ async def function_spec(function: FunctionRecord, code: CodeCache, *, version: s
         environment=dict(function.environment_variables),
         custom_command=[*custom.command, *custom.args] if custom else [],
         version=version,
+        custom_port=custom.port if custom else 9000,
+        disk_mb=function.disk_size,
+        # FC's default is on: only an explicit false cuts the network.
+        internet_access=function.settings.internet_access is not False,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import resource
 import signal
 import sys
 from types import FrameType
@@ -12,6 +13,7 @@ import uvicorn
 from shared.errors import TaskmodeError
 from shared.logs import configure
 from services.gateway.app import create_app
+from services.gateway.connections import guarded_protocol
 from services.gateway.settings import ACCESS_KEYS_VAR, AUTH_DISABLED_VAR, GatewaySettings
 
 log = logging.getLogger("services.gateway")
@@ -21,6 +23,14 @@ def _note_signal(sig: int, frame: FrameType | None) -> None:
     # uvicorn re-raises the signal that stopped it once it has shut down; landing here instead of
     # the default action lets the process end with status 0 after a graceful stop.
     log.info("stopped by signal", extra={"signal": signal.Signals(sig).name})
+
+
+def _raise_open_file_limit(wanted: int) -> None:
+    """Room for `wanted` descriptors (connections plus our own), as far as the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def main() -> int:
@@ -44,6 +54,7 @@ def main() -> int:
         return 2
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _note_signal)
+    _raise_open_file_limit(settings.max_connections + 256)
     app = create_app(settings)
     server = uvicorn.Server(
         uvicorn.Config(
@@ -54,6 +65,11 @@ def main() -> int:
             access_log=False,
             lifespan="on",
             timeout_graceful_shutdown=10,
+            http=guarded_protocol(header_timeout_s=settings.header_timeout_s,
+                                  body_idle_timeout_s=settings.body_idle_timeout_s,
+                                  max_per_client=settings.max_connections_per_client),
+            limit_concurrency=settings.max_connections,
+            h11_max_incomplete_event_size=64 * 1024,
         )
     )
     server.run()

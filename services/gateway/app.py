@@ -7,6 +7,7 @@ closes. Nothing is built at import time.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -16,6 +17,7 @@ from prometheus_client import start_http_server
 
 from shared import wire
 from shared.bootstrap import open_bus, open_catalog
+from shared.service import background, periodically
 from shared.taskstore import TaskStore
 from shared.triggers import TriggerCatalog
 from services.gateway import (
@@ -25,6 +27,7 @@ from services.gateway import (
     functions,
     http_triggers,
     invocations,
+    openapi,
     task_logs,
     tasks,
     triggers,
@@ -32,12 +35,14 @@ from services.gateway import (
     watch,
 )
 from services.gateway.auth import guard_request
+from services.gateway.code_gc import sweep_code
 from services.gateway.console import build_router as build_console_router
 from services.gateway.context import RequestContextMiddleware, install_exception_handlers
 from services.gateway.deps import Resources
 from services.gateway.errors import json_response
 from services.gateway.fast_path import AsyncSubmissionFastPath
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.nonces import KvNonces
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -54,9 +59,12 @@ async def open_resources(settings: GatewaySettings, stack: AsyncExitStack) -> Re
     triggers = await TriggerCatalog.open(bus.js)
     await triggers.watch()
     stack.push_async_callback(triggers.close)
+    nonces = await KvNonces.open(bus.js, remember_s=2 * settings.max_clock_skew_s,
+                                 replicas=settings.common.stream_replicas)
     task_store = await TaskStore.connect(settings.common.mongodb_url)
     stack.push_async_callback(task_store.close)
-    return Resources(nc=bus.nc, catalog=catalog, events=bus.events, tasks=task_store, triggers=triggers)
+    return Resources(nc=bus.nc, catalog=catalog, events=bus.events, tasks=task_store, triggers=triggers,
+                     nonces=nonces)
 
 
 def _serve_metrics_port(metrics: GatewayMetrics, settings: GatewaySettings, stack: AsyncExitStack) -> None:
@@ -86,6 +94,16 @@ def create_app(
         async with AsyncExitStack() as stack:
             app.state.resources = resources if resources is not None else await open_resources(settings, stack)
             _serve_metrics_port(gateway_metrics, settings, stack)
+            if resources is None and settings.code_gc_every_s > 0:
+                catalog = app.state.resources.catalog
+                stopped = asyncio.Event()
+                stack.callback(stopped.set)
+
+                async def collect_code() -> None:
+                    await sweep_code(catalog, grace_s=settings.code_gc_grace_s)
+
+                background(stack, periodically(collect_code, every_s=settings.code_gc_every_s, stop=stopped,
+                                               what="code garbage collection"))
             log.info(
                 "gateway ready",
                 extra={"host": settings.host, "port": settings.port, "auth_disabled": settings.auth_disabled},
@@ -95,6 +113,7 @@ def create_app(
 
     # No trailing-slash redirects: a redirected signed request would not verify anyway.
     app = FastAPI(lifespan=lifespan, openapi_url="/openapi.json", docs_url=None, redoc_url=None, redirect_slashes=False)
+    openapi.install(app)
     app.state.settings = settings
     app.state.metrics = gateway_metrics
     if resources is not None:  # usable at once, even by a test transport that skips the lifespan

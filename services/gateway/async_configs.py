@@ -12,7 +12,7 @@ from typing import Final
 
 from fastapi import APIRouter, Response
 
-from services.gateway import params
+from services.gateway import openapi, params
 from services.gateway.deps import BodyDep, ResourcesDep, SettingsDep
 from services.gateway.settings import GatewaySettings
 from services.gateway.errors import json_response
@@ -40,7 +40,8 @@ async def _existing_qualifier(resources: ResourcesDep, function_name: str, quali
     return checked
 
 
-@router.put("/functions/{function_name}/async-invoke-config")
+@router.put("/functions/{function_name}/async-invoke-config",
+            openapi_extra=openapi.request_body(PutAsyncInvokeConfigInput))
 async def put_async_invoke_config(
     function_name: str, resources: ResourcesDep, settings: SettingsDep, raw: BodyDep, qualifier: str | None = None
 ) -> Response:

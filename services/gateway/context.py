@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from services.gateway.errors import InternalServerError, error_response
 from shared.errors import InvalidArgument, PathNotSupported, TaskmodeError
 from shared.submission import accepted_request_id, new_request_id
-from shared.wire import FC_REQUEST_ID_HEADER
+from shared.wire import FC_REQUEST_ID_HEADER, FC_TASK_ID_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +36,23 @@ def request_id_of(request: Request) -> str:
     return str(getattr(request.state, "request_id", "") or "")
 
 
+def note_task_id(request: Request, task_id: str) -> None:
+    """A submission chose its task id: from now on every answer carries it, errors included, so
+    a client that retries after a 5xx (whose append may still have landed) retries with that id
+    and is deduplicated instead of running the work twice."""
+    request.state.task_id = task_id
+
+
+def task_id_of(request: Request) -> str:
+    return str(getattr(request.state, "task_id", "") or "")
+
+
 async def _taskmode_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, TaskmodeError)
     if exc.http_status >= 500:
-        log.warning("request failed", extra={"code": exc.code, "error": exc.message, "path": request.url.path})
-    return error_response(exc, request_id_of(request))
+        log.warning("request failed", extra={"code": exc.code, "error": exc.message, "path": request.url.path,
+                                             "task_id": task_id_of(request)})
+    return error_response(exc, request_id_of(request), task_id=task_id_of(request))
 
 
 def _describe_validation(exc: RequestValidationError) -> str:
@@ -92,7 +104,8 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         request_id = accepted_request_id(Headers(scope=scope).get(FC_REQUEST_ID_HEADER)) or new_request_id()
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
         status = 500
         started = False
 
@@ -101,7 +114,10 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 started = True
                 status = int(message["status"])
-                MutableHeaders(scope=message)[FC_REQUEST_ID_HEADER] = request_id
+                headers = MutableHeaders(scope=message)
+                headers[FC_REQUEST_ID_HEADER] = request_id
+                if state.get("task_id"):
+                    headers[FC_TASK_ID_HEADER] = state["task_id"]
             await send(message)
 
         began = time.perf_counter()
@@ -117,7 +133,8 @@ class RequestContextMiddleware:
             )
             if started:
                 raise
-            response = error_response(InternalServerError("internal server error"), request_id)
+            response = error_response(InternalServerError("internal server error"), request_id,
+                                      task_id=str(state.get("task_id", "")))
             await response(scope, receive, send_with_id)
         finally:
             if self.observe is not None:

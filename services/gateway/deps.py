@@ -8,13 +8,14 @@ thread pool, which costs more than the lookup itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
 from nats.aio.client import Client
 
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.nonces import MemoryNonces, NonceLog
 from services.gateway.settings import GatewaySettings
 from shared.ports import EventLog, FunctionCatalog, TaskReadModel
 from shared.triggers import TriggerCatalog
@@ -29,6 +30,7 @@ class Resources:
     events: EventLog
     tasks: TaskReadModel
     triggers: TriggerCatalog | None = None  # None only for tests that exercise no trigger route
+    nonces: NonceLog = field(default_factory=MemoryNonces)  # signature nonces seen (replay protection)
 
 
 def resources_of(request: Request) -> Resources:

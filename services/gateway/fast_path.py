@@ -11,6 +11,7 @@ submission it cannot take (e.g. an unknown function), goes on to FastAPI unchang
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
 from typing import Any, Final
 from urllib.parse import unquote_plus
 
@@ -19,14 +20,14 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.gateway import params
-from services.gateway.auth import verify
+from services.gateway.auth import read_chunks, verify_headers
 from services.gateway.deps import Resources
 from services.gateway.errors import error_response
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.settings import GatewaySettings
 from services.gateway.submission import submit_task
 from shared import wire
-from shared.errors import EntityTooLarge, TaskmodeError
+from shared.errors import TaskmodeError
 from shared.qualifiers import MAIN_VERSION_DRAW, resolve
 from shared.wire import (
     FC_INVOCATION_TYPE_HEADER,
@@ -66,7 +67,8 @@ class AsyncSubmissionFastPath:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        if headers.get(FC_INVOCATION_TYPE_HEADER, "").strip().lower() != "async":
+        # While the bus is down the route's guard answers (a quick 503), without a catalog lookup.
+        if headers.get(FC_INVOCATION_TYPE_HEADER, "").strip().lower() != "async" or not resources.nc.is_connected:
             await self.app(scope, receive, send)
             return
         function = await resources.catalog.find_function(match.group(1))
@@ -74,12 +76,18 @@ class AsyncSubmissionFastPath:
             await self.app(scope, receive, send)
             return
         scope["route"] = _ROUTE
-        request_id: str = scope["state"]["request_id"]
+        state: dict[str, Any] = scope["state"]
+        request_id: str = state["request_id"]
         settings: GatewaySettings = self.state.settings
         metrics: GatewayMetrics = self.state.metrics
         try:
-            body = await _read_body(receive, headers, limit=settings.max_request_body_bytes)
-            verify(settings, scope, headers, body)
+            # The route's guard, step for step (the bus is up): signature from the headers, nonce,
+            # then the body under the async payload cap, hashed as it streams in.
+            expected_sha256 = None
+            if not settings.auth_disabled:
+                expected_sha256 = (await verify_headers(settings, resources, scope, headers)).content_sha256
+            body = await read_chunks(_body_chunks(receive), declared_length=headers.get("content-length"),
+                                     limit=params.MAX_ASYNC_PAYLOAD_BYTES, expected_sha256=expected_sha256)
             try:
                 checked = params.check_qualifier(_qualifier(scope))
                 # As the route: only whether the qualifier names something; the version that runs
@@ -90,9 +98,11 @@ class AsyncSubmissionFastPath:
                 metrics.submissions.labels(outcome="rejected").inc()
                 raise
             task_id = await submit_task(resources, metrics, function=resolved.function, payload=body,
-                                        headers=headers, request_id=request_id, qualifier=resolved.qualifier)
+                                        headers=headers, request_id=request_id, qualifier=resolved.qualifier,
+                                        chosen=lambda task_id: state.__setitem__("task_id", task_id))
         except TaskmodeError as err:
-            await error_response(err, request_id)(scope, receive, send)
+            # RequestContextMiddleware stamps the task id (once chosen) on this answer's headers.
+            await error_response(err, request_id, task_id=str(state.get("task_id", "")))(scope, receive, send)
             return
         answer = [
             (b"content-length", b"0"),
@@ -111,22 +121,12 @@ def _qualifier(scope: Scope) -> str | None:
     return unquote_plus(found.group(1)) if found else None
 
 
-async def _read_body(receive: Receive, headers: Headers, *, limit: int) -> bytes:
-    """The whole body, refusing more than `limit` bytes before reading them all."""
-    declared = headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise EntityTooLarge(f"request body exceeds maximum allowed size ({limit} bytes)")
-    chunks: list[bytes] = []
-    size = 0
+async def _body_chunks(receive: Receive) -> AsyncIterator[bytes]:
+    """The request body's chunks as the server hands them over."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnect()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise EntityTooLarge(f"request body exceeds maximum allowed size ({limit} bytes)")
-        chunks.append(chunk)
+        yield message.get("body", b"")
         if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
+            return

@@ -15,10 +15,10 @@ from typing import Final
 
 import msgspec
 
-from services.gateway.archive_check import check_archive
 from services.gateway.params import check_function_name, check_runtime
 from services.gateway.schemas import CreateFunctionInput, CustomRuntimeInput, InputCode, UpdateFunctionInput
 from services.gateway.handler_check import check_handler_in_archive
+from shared import codezip
 from shared.catalog import CustomRuntimeConfig, FunctionRecord
 from shared.errors import EntityTooLarge, InvalidArgument
 from shared.function_fields import crc64, merged, settings_of
@@ -33,7 +33,8 @@ class CodeArchive(msgspec.Struct, frozen=True):
 
 
 def decode_code(code: InputCode | None, *, required: bool) -> CodeArchive | None:
-    """Decode and check `code.zipFile` (base64 zip, at most 50 MB decoded)."""
+    """Decode and check `code.zipFile` (base64 zip, at most 50 MB decoded, within `shared.codezip`'s
+    limits once unpacked). CPU-bound on a large archive: callers run it off the event loop."""
     if code is None or code.zip_file is None:
         if code is not None and (code.oss_bucket_name or code.oss_object_name):
             raise InvalidArgument("code from OSS is not supported here: send code.zipFile")
@@ -51,7 +52,8 @@ def decode_code(code: InputCode | None, *, required: bool) -> CodeArchive | None
         raise EntityTooLarge(f"code.zipFile exceeds maximum allowed size ({MAX_CODE_BYTES} bytes decoded)")
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            check_archive(archive)
+            codezip.check_declared(archive, archive_bytes=len(data))  # cheap, and before inflating anything
+            codezip.check_members(archive)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as err:
         raise InvalidArgument("code.zipFile is not a valid zip archive") from err
     checksum = crc64(data)

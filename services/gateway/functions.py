@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 
 import msgspec
 from fastapi import APIRouter, Response
 
-from services.gateway import function_records, params
+from services.gateway import function_records, openapi, params
 from services.gateway.deps import BodyDep, ResourcesDep, SettingsDep
 from services.gateway.errors import json_response
 from services.gateway.handler_check import check_handler_in_archive
@@ -26,11 +27,11 @@ _UPDATE_ATTEMPTS = 5
 _decode_tags = msgspec.json.Decoder(list[Tag]).decode
 
 
-@router.post("/functions")
+@router.post("/functions", openapi_extra=openapi.request_body(CreateFunctionInput))
 async def create_function(resources: ResourcesDep, settings: SettingsDep, raw: BodyDep) -> Response:
     body = decode_json(raw, CreateFunctionInput)
     params.check_function_name(body.function_name)
-    code = function_records.decode_code(body.code, required=True)
+    code = await asyncio.to_thread(function_records.decode_code, body.code, required=True)
     assert code is not None
     record = function_records.build_function(
         body,
@@ -115,11 +116,11 @@ async def list_functions(
     return json_response({"functions": [function_view(records[n]) for n in page], "nextToken": token})
 
 
-@router.put("/functions/{function_name}")
+@router.put("/functions/{function_name}", openapi_extra=openapi.request_body(UpdateFunctionInput))
 async def update_function(function_name: str, resources: ResourcesDep, raw: BodyDep) -> Response:
     params.check_function_name(function_name)
     body = decode_json(raw, UpdateFunctionInput)
-    code = function_records.decode_code(body.code, required=False)
+    code = await asyncio.to_thread(function_records.decode_code, body.code, required=False)
     catalog = resources.catalog
     for attempt in range(_UPDATE_ATTEMPTS):
         current, revision = await catalog.get_function_versioned(function_name)

@@ -19,8 +19,8 @@ import msgspec
 from fastapi import APIRouter, Request, Response
 
 from services.gateway import params
-from services.gateway.auth import read_body, verify_signature
-from services.gateway.context import request_id_of
+from services.gateway.auth import read_body, require_bus, signed_body
+from services.gateway.context import note_task_id, request_id_of
 from services.gateway.deps import metrics_of, resources_of, settings_of
 from services.gateway.invocations import call_function
 from shared import wire
@@ -127,9 +127,13 @@ async def http_trigger(function_name: str, trigger_name: str, request: Request, 
     record, config = await _trigger(request, function_name, trigger_name)
     if request.method not in config.methods:
         raise MethodNotAllowed(f"method {request.method} is not allowed by trigger {trigger_name}")
-    body = await read_body(request, limit=settings.max_request_body_bytes)
-    if config.auth_type == HttpAuthType.FUNCTION:
-        verify_signature(request, body)
+    require_bus(resources)
+    # The body becomes (part of) an invocation's payload: a sync payload is the most it can be.
+    limit = params.MAX_SYNC_PAYLOAD_BYTES
+    if config.auth_type == HttpAuthType.FUNCTION and not settings.auth_disabled:
+        body = await signed_body(request, limit=limit)  # headers and nonce before the body, as the API
+    else:
+        body = await read_body(request, limit=limit)
     function = await resources.catalog.find_function(function_name)
     if function is None:
         raise FunctionNotFound(f"function {function_name} does not exist")
@@ -149,6 +153,7 @@ async def http_trigger(function_name: str, trigger_name: str, request: Request, 
         check_payload_size(event, limit=MAX_ASYNC_PAYLOAD_BYTES)
         task_id = choose_task_id(task_id_header=request.headers.get(wire.FC_TASK_ID_HEADER),
                                  request_id_header=request.headers.get(wire.FC_REQUEST_ID_HEADER))
+        note_task_id(request, task_id)  # on every answer from here on, as InvokeFunction's
         admission = Admission(function=function_name, task_id=task_id, payload=event, request_id=request_id,
                               qualifier=record.qualifier, delay_s=parse_delay(request.headers.get(wire.FC_DELAY_HEADER)))
         await submit(resources.events, admission, await resources.catalog.find_async_config(function_name))

@@ -14,8 +14,8 @@ from shared import wire
 from shared.catalog import FunctionRecord
 from shared.errors import EntityTooLarge, ServiceUnavailable
 from shared.qualifiers import MAIN_VERSION_DRAW, resolve
-from services.gateway import params as validation
-from services.gateway.context import request_id_of
+from services.gateway import openapi, params as validation
+from services.gateway.context import note_task_id, request_id_of
 from services.gateway.deps import body_of, metrics_of, resources_of
 from services.gateway.errors import InvocationTimeout, reported_error
 from services.gateway.metrics import GatewayMetrics
@@ -39,7 +39,7 @@ router = APIRouter()
 SYNC_REPLY_SLACK_S = 5.0
 
 
-@router.post("/functions/{function_name}/invocations")
+@router.post("/functions/{function_name}/invocations", openapi_extra=openapi.invocation())
 async def invoke_function(function_name: str, request: Request, qualifier: str | None = None) -> Response:
     validation.check_function_name(function_name)
     invocation_type = validation.parse_invocation_type(request.headers.get(INVOCATION_TYPE_HEADER))
@@ -63,7 +63,7 @@ async def _submit(request: Request, function: FunctionRecord, *, qualifier: str)
     request_id = request_id_of(request)
     task_id = await submit_task(resources_of(request), metrics_of(request), function=function,
                                 payload=body_of(request), headers=request.headers, request_id=request_id,
-                                qualifier=qualifier)
+                                qualifier=qualifier, chosen=lambda task_id: note_task_id(request, task_id))
     headers = {REQUEST_ID_HEADER: request_id, TASK_ID_HEADER: task_id}
     if request.headers.get(STATEFUL_ID_HEADER, "").strip():
         headers[STATEFUL_ID_HEADER] = task_id  # FC 2.0 clients read it back under its own name

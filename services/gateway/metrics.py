@@ -61,6 +61,11 @@ class GatewayMetrics:
             "GetAsyncTask answers folded from the event stream because the read model lagged.",
             registry=self.registry,
         )
+        self.read_model_skipped = Counter(
+            "taskmode_gateway_read_model_skipped_total",
+            "GetAsyncTask answers that did not ask MongoDB at all: it was known to be down.",
+            registry=self.registry,
+        )
 
     def observe_request(self, method: str, route: str, status: int, duration_s: float) -> None:
         self.requests.labels(method=method, route=route, status=str(status)).inc()

@@ -102,3 +102,5 @@ def decode_json(body: bytes, type_: type[T]) -> T:
         raise InvalidArgument(f"invalid request body: {err}") from err
     except msgspec.DecodeError as err:
         raise InvalidArgument(f"request body is not valid JSON: {err}") from err
+    except UnicodeDecodeError as err:  # msgspec's own check of a string's UTF-8
+        raise InvalidArgument(f"request body is not valid UTF-8 at byte {err.start}") from err

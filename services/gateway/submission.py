@@ -6,7 +6,7 @@ Shared by the InvokeFunction route and the submission fast path, so both behave 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from services.gateway.deps import Resources
 from services.gateway.metrics import GatewayMetrics
@@ -28,8 +28,13 @@ async def submit_task(
     headers: Mapping[str, str],
     request_id: str,
     qualifier: str,
+    chosen: Callable[[str], None],
 ) -> str:
-    """Enqueue a task of `function`; its id. Raises the typed error a caller answers with."""
+    """Enqueue a task of `function`; its id. Raises the typed error a caller answers with.
+
+    `chosen` is told the task id as soon as it is settled, before the append: from then on every
+    answer carries it, errors included, so a client that retries after a 5xx (whose append may
+    still have landed) retries with that id and is deduplicated instead of running twice."""
     name = function.function_name
     try:
         submission.check_payload_size(payload, limit=submission.MAX_ASYNC_PAYLOAD_BYTES)
@@ -45,6 +50,7 @@ async def submit_task(
     except Exception:
         metrics.submissions.labels(outcome="rejected").inc()
         raise
+    chosen(task_id)
     admission = submission.Admission(function=name, task_id=task_id, payload=payload, request_id=request_id,
                                      qualifier=qualifier, delay_s=delay_s, function_id=function.function_id)
     try:

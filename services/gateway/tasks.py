@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Final
 
+import pymongo
 from fastapi import APIRouter, Response
 from pymongo.errors import PyMongoError
 
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 _STOP_ATTEMPTS: Final = 5
+# A read-model lookup slower than this is abandoned for the event stream, which has the answer too.
+READ_MODEL_TIMEOUT_S: Final = 1.0
 STOP_REASON: Final = "stopped by user"
 
 
@@ -59,12 +62,16 @@ def check_ids(function_name: str, task_id: str) -> None:
 async def task_document(
     *, resources: Resources, settings: GatewaySettings, metrics: GatewayMetrics, function_name: str, task_id: str
 ) -> TaskDocument:
-    try:
-        docs = await resources.tasks.load_many([taskview.document_id(function_name, task_id)])
-    except PyMongoError as err:
-        # The read model is unreachable: the event stream alone can still answer.
-        log.warning("read model unavailable; answering from the event stream", extra={"error": repr(err)})
-        docs = {}
+    docs: dict[str, TaskDocument] = {}
+    if not resources.tasks.believed_reachable():  # while MongoDB is known down, straight to the stream
+        metrics.read_model_skipped.inc()
+    else:
+        try:
+            with pymongo.timeout(READ_MODEL_TIMEOUT_S):
+                docs = await resources.tasks.load_many([taskview.document_id(function_name, task_id)])
+        except PyMongoError as err:
+            # The read model is unreachable: the event stream alone can still answer.
+            log.warning("read model unavailable; answering from the event stream", extra={"error": repr(err)})
     doc = docs.get(taskview.document_id(function_name, task_id))
     last = await resources.events.last(function_name, task_id)
     if doc is None and last is None:
@@ -140,6 +147,8 @@ async def list_async_tasks(
     )
     resources.tasks.check_query(query)
     await check_function_and_qualifier(resources, function_name, qualifier)
+    if not resources.tasks.believed_reachable():
+        raise ServiceUnavailable("the task list is unavailable right now; GetAsyncTask still answers")
     try:
         page = await resources.tasks.list_tasks(query)
     except PyMongoError as err:
