@@ -39,7 +39,8 @@ def cpu_seconds(stack: Stack) -> dict[str, float]:
     return used
 
 
-async def publish_all(url: str, count: int, *, in_flight: int, prefix: str) -> float:
+async def publish_all(url: str, count: int, *, in_flight: int, prefix: str,
+                      credentials: tuple[str, str] | None = None) -> float:
     """Publish `count` messages with a reply subject each, at most `in_flight` unanswered; the
     seconds until every reply is in.
 
@@ -47,7 +48,8 @@ async def publish_all(url: str, count: int, *, in_flight: int, prefix: str) -> f
     NATS client can do this, and it keeps the load generator's own cost per message small on
     the two cores it shares with the system under test.
     """
-    nc = await nats.connect(url, pending_size=64 * 1024 * 1024)
+    user, password = credentials or (None, None)  # the stack's bus asks for a role: `publisher`
+    nc = await nats.connect(url, pending_size=64 * 1024 * 1024, user=user, password=password)
     inbox = nc.new_inbox()
     window = asyncio.Semaphore(in_flight)
     all_answered = asyncio.Event()
@@ -96,9 +98,11 @@ async def main() -> None:
                 "triggerName": "bus", "triggerType": "nats", "triggerConfig": json.dumps({"subject": SUBJECT})})
             assert created.status_code == 200, created.text
             await asyncio.sleep(2)  # the service subscribes within its 0.5 s sync period
-            await publish_all(stack.nats_url, 2_000, in_flight=500, prefix="warm")
+            await publish_all(stack.nats_url, 2_000, in_flight=500, prefix="warm",
+                              credentials=stack.nats_credentials("publisher"))
             cpu_before = cpu_seconds(stack)
-            bus_s = await publish_all(stack.nats_url, args.tasks, in_flight=args.in_flight, prefix="bus")
+            bus_s = await publish_all(stack.nats_url, args.tasks, in_flight=args.in_flight, prefix="bus",
+                                     credentials=stack.nats_credentials("publisher"))
             cpu_after = cpu_seconds(stack)
             http_ids = [f"http{i:07d}" for i in range(args.http_tasks)]
             http_s = await submit_many(base, name, http_ids, concurrency=32)

@@ -202,7 +202,8 @@ class Launcher:
         mongo = self.stack.mongodb_url + ("  (embedded nx-27017, for development)" if self.plan.mongo_port else "")
         lines += [
             f"  NATS             {self.stack.nats_url}",
-            f"  NATS users       one per service; passwords in {self.stack.secrets_dir} (admin: nats-admin.password)",
+            f"  NATS users       one per service; passwords in {self.stack.secrets_dir} (your applications: "
+            "nats-publisher.password; admin: nats-admin.password)",
             f"  MongoDB          {mongo}",
             f"  metrics          {', '.join(metrics)}",
             f"  health           {gateway}/healthz, {gateway}/readyz",

@@ -34,10 +34,13 @@ EXECUTOR: Final = "executor"
 PROJECTION: Final = "projection"
 TRIGGERS: Final = "triggers"
 DELIVERER: Final = "deliverer"
+# The applications around taskmode: they publish to `nats` triggers' subjects (and wait for the
+# answer) and subscribe to `nats:` destinations; anything outside the system's own subjects.
+PUBLISHER: Final = "publisher"
 # Everything, for an operator's tools (the `nats` CLI, benchmarks, tests); no service uses it.
 ADMIN: Final = "admin"
-ROLES: Final = (GATEWAY, SCHEDULER, EXECUTOR, PROJECTION, TRIGGERS, DELIVERER, ADMIN)
-SERVICE_ROLES: Final = tuple(role for role in ROLES if role != ADMIN)
+ROLES: Final = (GATEWAY, SCHEDULER, EXECUTOR, PROJECTION, TRIGGERS, DELIVERER, PUBLISHER, ADMIN)
+SERVICE_ROLES: Final = (GATEWAY, SCHEDULER, EXECUTOR, PROJECTION, TRIGGERS, DELIVERER)
 
 # Which transitions each role appends (the status token of the event subject). Triggers and the
 # deliverer (a destination that is a function) only create tasks, through shared.submission.
@@ -48,6 +51,7 @@ APPENDS: Final[Mapping[str, tuple[Status, ...]]] = {
     PROJECTION: (),
     TRIGGERS: (Status.ENQUEUED,),
     DELIVERER: (Status.ENQUEUED,),
+    PUBLISHER: (),
     ADMIN: (),
 }
 
@@ -107,7 +111,7 @@ def _leases() -> list[str]:
 
 
 def _other_inboxes(role: str) -> list[str]:
-    return [f"{inbox_prefix(other)}.>" for other in SERVICE_ROLES if other != role]
+    return [f"{inbox_prefix(other)}.>" for other in (*SERVICE_ROLES, PUBLISHER) if other != role]
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,9 @@ def permissions(role: str) -> Permissions:
                           "$O.>", "$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>",
                           "$JS.API.STREAM.MSG.DELETE.>", "$SYS.>", "_INBOX.>"),
         )
+    if role == PUBLISHER:
+        outside = (*_SYSTEM_SUBJECTS, *_other_inboxes(role))
+        return Permissions(publish=(">",), subscribe=(">",), publish_deny=outside, subscribe_deny=outside)
     if role == ADMIN:
         return Permissions(publish=(">",), subscribe=(">",))
     raise ValueError(f"unknown role {role!r}")

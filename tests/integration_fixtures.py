@@ -7,14 +7,26 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import nats
 import psutil
 import pytest
+from nats.aio.client import Client as NatsClient
 
+from shared import natsauth
 from shared.devstack import Stack, free_port
 from tests.fc_client import FcClient
 
 ACCESS_KEY_ID = "testkey"
 ACCESS_KEY_SECRET = "testsecret"
+
+async def publisher(stack: Stack) -> NatsClient:
+    """A connection to the stack's NATS as the applications around taskmode connect: the
+    `publisher` role (trigger subjects, `nats:` destinations; nothing of the system's own)."""
+    credentials = stack.nats_credentials(natsauth.PUBLISHER)
+    user, password = credentials or (None, None)
+    return await nats.connect(stack.nats_url, user=user, password=password,
+                              inbox_prefix=natsauth.inbox_prefix(natsauth.PUBLISHER))
+
 
 # Short waits so crash recovery and retries happen within a test's time.
 FAST_ENV = {

@@ -8,14 +8,13 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import nats
 import pytest
 from aiohttp import web
 
 from shared.destinations import destination_task_id, verify_webhook
 from shared.devstack import Stack, free_port
 from tests.fc_client import FcClient
-from tests.integration_fixtures import HANDLERS
+from tests.integration_fixtures import HANDLERS, publisher
 from tests.test_api_errors import assert_fc_error
 from tests.test_recovery import wait_until
 
@@ -158,7 +157,7 @@ async def test_function_and_nats_destinations(fc: FcClient, fn_name: str, shared
     other = f"{fn_name}_bus"
     subject = f"results.{fn_name}"
     await make(fc, other, **destinations(f"nats:{subject}"))
-    nc = await nats.connect(shared_stack.nats_url)
+    nc = await publisher(shared_stack)
     try:
         sub = await nc.subscribe(subject)
         await fc.invoke_async(other, b"over the bus", task_id="bus_1")

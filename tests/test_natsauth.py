@@ -91,7 +91,7 @@ async def test_a_connection_without_credentials_is_refused(server: tuple[ChildPr
     assert await _connect_raw(url, {"user": "executor", "pass": passwords["executor"]}) == "PONG\r\n"
 
 
-@pytest.mark.parametrize("role", [natsauth.GATEWAY, natsauth.SCHEDULER, natsauth.EXECUTOR, natsauth.PROJECTION])
+@pytest.mark.parametrize("role", [*natsauth.SERVICE_ROLES, natsauth.PUBLISHER])
 async def test_each_role_appends_only_its_own_transitions(connect, role: str) -> None:  # type: ignore[no-untyped-def]
     conn = await connect(role)
     allowed = set(natsauth.APPENDS[role])
@@ -102,9 +102,11 @@ async def test_each_role_appends_only_its_own_transitions(connect, role: str) ->
 
 
 async def test_only_the_gateway_changes_the_catalog(connect) -> None:  # type: ignore[no-untyped-def]
-    for role in (natsauth.SCHEDULER, natsauth.EXECUTOR, natsauth.PROJECTION):
+    for role in (natsauth.SCHEDULER, natsauth.EXECUTOR, natsauth.PROJECTION, natsauth.TRIGGERS, natsauth.DELIVERER,
+                 natsauth.PUBLISHER):
         conn = await connect(role)
         for subject in (f"$KV.{wire.FUNCTIONS_BUCKET}.victim", f"$KV.{wire.ASYNC_CONFIG_BUCKET}.victim",
+                        f"$KV.{wire.VERSIONS_BUCKET}.victim", f"$KV.{wire.TRIGGERS_BUCKET}.victim",
                         f"$O.{wire.CODE_BUCKET}.C.chunk", f"$JS.API.STREAM.PURGE.OBJ_{wire.CODE_BUCKET}"):
             await conn.nc.publish(subject, b"x")
             assert await conn.refused(), (role, subject)
@@ -117,11 +119,41 @@ async def test_no_role_reads_another_roles_replies_or_steals_invocations(connect
     executor = await connect(natsauth.EXECUTOR)
     await executor.nc.subscribe(f"{natsauth.inbox_prefix(natsauth.GATEWAY)}.>")
     assert await executor.refused()
-    for role in (natsauth.GATEWAY, natsauth.SCHEDULER, natsauth.PROJECTION):
+    for role in (natsauth.GATEWAY, natsauth.SCHEDULER, natsauth.PROJECTION, natsauth.DELIVERER):
         conn = await connect(role)
         await conn.nc.subscribe(f"{wire.SYNC_INVOKE_PREFIX}.*", queue=wire.EXECUTOR_QUEUE_GROUP)
         await conn.nc.subscribe(wire.EVENT_SUBJECTS_ALL)
         assert len(await conn.refused()) == 2, role
+
+
+async def test_user_subjects_are_open_to_the_roles_that_need_them_and_the_system_is_not(  # type: ignore[no-untyped-def]
+        connect) -> None:
+    # A `nats` trigger's subject: the triggers service listens, an application publishes; a `nats:`
+    # destination: the deliverer publishes, an application listens.
+    triggers = await connect(natsauth.TRIGGERS)
+    publisher = await connect(natsauth.PUBLISHER)
+    deliverer = await connect(natsauth.DELIVERER)
+    heard = await triggers.nc.subscribe("orders.*", queue="taskmode-trigger-fn-orders")
+    results = await publisher.nc.subscribe("results.fn")
+    assert not await triggers.refused() and not await publisher.refused()  # (flushed: subscribed)
+    await publisher.nc.publish("orders.eu", b"order")
+    await deliverer.nc.publish("results.fn", b"record")
+    assert (await heard.next_msg(timeout=10)).data == b"order"
+    assert (await results.next_msg(timeout=10)).data == b"record"
+    for conn in (triggers, publisher, deliverer):
+        assert not await conn.refused()
+    # What they must not reach, even if a subject slipped past the API's checks.
+    await triggers.nc.subscribe(wire.EVENT_SUBJECTS_ALL)
+    await triggers.nc.subscribe(f"{natsauth.inbox_prefix(natsauth.GATEWAY)}.>")
+    assert len(await triggers.refused()) == 2
+    for subject in (event(Status.SUCCEEDED), f"{wire.LOGS_SUBJECT_PREFIX}.fn.t.0",
+                    f"{wire.SYNC_INVOKE_PREFIX}.fn", f"$KV.{wire.FUNCTIONS_BUCKET}.fn"):
+        await deliverer.nc.publish(subject, b"x")
+        assert await deliverer.refused(), subject
+        await publisher.nc.publish(subject, b"x")
+        assert await publisher.refused(), subject
+    await publisher.nc.subscribe(wire.EVENT_SUBJECTS_ALL)
+    assert await publisher.refused()
 
 
 def test_the_compose_config_carries_the_same_permissions() -> None:

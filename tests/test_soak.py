@@ -2,8 +2,8 @@
 
 For `TASKMODE_SOAK_S` seconds (120 in `make test`, 900 with `make soak`) a client submits tasks
 (some with its own ids, some letting the gateway choose, some delayed, some failing once) while
-the gateway, scheduler, executor, projection, nats-server and the MongoDB-wire server are each
-killed with SIGKILL in turn and restarted as a supervisor would. Afterwards:
+the gateway, scheduler, executor, projection, triggers, deliverer, nats-server and the
+MongoDB-wire server are each killed with SIGKILL in turn and restarted as a supervisor would. Afterwards:
 
 - every accepted task is terminal, with a complete history (event ids 1..n, each step an edge of
   the transition table) that GetAsyncTask and the read model agree on;
@@ -111,7 +111,7 @@ async def test_soak_with_every_process_killed_in_turn(own_stack: Stack, own_fc: 
     client = Client(own_fc)
     until = time.monotonic() + SOAK_S
     submitting = asyncio.create_task(client.run(until))
-    victims = ["executor", "gateway", "scheduler", "nats", "projection", "mongo"]
+    victims = ["executor", "gateway", "scheduler", "nats", "projection", "mongo", "triggers", "deliverer"]
     killed: list[str] = []
     while time.monotonic() < until - KILL_EVERY_S / 2:
         await asyncio.sleep(KILL_EVERY_S)

@@ -9,14 +9,13 @@ import uuid
 from typing import Any
 
 import httpx
-import nats
 import pytest
 from nats.errors import NoRespondersError
 
 from shared.acs3 import sign_request
 from shared.devstack import Stack
 from tests.fc_client import FcClient
-from tests.integration_fixtures import ACCESS_KEY_ID, ACCESS_KEY_SECRET
+from tests.integration_fixtures import ACCESS_KEY_ID, ACCESS_KEY_SECRET, publisher
 from tests.test_api_errors import assert_fc_error
 from tests.test_lifecycle import make_function
 from tests.test_recovery import list_all, wait_until
@@ -101,7 +100,7 @@ async def test_nats_publishers_messages_become_tasks_deduplicated(
     subject = f"orders.{uuid.uuid4().hex[:8]}"
     response = await create_trigger(fc, fn_name, "intake", "nats", {"subject": f"{subject}.*"})
     assert response.status_code == 200, response.text
-    nc = await nats.connect(shared_stack.nats_url)
+    nc = await publisher(shared_stack)
     try:
         async def request(task_id: str | None, data: bytes, **headers: str) -> dict[str, Any]:
             if task_id is not None:
@@ -154,7 +153,7 @@ async def test_nats_publishers_messages_become_tasks_deduplicated(
     # Disabled, the trigger fires nothing: nobody listens on the subject any more.
     await fc.request("PUT", f"/functions/{fn_name}/triggers/intake",
                      json={"triggerConfig": {"subject": f"{subject}.*", "enable": False}})
-    nc = await nats.connect(shared_stack.nats_url)
+    nc = await publisher(shared_stack)
     try:
         async def unsubscribed() -> bool:
             try:
