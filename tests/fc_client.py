@@ -28,7 +28,9 @@ def zip_code(files: dict[str, str]) -> str:
 
 class FcClient:
     def __init__(self, base_url: str, *, access_key_id: str, access_key_secret: str, sign: bool = True) -> None:
-        self._http = httpx.AsyncClient(base_url=base_url, timeout=30)
+        # Fewer connections than the gateway allows one client address (64 by default, see
+        # TASKMODE_GATEWAY_MAX_CONNECTIONS_PER_CLIENT): past it a connection is refused.
+        self._http = httpx.AsyncClient(base_url=base_url, timeout=30, limits=httpx.Limits(max_connections=32))
         self._key_id = access_key_id
         self._secret = access_key_secret
         self._sign = sign

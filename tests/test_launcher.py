@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 from pymongo import MongoClient
@@ -23,10 +24,20 @@ from deploy.supervise import GaveUp, Supervised, Supervisor
 from shared.devstack import free_port
 from tests.fc_client import FcClient
 from tests.test_lifecycle import make_function
+from tests.test_recovery import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 ROOT = Path(__file__).resolve().parent.parent
 PORT_NAMES = ("gateway", "nats", "mongo", "scheduler", "executor", "projection")
+
+
+async def gateway_ready(port: int) -> bool:
+    """Whether the gateway's /readyz answers 200 (connected to NATS and MongoDB)."""
+    async with httpx.AsyncClient(timeout=5) as client:
+        try:
+            return (await client.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200
+        except httpx.HTTPError:
+            return False
 
 
 def launcher_env(data_dir: Path, ports: dict[str, int], **extra: str) -> dict[str, str]:
@@ -150,6 +161,8 @@ async def test_servers_are_supervised_and_the_stack_answers_to_sighup(
             launcher.child_running(fragment).kill()
             launcher.wait_for_line(lambda line, name=label: line.startswith(f"{name} was killed by SIGKILL"))
             launcher.wait_for_line(lambda line, name=label: line == f"starting {name} again")
+        # The gateway answers 503 at once until it has reconnected to the restarted nats-server.
+        await wait_until(lambda: gateway_ready(ports["gateway"]), deadline_s=60, what="gateway reconnected")
         await make_function(fc, "survivor")
         await fc.invoke_async("survivor", b"after the crashes", task_id="t1")
         await fc.wait_for("survivor", "t1", {"Succeeded"}, deadline_s=60)

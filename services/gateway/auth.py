@@ -22,8 +22,10 @@ from fastapi import Request
 from starlette.types import Scope
 
 from services.gateway import params
+from services.gateway.context import note_task_id
 from services.gateway.deps import Resources, resources_of, settings_of
 from services.gateway.settings import GatewaySettings
+from services.gateway.submission import early_task_id
 from shared import acs3, wire
 from shared.errors import EntityTooLarge, ServiceUnavailable, SignatureNonceUsed, SignatureNotMatch
 
@@ -87,11 +89,9 @@ def require_bus(resources: Resources) -> None:
         raise ServiceUnavailable("the event bus is unreachable; try again shortly")
 
 
-async def verify_headers(settings: GatewaySettings, resources: Resources, scope: Scope,
-                         headers: Mapping[str, str]) -> acs3.VerifiedHeaders:
-    """The signature, checked from the headers alone, then the nonce (a replay is refused).
-
-    The caller must still read the body and compare its hash with `content_sha256`."""
+def verify_headers(settings: GatewaySettings, scope: Scope, headers: Mapping[str, str]) -> acs3.VerifiedHeaders:
+    """The signature, checked from the headers alone (no I/O). The caller then checks the nonce
+    (`check_nonce`), reads the body and compares its hash with `content_sha256`."""
     verified = acs3.verify_signature(
         method=scope.get("method", ""),
         raw_path=raw_path(scope),
@@ -103,16 +103,31 @@ async def verify_headers(settings: GatewaySettings, resources: Resources, scope:
     )
     if not verified.nonce or NONCE_HEADER not in verified.signed_headers:
         raise SignatureNotMatch(f"{NONCE_HEADER} must be present and signed (it makes each request unrepeatable)")
-    if not await resources.nonces.first_use(verified.access_key_id, verified.nonce):
-        raise SignatureNonceUsed(f"the request with {NONCE_HEADER} {verified.nonce[:64]!r} was already received")
     return verified
 
 
+async def check_nonce(resources: Resources, verified: acs3.VerifiedHeaders) -> None:
+    """A replay (a nonce already seen) is refused; a bus that cannot record the nonce is a 503."""
+    if not await resources.nonces.first_use(verified.access_key_id, verified.nonce):
+        raise SignatureNonceUsed(f"the request with {NONCE_HEADER} {verified.nonce[:64]!r} was already received")
+
+
+def is_async_submission(request: Request) -> bool:
+    """Whether the request is InvokeFunction with x-fc-invocation-type Async."""
+    template = getattr(request.scope.get("route"), "path", "")
+    kind = (request.headers.get(wire.FC_INVOCATION_TYPE_HEADER) or "").strip().lower()
+    return bool(template.endswith("/invocations") and kind == "async")
+
+
 async def signed_body(request: Request, *, limit: int) -> bytes:
-    """The body of a request that must be signed: headers and nonce first, then the body under
-    `limit`, hashed as it streams. Sets `request.state.access_key_id`."""
-    verified = await verify_headers(settings_of(request), resources_of(request), request.scope, request.headers)
+    """The body of a request that must be signed: signature, then (for an async submission) its
+    task id settled, then the nonce, then the body under `limit`, hashed as it streams. Sets
+    `request.state.access_key_id`."""
+    verified = verify_headers(settings_of(request), request.scope, request.headers)
     request.state.access_key_id = verified.access_key_id
+    if is_async_submission(request) and (task_id := early_task_id(request.headers)):
+        note_task_id(request, task_id)  # the nonce is a bus round trip: its 503 carries the id too
+    await check_nonce(resources_of(request), verified)
     return await read_body(request, limit=limit, expected_sha256=verified.content_sha256)
 
 

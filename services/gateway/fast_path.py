@@ -20,12 +20,12 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.gateway import params
-from services.gateway.auth import read_chunks, verify_headers
+from services.gateway.auth import check_nonce, read_chunks, verify_headers
 from services.gateway.deps import Resources
 from services.gateway.errors import error_response
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.settings import GatewaySettings
-from services.gateway.submission import submit_task
+from services.gateway.submission import early_task_id, submit_task
 from shared import wire
 from shared.errors import TaskmodeError
 from shared.qualifiers import MAIN_VERSION_DRAW, resolve
@@ -71,8 +71,11 @@ class AsyncSubmissionFastPath:
         if headers.get(FC_INVOCATION_TYPE_HEADER, "").strip().lower() != "async" or not resources.nc.is_connected:
             await self.app(scope, receive, send)
             return
-        function = await resources.catalog.find_function(match.group(1))
-        if function is None:  # the route gives the exact error (and checks the name's form)
+        name = match.group(1)
+        # Only a well-formed name is looked up (a KV key cannot hold every character); the route
+        # gives the exact error for the others, and for a function that does not exist.
+        function = await resources.catalog.find_function(name) if params.FUNCTION_NAME_RE.fullmatch(name) else None
+        if function is None:
             await self.app(scope, receive, send)
             return
         scope["route"] = _ROUTE
@@ -85,7 +88,11 @@ class AsyncSubmissionFastPath:
             # then the body under the async payload cap, hashed as it streams in.
             expected_sha256 = None
             if not settings.auth_disabled:
-                expected_sha256 = (await verify_headers(settings, resources, scope, headers)).content_sha256
+                verified = verify_headers(settings, scope, headers)
+                if task_id := early_task_id(headers):
+                    state["task_id"] = task_id  # the nonce is a bus round trip: its 503 carries the id too
+                await check_nonce(resources, verified)
+                expected_sha256 = verified.content_sha256
             body = await read_chunks(_body_chunks(receive), declared_length=headers.get("content-length"),
                                      limit=params.MAX_ASYNC_PAYLOAD_BYTES, expected_sha256=expected_sha256)
             try:
@@ -99,7 +106,8 @@ class AsyncSubmissionFastPath:
                 raise
             task_id = await submit_task(resources, metrics, function=resolved.function, payload=body,
                                         headers=headers, request_id=request_id, qualifier=resolved.qualifier,
-                                        chosen=lambda task_id: state.__setitem__("task_id", task_id))
+                                        chosen=lambda task_id: state.__setitem__("task_id", task_id),
+                                        task_id=state.get("task_id") or None)
         except TaskmodeError as err:
             # RequestContextMiddleware stamps the task id (once chosen) on this answer's headers.
             await error_response(err, request_id, task_id=str(state.get("task_id", "")))(scope, receive, send)

@@ -15,7 +15,7 @@ from shared.catalog import FunctionRecord
 from shared.errors import EntityTooLarge, ServiceUnavailable
 from shared.qualifiers import MAIN_VERSION_DRAW, resolve
 from services.gateway import openapi, params as validation
-from services.gateway.context import note_task_id, request_id_of
+from services.gateway.context import note_task_id, request_id_of, task_id_of
 from services.gateway.deps import body_of, metrics_of, resources_of
 from services.gateway.errors import InvocationTimeout, reported_error
 from services.gateway.metrics import GatewayMetrics
@@ -63,7 +63,8 @@ async def _submit(request: Request, function: FunctionRecord, *, qualifier: str)
     request_id = request_id_of(request)
     task_id = await submit_task(resources_of(request), metrics_of(request), function=function,
                                 payload=body_of(request), headers=request.headers, request_id=request_id,
-                                qualifier=qualifier, chosen=lambda task_id: note_task_id(request, task_id))
+                                qualifier=qualifier, chosen=lambda task_id: note_task_id(request, task_id),
+                                task_id=task_id_of(request) or None)
     headers = {REQUEST_ID_HEADER: request_id, TASK_ID_HEADER: task_id}
     if request.headers.get(STATEFUL_ID_HEADER, "").strip():
         headers[STATEFUL_ID_HEADER] = task_id  # FC 2.0 clients read it back under its own name

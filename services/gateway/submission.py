@@ -12,11 +12,33 @@ from services.gateway.deps import Resources
 from services.gateway.metrics import GatewayMetrics
 from shared import submission
 from shared.catalog import FunctionRecord
-from shared.errors import TaskAlreadyExists
+from shared.errors import InvalidArgument, TaskAlreadyExists
 from shared.transitions import Status
 from shared.wire import FC_DELAY_HEADER, FC_REQUEST_ID_HEADER, FC_STATEFUL_INVOCATION_ID_HEADER, FC_TASK_ID_HEADER
 
 log = logging.getLogger(__name__)
+
+
+def _choose_task_id(headers: Mapping[str, str]) -> str:
+    # FC 2.0's header names the task id too; FC 3.0's wins when both are sent.
+    given_id = (headers.get(FC_TASK_ID_HEADER) or "").strip()
+    stateful_id = (headers.get(FC_STATEFUL_INVOCATION_ID_HEADER) or "").strip()
+    return submission.choose_task_id(
+        task_id_header=given_id or stateful_id,
+        request_id_header=headers.get(FC_REQUEST_ID_HEADER),
+        source=FC_STATEFUL_INVOCATION_ID_HEADER if stateful_id and not given_id else FC_TASK_ID_HEADER,
+    )
+
+
+def early_task_id(headers: Mapping[str, str]) -> str | None:
+    """The task id a submission with these headers gets, settled before the request's first bus
+    round trip (the nonce), so that every answer from then on, a 503 included, carries it;
+    None when the headers name an invalid id (`submit_task` then refuses it with the exact error).
+    The caller passes it back to `submit_task` as `task_id`, so a generated id is the same one."""
+    try:
+        return _choose_task_id(headers)
+    except InvalidArgument:
+        return None
 
 
 async def submit_task(
@@ -29,23 +51,18 @@ async def submit_task(
     request_id: str,
     qualifier: str,
     chosen: Callable[[str], None],
+    task_id: str | None = None,
 ) -> str:
     """Enqueue a task of `function`; its id. Raises the typed error a caller answers with.
 
     `chosen` is told the task id as soon as it is settled, before the append: from then on every
     answer carries it, errors included, so a client that retries after a 5xx (whose append may
-    still have landed) retries with that id and is deduplicated instead of running twice."""
+    still have landed) retries with that id and is deduplicated instead of running twice.
+    `task_id`: the id `early_task_id` settled already, else it is chosen here."""
     name = function.function_name
     try:
         submission.check_payload_size(payload, limit=submission.MAX_ASYNC_PAYLOAD_BYTES)
-        # FC 2.0's header names the task id too; FC 3.0's wins when both are sent.
-        given_id = (headers.get(FC_TASK_ID_HEADER) or "").strip()
-        stateful_id = (headers.get(FC_STATEFUL_INVOCATION_ID_HEADER) or "").strip()
-        task_id = submission.choose_task_id(
-            task_id_header=given_id or stateful_id,
-            request_id_header=headers.get(FC_REQUEST_ID_HEADER),
-            source=FC_STATEFUL_INVOCATION_ID_HEADER if stateful_id and not given_id else FC_TASK_ID_HEADER,
-        )
+        task_id = task_id or _choose_task_id(headers)
         delay_s = submission.parse_delay(headers.get(FC_DELAY_HEADER))
     except Exception:
         metrics.submissions.labels(outcome="rejected").inc()
