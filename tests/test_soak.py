@@ -72,11 +72,12 @@ class Client:
         self.answers.append({"status": response.status_code, "own_id": own_id,
                              "task_id": response.headers.get("x-fc-async-task-id", "")})
 
-    async def run(self, until: float) -> None:
+    async def run(self, until: float, killing_done: asyncio.Event) -> None:
+        """Submit until `until`, and on while processes are still being killed."""
         rng = random.Random(7)
         pending: set[asyncio.Task[None]] = set()
         next_at = time.monotonic()
-        while time.monotonic() < until:
+        while time.monotonic() < until or not killing_done.is_set():
             task = asyncio.create_task(self.submit_one(rng))
             pending.add(task)
             task.add_done_callback(pending.discard)
@@ -110,15 +111,18 @@ async def test_soak_with_every_process_killed_in_turn(own_stack: Stack, own_fc: 
     assert (await own_fc.put_async_config("soak", asyncTask=True, maxAsyncRetryAttempts=5)).status_code == 200
     client = Client(own_fc)
     until = time.monotonic() + SOAK_S
-    submitting = asyncio.create_task(client.run(until))
+    killing_done = asyncio.Event()
+    submitting = asyncio.create_task(client.run(until, killing_done))
     victims = ["executor", "gateway", "scheduler", "nats", "projection", "mongo", "triggers", "deliverer"]
     killed: list[str] = []
-    while time.monotonic() < until - KILL_EVERY_S / 2:
+    # Every process is killed at least once, however slow the machine (a restart takes seconds).
+    while time.monotonic() < until - KILL_EVERY_S / 2 or len(killed) < len(victims):
         await asyncio.sleep(KILL_EVERY_S)
         _supervise(own_stack)
         victim = victims[len(killed) % len(victims)]
         await asyncio.to_thread(_kill, own_stack, victim)
         killed.append(victim)
+    killing_done.set()
     await submitting
     assert set(killed) == set(victims), f"only {killed} were killed: make TASKMODE_SOAK_S longer"
 

@@ -45,12 +45,13 @@ def json_response(content: Any, *, status_code: int = 200, headers: dict[str, st
 
 
 def error_response(err: TaskmodeError, request_id: str, *, task_id: str = "") -> Response:
-    """FC's error body; `task_id` (a submission's, once chosen) is added to the body as `TaskId`
-    (the `x-fc-async-task-id` header is added to every answer by the request middleware)."""
+    """FC's error body. `task_id` (a submission's, once chosen) is added to a 5xx body as `TaskId`:
+    only there does the client need it to retry safely, and 4xx bodies keep FC's shape (the
+    `x-fc-async-task-id` header is on every answer, added by the request middleware)."""
     body: dict[str, Any] = {"Code": err.code, "Message": err.message, "RequestId": request_id}
     if isinstance(err, TaskAlreadyExists):
         body["TaskId"] = err.existing_task_id
-    elif task_id:
+    elif task_id and err.http_status >= 500:
         body["TaskId"] = task_id
     return json_response(body, status_code=err.http_status, headers={FC_REQUEST_ID_HEADER: request_id})
 
