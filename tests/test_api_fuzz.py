@@ -72,7 +72,12 @@ def send_signed(http: httpx.Client, case: schemathesis.Case) -> httpx.Response:
                                 access_key_id=ACCESS_KEY_ID, access_key_secret=ACCESS_KEY_SECRET))
     request = http.build_request(kwargs["method"], url.path, params=params, headers=headers, content=body)
     request.url = request.url.copy_with(raw_path=(url.path + ("?" + request.url.query.decode() if request.url.query else "")).encode())
-    return http.send(request)
+    response = http.send(request, stream=True)
+    if response.headers.get("content-type", "").startswith("text/event-stream"):
+        response.close()  # a watch (server-sent events) runs until its task ends: its status is the answer
+    else:
+        response.read()
+    return response
 
 
 def _signed(http: httpx.Client, method: str, path: str, body: bytes = b"") -> httpx.Response:

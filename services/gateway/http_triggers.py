@@ -27,7 +27,7 @@ from shared import wire
 from shared.errors import FunctionNotFound, TaskmodeError, TriggerNotFound
 from shared.submission import MAX_ASYNC_PAYLOAD_BYTES, Admission, check_payload_size, choose_task_id, parse_delay, submit
 from shared.transitions import Status
-from shared.triggers import HttpAuthType, HttpTriggerConfig, TriggerRecord, TriggerType
+from shared.triggers import TRIGGER_NAME_RE, HttpAuthType, HttpTriggerConfig, TriggerRecord, TriggerType
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,9 @@ def http_response(result: bytes, headers: dict[str, str]) -> Response:
 async def _trigger(request: Request, function_name: str, trigger_name: str) -> tuple[TriggerRecord, HttpTriggerConfig]:
     params.check_function_name(function_name)
     triggers = resources_of(request).triggers
-    record = await triggers.find(function_name, trigger_name) if triggers is not None else None
+    # A name no trigger can have is not looked up (a KV key cannot hold every character).
+    well_formed = TRIGGER_NAME_RE.fullmatch(trigger_name) is not None
+    record = await triggers.find(function_name, trigger_name) if triggers is not None and well_formed else None
     if record is None or record.trigger_type != TriggerType.HTTP:
         raise TriggerNotFound(f"http trigger {trigger_name[:130]} of function {function_name} does not exist")
     config = record.config()
