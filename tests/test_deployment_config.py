@@ -79,7 +79,7 @@ def test_prometheus_scrapes_every_replica_through_dns() -> None:
 
 def test_docker_compose_config_accepts_the_file_with_the_documented_env_file(tmp_path: Path) -> None:
     example = (DEPLOY / "compose.env.example").read_text()
-    filled = re.sub(r"^(TASKMODE_ACCESS_KEYS|GRAFANA_ADMIN_PASSWORD)=$", r"\1=filled-in-for-the-test",
+    filled = re.sub(r"^(TASKMODE_ACCESS_KEYS|GRAFANA_ADMIN_PASSWORD|TASKMODE_DELIVERY_SECRET)=$", r"\1=filled-in-for-the-test",
                     example, flags=re.MULTILINE)
     env_file = tmp_path / ".env"
     env_file.write_text(filled)
@@ -93,7 +93,7 @@ def test_docker_compose_config_accepts_the_file_with_the_documented_env_file(tmp
     bare = subprocess.run([*compose_command(), "--env-file", "/dev/null", "-f", str(ROOT / "docker-compose.yml"),
                            "config", "--quiet"], capture_output=True, text=True, timeout=60, cwd=ROOT,
                           env={"PATH": "/usr/bin:/bin"})
-    assert bare.returncode != 0 and re.search(r"TASKMODE_ACCESS_KEYS|GRAFANA_ADMIN_PASSWORD", bare.stderr)
+    assert bare.returncode != 0 and re.search(r"TASKMODE_ACCESS_KEYS|GRAFANA_ADMIN_PASSWORD|TASKMODE_DELIVERY_SECRET", bare.stderr)
 
 
 def k8s_documents() -> list[dict[str, Any]]:
