@@ -261,7 +261,7 @@ class TaskRunner:
                 log.warning("outcome superseded", extra={"task_id": outcome.task_id, "function": outcome.function,
                                                          "status": str(outcome.status)})
             return
-        self._record(outcome)
+        self._record(outcome, duration_ms=result.duration_ms)
 
     async def _finish_stopping(self, started: StoredEvent, result: InvocationResult) -> bool:
         last = await self._events.last(started.event.function, started.event.task_id)
@@ -334,10 +334,13 @@ class TaskRunner:
                                                  "status": str(event.status)})
         return True
 
-    def _record(self, outcome: TaskEvent) -> None:
+    def _record(self, outcome: TaskEvent, *, duration_ms: float | None = None) -> None:
         self._metrics.outcomes.labels(outcome.function, str(outcome.status)).inc()
-        log.info("task %s", outcome.status, extra={"task_id": outcome.task_id, "function": outcome.function,
-                                                   "status": str(outcome.status)})
+        fields: dict[str, object] = {"task_id": outcome.task_id, "function": outcome.function,
+                                     "status": str(outcome.status), "attempt": getattr(outcome, "attempt", None)}
+        if duration_ms is not None:
+            fields["duration_ms"] = round(duration_ms, 1)
+        log.info("task %s", outcome.status, extra=fields)
 
     async def _keep_alive(self, msg: Msg, key: TaskKey) -> None:
         """Hold the dispatch while the task runs, and notice a stop we were not told about."""
