@@ -28,7 +28,13 @@ async def scrape_until(url: str, predicate, *, deadline_s: float = 20):  # type:
     end = time.monotonic() + deadline_s
     async with httpx.AsyncClient() as http:
         while True:
-            found = samples((await http.get(url)).text)
+            try:
+                found = samples((await http.get(url)).text)
+            except httpx.ConnectError:  # the service is still starting: its port is not open yet
+                if time.monotonic() > end:
+                    raise
+                await asyncio.sleep(0.2)
+                continue
             if predicate(found) or time.monotonic() > end:
                 return found
             await asyncio.sleep(0.2)
