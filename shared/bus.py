@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
@@ -222,15 +223,16 @@ _DRAIN_WAIT_S: Final = 0.002
 class Batching:
     """How a consumer loop gathers messages.
 
-    Idle, a message is handled the moment it arrives. Busy (a fetch brought at least
-    `busy_at` messages), the loop pauses `gather_s` before the next fetch, so that more
-    events of the same tasks arrive together and are written once.
+    Idle, a message is handled the moment it arrives. Busy (more than `busy_rate` messages
+    a second lately), the loop pauses `gather_s` before the next fetch, so that more events of
+    the same tasks arrive together and are written once; a lone task's few events still go
+    through within milliseconds.
     """
 
     size: int = 256
     wait_s: float = 0.5
     gather_s: float = 0.0
-    busy_at: int = 64
+    busy_rate: float = 50.0
 
 
 async def consume(
@@ -253,6 +255,8 @@ async def consume(
         raise ValueError("give exactly one of on_message and on_batch")
     sub = await js.pull_subscribe_bind(durable=durable, stream=stream)
     idle = True
+    loop = asyncio.get_running_loop()
+    rate, rate_at = 0.0, loop.time()  # messages a second lately (decaying over about a second)
     try:
         while not stop.is_set():
             # Idle: wait for one message, then drain what else is there, so a lone event is
@@ -270,7 +274,10 @@ async def consume(
             else:
                 assert on_batch is not None
                 await _settle_batch(msgs, on_batch)
-            if len(msgs) >= batching.busy_at and len(msgs) < batching.size and batching.gather_s > 0:
+            now = loop.time()
+            rate = rate * math.exp(rate_at - now) + len(msgs)
+            rate_at = now
+            if batching.gather_s > 0 and rate > batching.busy_rate and len(msgs) < batching.size:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), batching.gather_s)
     finally:

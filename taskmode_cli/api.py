@@ -63,6 +63,11 @@ def _error_of(response: httpx.Response) -> ApiError:
     return ApiError(status=response.status_code, code=f"HTTP{response.status_code}", message=text, request_id=request_id)
 
 
+def _qualified(qualifier: str | None) -> dict[str, str]:
+    """The `?qualifier=` query of a call (none when not given: the API's LATEST)."""
+    return {"qualifier": qualifier} if qualifier else {}
+
+
 class TaskmodeApi:
     """The API calls the CLI makes; paths are below /2023-03-30 and percent-encoded here."""
 
@@ -144,19 +149,75 @@ class TaskmodeApi:
     def get_async_config(self, name: str) -> dict[str, Any]:
         return dict(self.request("GET", f"/functions/{name}/async-invoke-config").json())
 
+    # --- triggers, versions and aliases ------------------------------------------------------
+
+    def _list_all(self, path: str, key: str, query: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        """Every item of a paged listing (`nextToken` followed to the end)."""
+        found: list[dict[str, Any]] = []
+        token = ""
+        while True:
+            page = self.request("GET", path, query={"limit": "100", **(query or {}),
+                                                    **({"nextToken": token} if token else {})}).json()
+            found.extend(page.get(key, []))
+            token = page.get("nextToken") or ""
+            if not token:
+                return found
+
+    def create_trigger(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.request("POST", f"/functions/{name}/triggers", json_body=spec).json())
+
+    def get_trigger(self, name: str, trigger: str) -> dict[str, Any]:
+        return dict(self.request("GET", f"/functions/{name}/triggers/{trigger}").json())
+
+    def list_triggers(self, name: str) -> list[dict[str, Any]]:
+        return self._list_all(f"/functions/{name}/triggers", "triggers")
+
+    def update_trigger(self, name: str, trigger: str, changes: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.request("PUT", f"/functions/{name}/triggers/{trigger}", json_body=changes).json())
+
+    def delete_trigger(self, name: str, trigger: str) -> None:
+        self.request("DELETE", f"/functions/{name}/triggers/{trigger}")
+
+    def publish_version(self, name: str, *, description: str | None) -> dict[str, Any]:
+        body = {"description": description} if description is not None else {}
+        return dict(self.request("POST", f"/functions/{name}/versions", json_body=body).json())
+
+    def list_versions(self, name: str) -> list[dict[str, Any]]:
+        return self._list_all(f"/functions/{name}/versions", "versions")
+
+    def delete_version(self, name: str, version_id: str) -> None:
+        self.request("DELETE", f"/functions/{name}/versions/{version_id}")
+
+    def create_alias(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.request("POST", f"/functions/{name}/aliases", json_body=spec).json())
+
+    def get_alias(self, name: str, alias: str) -> dict[str, Any]:
+        return dict(self.request("GET", f"/functions/{name}/aliases/{alias}").json())
+
+    def list_aliases(self, name: str) -> list[dict[str, Any]]:
+        return self._list_all(f"/functions/{name}/aliases", "aliases")
+
+    def update_alias(self, name: str, alias: str, changes: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.request("PUT", f"/functions/{name}/aliases/{alias}", json_body=changes).json())
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        self.request("DELETE", f"/functions/{name}/aliases/{alias}")
+
     # --- invocations and tasks ---------------------------------------------------------------
 
-    def invoke(self, name: str, payload: bytes, *, headers: dict[str, str]) -> httpx.Response:
-        return self.request("POST", f"/functions/{name}/invocations", body=payload, headers=headers)
+    def invoke(self, name: str, payload: bytes, *, headers: dict[str, str],
+               qualifier: str | None = None) -> httpx.Response:
+        return self.request("POST", f"/functions/{name}/invocations", body=payload, headers=headers,
+                            query=_qualified(qualifier))
 
-    def get_task(self, name: str, task_id: str) -> dict[str, Any]:
-        return dict(self.request("GET", f"/functions/{name}/async-tasks/{task_id}").json())
+    def get_task(self, name: str, task_id: str, *, qualifier: str | None = None) -> dict[str, Any]:
+        return dict(self.request("GET", f"/functions/{name}/async-tasks/{task_id}", query=_qualified(qualifier)).json())
 
     def list_tasks(self, name: str, query: dict[str, str]) -> dict[str, Any]:
         return dict(self.request("GET", f"/functions/{name}/async-tasks", query=query).json())
 
-    def stop_task(self, name: str, task_id: str) -> None:
-        self.request("PUT", f"/functions/{name}/async-tasks/{task_id}/stop")
+    def stop_task(self, name: str, task_id: str, *, qualifier: str | None = None) -> None:
+        self.request("PUT", f"/functions/{name}/async-tasks/{task_id}/stop", query=_qualified(qualifier))
 
     def watch_task(self, name: str, task_id: str, *, reconnect_for_s: float = RECONNECT_FOR_S) -> Iterator[Transition]:
         """The task's transitions as they happen, ending after the terminal one.

@@ -1,7 +1,7 @@
 """`taskmode functions …` and `taskmode config …` (the async-invoke config of a function).
 
-Further per-function resources (triggers, versions, aliases, concurrency, pause/resume) follow
-the same shape when the API gains them: a Typer sub-app here, a few calls in `api.py`.
+Triggers, versions and aliases are in `resources_cmd.py`; further per-function resources
+(concurrency, pause/resume) follow the same shape: a Typer sub-app, a few calls in `api.py`.
 """
 
 from __future__ import annotations

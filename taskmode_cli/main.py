@@ -14,7 +14,7 @@ import httpx
 import typer
 from rich.text import Text
 
-from taskmode_cli import functions_cmd, tasks_cmd
+from taskmode_cli import functions_cmd, resources_cmd, tasks_cmd
 from taskmode_cli.api import ApiError
 from taskmode_cli.codezip import CodeError
 from taskmode_cli.output import OutputFormat, stderr
@@ -40,6 +40,9 @@ app = typer.Typer(
 app.add_typer(functions_cmd.functions_app, name="functions")
 app.add_typer(functions_cmd.config_app, name="config")
 app.add_typer(tasks_cmd.tasks_app, name="tasks")
+app.add_typer(resources_cmd.triggers_app, name="triggers")
+app.add_typer(resources_cmd.versions_app, name="versions")
+app.add_typer(resources_cmd.aliases_app, name="aliases")
 app.command("invoke")(tasks_cmd.invoke)
 
 

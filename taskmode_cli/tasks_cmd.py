@@ -32,6 +32,8 @@ from taskmode_cli.state import CliState, UsageProblem
 
 tasks_app = typer.Typer(help="Look at, stop and watch async tasks.", no_args_is_help=True)
 
+QualifierOpt = Annotated[str | None, typer.Option("--qualifier", "-q", help="a version id or an alias (default: LATEST)")]
+
 EXIT_NOT_SUCCEEDED: Final = 1
 MAX_DELAY_S: Final = 3600
 SUCCEEDED: Final = "Succeeded"
@@ -77,6 +79,7 @@ def invoke(
     delay: Annotated[int | None, typer.Option("--delay", help="seconds before the task may run (0-3600)")] = None,
     at: Annotated[str | None, typer.Option("--at", help="when the task may run: epoch ms or RFC 3339")] = None,
     watch: Annotated[bool, typer.Option("--watch", help="with --async: follow the task until it ends")] = False,
+    qualifier: QualifierOpt = None,
 ) -> None:
     """Invoke a function: synchronously (prints the result) or, with --async, as a task."""
     state: CliState = ctx.obj
@@ -84,7 +87,7 @@ def invoke(
     if not is_async:
         if task_id or delay is not None or at or watch:
             raise UsageProblem("--task-id, --delay, --at and --watch need --async")
-        _invoke_sync(state, name, body)
+        _invoke_sync(state, name, body, qualifier)
         return
     if delay is not None and at is not None:
         raise UsageProblem("give --delay or --at, not both")
@@ -97,7 +100,7 @@ def invoke(
         delay = delay_until(parse_time_ms(at, option="--at"), now_ms=int(time.time() * 1000))
     if delay is not None:
         headers["x-fc-async-delay"] = str(delay)
-    response = state.api().invoke(name, body, headers=headers)
+    response = state.api().invoke(name, body, headers=headers, qualifier=qualifier)
     submitted = response.headers.get("x-fc-async-task-id", "")
     if state.json and not watch:
         print_json({"taskId": submitted, "requestId": response.headers.get("x-fc-request-id", ""),
@@ -108,8 +111,8 @@ def invoke(
         _watch(state, name, submitted)
 
 
-def _invoke_sync(state: CliState, name: str, body: bytes) -> None:
-    response = state.api().invoke(name, body, headers={})
+def _invoke_sync(state: CliState, name: str, body: bytes, qualifier: str | None) -> None:
+    response = state.api().invoke(name, body, headers={}, qualifier=qualifier)
     error_type = response.headers.get("x-fc-error-type", "")
     if state.json:
         try:
@@ -131,10 +134,10 @@ def _invoke_sync(state: CliState, name: str, body: bytes) -> None:
 
 
 @tasks_app.command("get")
-def get_task(ctx: typer.Context, name: str, task_id: str) -> None:
+def get_task(ctx: typer.Context, name: str, task_id: str, qualifier: QualifierOpt = None) -> None:
     """Show a task: status, times, result, error and its transitions."""
     state: CliState = ctx.obj
-    task = state.api().get_task(name, task_id)
+    task = state.api().get_task(name, task_id, qualifier=qualifier)
     if state.json:
         print_json(task)
         return
@@ -155,11 +158,12 @@ def list_tasks(
     limit: Annotated[int, typer.Option(help="tasks per page (1-100)")] = 20,
     oldest_first: Annotated[bool, typer.Option("--oldest-first", help="ascending submission time")] = False,
     next_token: Annotated[str | None, typer.Option("--next-token", help="continue a previous listing")] = None,
+    qualifier: QualifierOpt = None,
 ) -> None:
     """List a function's tasks, newest first."""
     state: CliState = ctx.obj
     query: dict[str, str] = {"limit": str(limit), "sortOrderByTime": "asc" if oldest_first else "desc"}
-    for key, value in (("status", status), ("prefix", prefix), ("nextToken", next_token)):
+    for key, value in (("status", status), ("prefix", prefix), ("nextToken", next_token), ("qualifier", qualifier)):
         if value:
             query[key] = value
     if since:
@@ -176,10 +180,10 @@ def list_tasks(
 
 
 @tasks_app.command("stop")
-def stop_task(ctx: typer.Context, name: str, task_id: str) -> None:
+def stop_task(ctx: typer.Context, name: str, task_id: str, qualifier: QualifierOpt = None) -> None:
     """Stop a task (a running one is killed; a finished one is an error)."""
     state: CliState = ctx.obj
-    state.api().stop_task(name, task_id)
+    state.api().stop_task(name, task_id, qualifier=qualifier)
     if state.json:
         print_json({"taskId": task_id, "stopRequested": True})
     else:

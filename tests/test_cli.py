@@ -19,6 +19,8 @@ import pytest
 from shared.devstack import Stack, free_port
 from tests.integration_fixtures import ACCESS_KEY_ID, ACCESS_KEY_SECRET, HANDLERS
 from taskmode_cli.main import hoist_output_option
+from taskmode_cli.resources_cmd import parse_weights
+from taskmode_cli.state import UsageProblem
 from taskmode_cli.tasks_cmd import delay_until, parse_time_ms
 
 pytestmark = pytest.mark.timeout(120)
@@ -175,6 +177,78 @@ def test_key_from_configure_flags_env_and_errors(taskmode: Run, shared_stack: St
     assert dev.returncode == 0, dev.stderr
 
 
+def test_triggers_create_list_get_update_delete(taskmode: Run, code_dir: Path, fn_name: str) -> None:
+    assert taskmode("functions", "create", fn_name, "--code", str(code_dir)).returncode == 0
+    config = json.dumps({"cronExpression": "@every 1h", "payload": "beat", "enable": False})
+    created = ok_json(taskmode("triggers", "create", fn_name, "tick", "--type", "timer", "--config", config,
+                               "--description", "hourly", "-o", "json"))
+    assert isinstance(created, dict) and created["triggerName"] == "tick" and created["triggerType"] == "timer"
+    assert json.loads(created["triggerConfig"])["cronExpression"] == "@every 1h" and created["description"] == "hourly"
+    table = taskmode("triggers", "list", fn_name)
+    assert table.returncode == 0 and "tick" in table.stdout and "timer" in table.stdout
+    listed = ok_json(taskmode("triggers", "list", fn_name, "-o", "json"))
+    assert isinstance(listed, dict) and [t["triggerName"] for t in listed["triggers"]] == ["tick"]
+    shown = taskmode("triggers", "get", fn_name, "tick")
+    assert shown.returncode == 0 and "cronExpression" in shown.stdout
+    updated = ok_json(taskmode("triggers", "update", fn_name, "tick", "--description", "changed", "-o", "json"))
+    assert isinstance(updated, dict) and updated["description"] == "changed"
+    assert ok_json(taskmode("triggers", "delete", fn_name, "tick", "-y", "-o", "json")) == {"deleted": "tick"}
+    gone = taskmode("triggers", "get", fn_name, "tick")
+    assert gone.returncode == 3 and "NotFound" in gone.stderr and "Traceback" not in gone.stderr
+    bad_type = taskmode("triggers", "create", fn_name, "x", "--type", "kafka", "--config", "{}")
+    assert bad_type.returncode == 2 and "nats" in bad_type.stderr
+    bad_json = taskmode("triggers", "create", fn_name, "x", "--type", "nats", "--config", "{nope")
+    assert bad_json.returncode == 2 and "JSON" in bad_json.stderr
+
+
+def test_versions_aliases_and_qualified_calls(taskmode: Run, code_dir: Path, fn_name: str, tmp_path: Path) -> None:
+    assert taskmode("functions", "create", fn_name, "--code", str(code_dir)).returncode == 0
+    first = ok_json(taskmode("versions", "publish", fn_name, "--description", "echo", "-o", "json"))
+    assert isinstance(first, dict) and first["versionId"] == "1" and first["description"] == "echo"
+    archive = tmp_path / "v2.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("index.py", "def handler(event, context):\n    return 'v2'\n")
+    assert taskmode("functions", "update", fn_name, "--code", str(archive)).returncode == 0
+    second = ok_json(taskmode("versions", "publish", fn_name, "-o", "json"))
+    assert isinstance(second, dict) and second["versionId"] == "2"
+    versions = ok_json(taskmode("versions", "list", fn_name, "-o", "json"))
+    assert isinstance(versions, dict) and [v["versionId"] for v in versions["versions"]] == ["2", "1"]
+    table = taskmode("versions", "list", fn_name)
+    assert table.returncode == 0 and "echo" in table.stdout
+
+    alias = ok_json(taskmode("aliases", "create", fn_name, "prod", "--version", "1", "--description", "stable",
+                             "-o", "json"))
+    assert isinstance(alias, dict) and alias["aliasName"] == "prod" and alias["versionId"] == "1"
+    assert taskmode("invoke", fn_name, "-p", "hello", "--qualifier", "prod").stdout.strip() == "hello"
+    assert taskmode("invoke", fn_name, "-p", "hello").stdout.strip() == "v2"  # LATEST
+    canary = ok_json(taskmode("aliases", "update", fn_name, "prod", "--weight", "2=0.25", "-o", "json"))
+    assert isinstance(canary, dict) and canary["additionalVersionWeight"] == {"2": 0.25}
+    ended = ok_json(taskmode("aliases", "update", fn_name, "prod", "--weight", "{}", "-o", "json"))
+    assert isinstance(ended, dict) and ended["additionalVersionWeight"] == {}
+    aliases = ok_json(taskmode("aliases", "list", fn_name, "-o", "json"))
+    assert isinstance(aliases, dict) and [a["aliasName"] for a in aliases["aliases"]] == ["prod"]
+    shown = taskmode("aliases", "get", fn_name, "prod")
+    assert shown.returncode == 0 and "stable" in shown.stdout
+
+    submitted = taskmode("invoke", fn_name, "-p", "queued", "--async", "--task-id", "q-1", "-q", "prod", "--watch")
+    assert submitted.returncode == 0, submitted.stderr
+    task = ok_json(taskmode("tasks", "get", fn_name, "q-1", "--qualifier", "prod", "-o", "json"))
+    assert isinstance(task, dict) and task["qualifier"] == "prod" and task["returnPayload"] == "queued"
+    page = ok_json(taskmode("tasks", "list", fn_name, "--qualifier", "prod", "-o", "json"))
+    assert isinstance(page, dict) and [t["taskId"] for t in page["tasks"]] == ["q-1"]
+
+    unknown = taskmode("invoke", fn_name, "-p", "x", "--qualifier", "nope")
+    assert unknown.returncode == 3 and "AliasNotFound" in unknown.stderr and "Traceback" not in unknown.stderr
+    missing = taskmode("aliases", "get", fn_name, "nope", "-o", "json")
+    assert missing.returncode == 3 and "AliasNotFound" in missing.stderr
+
+    assert ok_json(taskmode("aliases", "delete", fn_name, "prod", "-y", "-o", "json")) == {"deleted": "prod"}
+    deleted = taskmode("versions", "delete", fn_name, "1", "--yes")
+    assert deleted.returncode == 0, deleted.stderr
+    again = taskmode("versions", "delete", fn_name, "1", "--yes")
+    assert again.returncode == 3 and "VersionNotFound" in again.stderr
+
+
 def test_time_and_option_parsing() -> None:
     assert parse_time_ms("1700000000000", option="--at") == 1_700_000_000_000
     assert parse_time_ms("2023-11-14T22:13:20Z", option="--at") == 1_700_000_000_000
@@ -182,6 +256,11 @@ def test_time_and_option_parsing() -> None:
     assert delay_until(10_500, now_ms=10_000) == 1 and delay_until(5_000, now_ms=10_000) == 0
     assert hoist_output_option(["tasks", "list", "fn", "-o", "json"]) == ["-o", "json", "tasks", "list", "fn"]
     assert hoist_output_option(["--output=json", "functions", "list"]) == ["--output=json", "functions", "list"]
+    assert parse_weights(["2=0.3"]) == {"2": 0.3} and parse_weights(['{"3": 0.1}']) == {"3": 0.1}
+    assert parse_weights(["{}"]) == {} and parse_weights(None) is None
+    for bad in ("2", "2=x", "[1]"):
+        with pytest.raises(UsageProblem):
+            parse_weights([bad])
 
 
 def test_the_cli_is_an_api_client_only() -> None:

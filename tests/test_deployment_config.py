@@ -93,7 +93,7 @@ def test_docker_compose_config_accepts_the_file_with_the_documented_env_file(tmp
     bare = subprocess.run([*compose_command(), "--env-file", "/dev/null", "-f", str(ROOT / "docker-compose.yml"),
                            "config", "--quiet"], capture_output=True, text=True, timeout=60, cwd=ROOT,
                           env={"PATH": "/usr/bin:/bin"})
-    assert bare.returncode != 0 and re.search(r"TASKMODE_ACCESS_KEYS|GRAFANA_ADMIN_PASSWORD|NATS_\w+_PASSWORD",
+    assert bare.returncode != 0 and re.search(r"TASKMODE_ACCESS_KEYS|GRAFANA_ADMIN_PASSWORD|TASKMODE_DELIVERY_SECRET|NATS_\w+_PASSWORD",
                                               bare.stderr)
 
 

@@ -312,7 +312,12 @@ def test_nodejs_functions_run_sync_and_async_with_logs(shared_stack: Stack) -> N
     assert json.loads(invoke(client, name, b"cb").body.read()) == {"got": "cb", "task": ""}
 
     client.update_function(name, fc.UpdateFunctionRequest(body=fc.UpdateFunctionInput(handler="index.fail")))
+    # An executor sees the update through its watch of the catalog, a moment later.
+    deadline = time.monotonic() + 30
     failed = invoke(client, name, b"x")
+    while "x-fc-error-type" not in failed.headers and time.monotonic() < deadline:
+        time.sleep(0.1)  # polling for the update to reach the executor, with a deadline
+        failed = invoke(client, name, b"x")
     assert failed.headers["x-fc-error-type"] == "UnhandledInvocationError"
     error = json.loads(failed.body.read())
     assert (error["errorType"], error["errorMessage"]) == ("TypeError", "bad node x")

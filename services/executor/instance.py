@@ -84,8 +84,9 @@ class InvocationResult:
 class _Capture:
     """One invocation's output, bounded to INVOCATION_LOG_BYTES (the newest kept)."""
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, task_id: str = "") -> None:
         self.request_id = request_id
+        self.task_id = task_id
         self.data = bytearray(f"FC Invoke Start RequestId: {request_id}\n".encode())
         self.truncated = False
         self.written = 0
@@ -201,7 +202,7 @@ class Instance:
                 killed = self._stop_reason == "killed"
                 return failure("Function instance is not running", kind="InstanceStopped", killed=killed)
             started = time.perf_counter()
-            capture = self._capture = _Capture(context.request_id)
+            capture = self._capture = _Capture(context.request_id, context.task_id)
             try:
                 result = await self._invoke_once(payload, context)
                 await self._await_output(capture, ok=result.ok or not result.killed)
@@ -378,7 +379,11 @@ class Instance:
         text = line + b"\n" if complete else line
         self._tail += text
         del self._tail[:-OUTPUT_TAIL_BYTES]
-        output_logger.info("%s: %s", self.instance_id, line.decode(errors="replace"))
+        # What a handler prints carries the task (and request) it printed during, so one task's
+        # lines can be followed across services; output between invocations carries neither.
+        current = self._capture
+        extra = {"task_id": current.task_id, "request_id": current.request_id} if current and current.task_id else {}
+        output_logger.info("%s: %s", self.instance_id, line.decode(errors="replace"), extra=extra)
         if self._capture is not None:
             if self.marks_output:
                 self._capture.add(text)

@@ -182,7 +182,7 @@ class TaskRunner:
             due_ms = event.retry_at_ms if isinstance(event, TaskRetrying) else submission.due_at_ms
             self._metrics.submit_to_start.labels(event.function).observe(max(0, started.at_ms - due_ms) / 1000)
             log.info("task Running", extra={**fields, "status": str(Status.RUNNING), "instance_id": instance.instance_id,
-                                            "attempt": attempt})
+                                            "attempt": attempt, "qualifier": submission.qualifier})
             running = RunningTask(instance)
             self._running[(event.function, event.task_id)] = running
             self._metrics.in_process.inc()
@@ -194,7 +194,8 @@ class TaskRunner:
                 self._metrics.in_process.dec()
         self._metrics.run_seconds.labels(event.function).observe(result.duration_ms / 1000)
         await self._keep_log(started, result, request_id=submission.request_id)
-        await self._finish(StoredEvent(started_seq, started), result, submission.max_retries, running)
+        await self._finish(StoredEvent(started_seq, started), result, submission.max_retries, running,
+                           qualifier=submission.qualifier)
 
     async def _submission(self, event: TaskProcessed | TaskRetrying) -> Submission | None:
         """What the task was submitted with: carried in the dispatch, else read from its Enqueued event."""
@@ -248,7 +249,8 @@ class TaskRunner:
         await self._append_or_log(follow(current, TaskInvalid, reason=reason), expected_seq=current.seq)
 
     async def _finish(
-        self, started: StoredEvent, result: InvocationResult, max_retries: int, running: RunningTask
+        self, started: StoredEvent, result: InvocationResult, max_retries: int, running: RunningTask,
+        *, qualifier: str = "",
     ) -> None:
         if running.stop_requested and await self._finish_stopping(started, result):
             return
@@ -261,7 +263,7 @@ class TaskRunner:
                 log.warning("outcome superseded", extra={"task_id": outcome.task_id, "function": outcome.function,
                                                          "status": str(outcome.status)})
             return
-        self._record(outcome)
+        self._record(outcome, duration_ms=result.duration_ms, qualifier=qualifier)
 
     async def _finish_stopping(self, started: StoredEvent, result: InvocationResult) -> bool:
         last = await self._events.last(started.event.function, started.event.task_id)
@@ -334,10 +336,15 @@ class TaskRunner:
                                                  "status": str(event.status)})
         return True
 
-    def _record(self, outcome: TaskEvent) -> None:
+    def _record(self, outcome: TaskEvent, *, duration_ms: float | None = None, qualifier: str = "") -> None:
         self._metrics.outcomes.labels(outcome.function, str(outcome.status)).inc()
-        log.info("task %s", outcome.status, extra={"task_id": outcome.task_id, "function": outcome.function,
-                                                   "status": str(outcome.status)})
+        fields: dict[str, object] = {"task_id": outcome.task_id, "function": outcome.function,
+                                     "status": str(outcome.status), "attempt": getattr(outcome, "attempt", None)}
+        if duration_ms is not None:
+            fields["duration_ms"] = round(duration_ms, 1)
+        if qualifier:
+            fields["qualifier"] = qualifier
+        log.info("task %s", outcome.status, extra=fields)
 
     async def _keep_alive(self, msg: Msg, key: TaskKey) -> None:
         """Hold the dispatch while the task runs, and notice a stop we were not told about."""

@@ -58,7 +58,7 @@ async def run(settings: ProjectionSettings, stop: asyncio.Event, stack: AsyncExi
     readiness.add("nats", lambda: bus.nc.is_connected)
     readiness.add("partitions", lambda: bool(leases.held))
     batching = Batching(size=settings.batch_size, wait_s=0.5, gather_s=settings.min_batch_interval_s,
-                        busy_at=settings.busy_batch)
+                        busy_rate=settings.busy_rate)
 
     async def consume_partition(partition: int, partition_stop: asyncio.Event) -> None:
         if not await _has_position(bus.js, partition):

@@ -10,7 +10,7 @@ class ProjectionSettings(msgspec.Struct, frozen=True, kw_only=True):
     batch_size: int
     fetch_wait_s: float
     min_batch_interval_s: float  # lets events of one task gather into one write under load
-    busy_batch: int  # a fetch this large means load: gather for min_batch_interval_s before the next
+    busy_rate: float  # events a second (per partition) above which batches gather for min_batch_interval_s
     expiry_sweep_s: float  # 0: MongoDB's TTL index expires tasks; else sweep this often
     ack_wait_s: float  # how soon a crashed projection's unfinished batch is redelivered
 
@@ -23,5 +23,5 @@ class ProjectionSettings(msgspec.Struct, frozen=True, kw_only=True):
             ack_wait_s=env_float("TASKMODE_PROJECTION_ACK_WAIT_S", 10.0),
             expiry_sweep_s=env_float("TASKMODE_EXPIRY_SWEEP_S", 0.0),
             min_batch_interval_s=env_float("TASKMODE_PROJECTION_MIN_BATCH_INTERVAL_S", 0.1),
-            busy_batch=env_int("TASKMODE_PROJECTION_BUSY_BATCH", 32),
+            busy_rate=env_float("TASKMODE_PROJECTION_BUSY_RATE", 40.0),
         )

@@ -66,6 +66,8 @@ def _tail_lines(path: Path) -> list[str]:
 def _belongs(record: dict[str, Any], task_id: str, attempts: list[Attempt]) -> str | None:
     """The line's text if it is about this task, else None."""
     message = str(record.get("msg", ""))
+    if record.get("task_id") == task_id and str(record.get("logger", "")).endswith(_OUTPUT_LOGGER_SUFFIX):
+        return message.split(": ", 1)[1] if ": " in message else message  # without the instance prefix
     if record.get("task_id") == task_id:
         status = f" [{record['status']}]" if record.get("status") else ""
         return f"{message}{status}"
