@@ -115,7 +115,9 @@ async def test_no_submission_answered_with_an_error_runs_unknown_to_its_client(o
     for task_id in list(tasks)[:50]:
         task = (await own_fc.get_task(name, task_id)).json()
         assert_valid_chain(task)
-        assert statuses(task).count("Running") == 1, statuses(task)  # nothing ran twice
+        # Nothing ran twice unrecorded: a second run follows a recorded Retrying (an attempt whose
+        # outcome could not be appended while the bus was down counts as lost, as README says).
+        assert statuses(task).count("Running") == 1 + statuses(task).count("Retrying"), statuses(task)
 
 
 async def _true_after(items: list[Any], count: int) -> bool:
