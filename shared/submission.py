@@ -8,7 +8,8 @@ whichever way a task arrives.
 A task is created by appending its Enqueued event; the scheduler dispatches it when it is due.
 The first event expects sequence 0 on the task's subjects: a task id that already has an event
 in the stream (7-day retention) is refused with `TaskAlreadyExists`. Many tasks at once (a bus
-trigger's burst) go in atomic batches, which nats-server commits for the cost of about one.
+trigger's stream of messages) go through `submit_pipelined`: the same append, thousands in flight
+on one connection, each settled by its own acknowledgement.
 """
 
 from __future__ import annotations
@@ -16,15 +17,22 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 from shared import wire
 from shared.catalog import AsyncConfigRecord
-from shared.errors import ConcurrentUpdateError, EntityTooLarge, InvalidArgument, TaskAlreadyExists, TaskmodeError
+from shared.errors import (
+    ConcurrentUpdateError,
+    EntityTooLarge,
+    InvalidArgument,
+    ServiceUnavailable,
+    TaskAlreadyExists,
+    TaskmodeError,
+)
 from shared.events import DEFAULT_MAX_EVENT_AGE_S, DEFAULT_MAX_RETRIES, TaskEnqueued
-from shared.eventstore import MAX_BATCH_MESSAGES, now_ms
+from shared.eventstore import MAX_BATCH_MESSAGES, TaskCreator, now_ms
 from shared.ports import EventLog
 from shared.wire import FC_DELAY_HEADER, FC_REQUEST_ID_HEADER, FC_TASK_ID_HEADER
 
@@ -154,6 +162,31 @@ async def submit(events: EventLog, admission: Admission, config: AsyncConfigReco
         await events.append(first_event(admission, config), expected_seq=0)
     except ConcurrentUpdateError as err:
         raise duplicate(admission) from err
+
+
+# Called once a pipelined submission is settled: None (the task is stored) or why it is not.
+Submitted = Callable[[TaskmodeError | None], Awaitable[None]]
+
+
+async def submit_pipelined(creator: TaskCreator, admission: Admission, config: AsyncConfigRecord | None,
+                           done: Submitted) -> None:
+    """`submit` without waiting for the stream: `done` gets its outcome once the append is acknowledged.
+
+    Same event, same condition, same errors as `submit` (`TaskAlreadyExists` for a task id
+    already used, also by a submission still in flight: the stream applies them in order).
+    Returns once the append is sent; waits only while the creator has its maximum in flight.
+    """
+    async def settled(error: Exception | None) -> None:
+        if error is None:
+            await done(None)
+        elif isinstance(error, ConcurrentUpdateError):
+            await done(duplicate(admission))
+        elif isinstance(error, TaskmodeError):
+            await done(error)
+        else:
+            await done(ServiceUnavailable(f"event store trouble: {error!r}"))
+
+    await creator.create(first_event(admission, config), settled)
 
 
 def duplicate(admission: Admission) -> TaskAlreadyExists:

@@ -19,6 +19,7 @@ from services.triggers.settings import TriggersSettings
 from services.triggers.timers import TimerLoop
 from shared import wire
 from shared.bootstrap import open_bus, open_catalog
+from shared.eventstore import TaskCreator
 from shared.partitions import PartitionLeases, open_leases, run_partitioned
 from shared.service import Readiness, background, periodically, serve_http
 from shared.triggers import TriggerCatalog
@@ -37,8 +38,10 @@ async def run(settings: TriggersSettings, stop: asyncio.Event, stack: AsyncExitS
     triggers = await TriggerCatalog.open(bus.js)
     await triggers.watch()
     stack.push_async_callback(triggers.close)
-    ingest = NatsIngest(nc=bus.nc, events=bus.events, catalog=catalog, triggers=triggers, metrics=metrics,
-                        settings=settings)
+    creator = TaskCreator(bus.events, max_in_flight=settings.appends_in_flight)
+    await creator.start()
+    metrics.appends_in_flight.set_function(lambda: creator.in_flight)
+    ingest = NatsIngest(nc=bus.nc, creator=creator, catalog=catalog, triggers=triggers, metrics=metrics)
     timers = TimerLoop(events=bus.events, catalog=catalog, triggers=triggers, metrics=metrics, settings=settings)
     leases = PartitionLeases(await open_leases(bus.js, replicas=settings.common.stream_replicas),
                              group="timers", partitions=settings.common.partitions, lease_s=settings.common.lease_s)
