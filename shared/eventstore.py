@@ -13,8 +13,7 @@ import contextlib
 import itertools
 import logging
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -60,10 +59,6 @@ class _PubAck(msgspec.Struct):
 _pub_ack: Final = msgspec.json.Decoder(_PubAck)
 
 
-# JetStream's limit on the messages of one atomic batch (nats-server's default).
-MAX_BATCH_MESSAGES: Final = 1000
-
-
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -79,8 +74,9 @@ def stream_config(*, replicas: int = 1, compressed: bool = True) -> StreamConfig
         discard=DiscardPolicy.OLD,
         duplicate_window=120,
         allow_direct=True,
-        # Bus submissions create many tasks per commit (append_new_tasks). Not used for single
-        # tasks: a commit costs nats-server milliseconds whatever its size.
+        # Atomic batches are not used (a commit costs nats-server milliseconds, more than the
+        # single appends it replaces: bench/trigger_submission.py); left on so that streams
+        # created with it need no change.
         allow_atomic=True,
         num_replicas=replicas,
         compression=StoreCompression.S2 if compressed else StoreCompression.NONE,
@@ -116,7 +112,7 @@ class EventStore:
 
     def __init__(self, js: JetStreamContext, *, partitions: int, publish_timeout_s: float = 5.0) -> None:
         self._js = js
-        self._nc = js._nc  # atomic batches are plain publishes with batch headers
+        self._nc = js._nc  # TaskCreator publishes plainly, acknowledged to an inbox of its own
         self._partitions = partitions
         self._timeout_s = publish_timeout_s
 
@@ -126,49 +122,6 @@ class EventStore:
 
     def _subject(self, event: TaskEvent) -> str:
         return wire.event_subject(event.function, event.task_id, event.status, partitions=self._partitions)
-
-    async def append_new_tasks(self, firsts: Sequence[tuple[TaskEvent, TaskEvent | None]]) -> None:
-        """Create several tasks in one atomic batch: every event is stored, or none is.
-
-        Each pair is a new task's first event (expected sequence 0, as in `append`) and an
-        optional second one (its dispatch). A task id that already has an event fails the whole
-        batch with `ConcurrentUpdateError`; the caller finds the duplicates and tries again
-        without them. One commit for many tasks is what makes bus submissions cheap: the
-        stream acknowledges batches, not messages. At most `MAX_BATCH_MESSAGES` events.
-        """
-        messages: list[tuple[TaskEvent, dict[str, str]]] = []
-        for first, second in firsts:
-            messages.append((first, {
-                wire.HEADER_EXPECTED_LAST_SUBJECT_SEQ: "0",
-                wire.HEADER_EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: wire.task_subjects(first.function, first.task_id),
-            }))
-            if second is not None:
-                messages.append((second, {}))
-        if not messages:
-            return
-        if len(messages) > MAX_BATCH_MESSAGES:
-            raise ValueError(f"an atomic batch holds at most {MAX_BATCH_MESSAGES} events")
-        batch_id = uuid.uuid4().hex
-        for index, (event, headers) in enumerate(messages[:-1], start=1):
-            headers[wire.HEADER_BATCH_ID] = batch_id
-            headers[wire.HEADER_BATCH_SEQUENCE] = str(index)
-            await self._nc.publish(self._subject(event), encode_event(event), headers=headers)
-        last, headers = messages[-1]
-        headers.update({wire.HEADER_BATCH_ID: batch_id, wire.HEADER_BATCH_SEQUENCE: str(len(messages)),
-                        wire.HEADER_BATCH_COMMIT: "1"})
-        try:
-            reply = await self._nc.request(self._subject(last), encode_event(last), timeout=self._timeout_s,
-                                           headers=headers)
-        except (NatsTimeoutError, asyncio.TimeoutError) as err:
-            landed = await self.last(last.function, last.task_id)
-            if landed is not None and landed.event == last:
-                return
-            raise ServiceUnavailable("event store did not acknowledge the batch") from err
-        ack = _pub_ack.decode(reply.data)
-        if ack.error is not None:
-            if ack.error.err_code == wire.JS_ERR_WRONG_LAST_SEQUENCE:
-                raise ConcurrentUpdateError("a task of the batch already exists")
-            raise ServiceUnavailable(f"event store refused the batch: {ack.error.description}")
 
     async def append(self, event: TaskEvent, *, expected_seq: int) -> int:
         """Append `event` if the task's last event is still at `expected_seq` (0: no events).
