@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import uuid
@@ -65,10 +66,6 @@ class Binding:
     trigger: str
     subject: str
     qualifier: str
-
-
-class _Accepted(msgspec.Struct, rename="camel"):
-    task_id: str
 
 
 def error_reply(err: TaskmodeError, request_id: str) -> bytes:
@@ -126,10 +123,7 @@ class NatsIngest:
                                                        "subject": binding.subject})
 
     def _collector(self, binding: Binding) -> Any:
-        async def collect(msg: Msg) -> None:
-            await self._take(msg, binding)
-
-        return collect
+        return functools.partial(self._take, binding=binding)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Report outcomes until `stop`; then stop listening and settle the appends in flight."""
@@ -181,7 +175,8 @@ class NatsIngest:
                     log.debug("task submitted", extra={"task_id": admission.task_id, "function": binding.function,
                                                        "status": str(Status.ENQUEUED), "trigger": binding.trigger})
                 if reply:
-                    await self._reply(reply, _encode(_Accepted(task_id=admission.task_id)))
+                    # `{"taskId": ...}`; a task id needs no JSON escaping (TASK_ID_RE).
+                    await self._reply(reply, b'{"taskId":"%s"}' % admission.task_id.encode())
                 return
             self._outcomes[(binding, "duplicate" if isinstance(error, TaskAlreadyExists) else "rejected")] += 1
             log.info("trigger task refused", extra={"task_id": admission.task_id, "function": binding.function,
