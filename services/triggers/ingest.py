@@ -33,7 +33,7 @@ from nats.aio.subscription import Subscription
 from services.triggers.metrics import TriggersMetrics
 from shared import wire
 from shared.bus import publish_prepared
-from shared.errors import FunctionNotFound, TaskAlreadyExists, TaskmodeError
+from shared.errors import FunctionNotFound, ServiceUnavailable, TaskAlreadyExists, TaskmodeError
 from shared.eventstore import TaskCreator
 from shared.ports import FunctionCatalog
 from shared.submission import (
@@ -159,13 +159,14 @@ class NatsIngest:
             if await self._catalog.find_function(binding.function) is None:
                 raise FunctionNotFound(f"function {binding.function} does not exist")
             admission = self._admission(msg, binding, headers, request_id)
-        except TaskmodeError as err:
+            config = await self._catalog.find_async_config(binding.function)
+        except Exception as caught:  # noqa: BLE001 - every refusal is answered, the unexpected as a 503
+            err = caught if isinstance(caught, TaskmodeError) else ServiceUnavailable(f"catalog trouble: {caught!r}")
             self._outcomes[(binding, "rejected")] += 1
             log.info("trigger message refused", extra={"function": binding.function, "trigger": binding.trigger,
                                                        "error": err.message, "request_id": request_id})
             await self._reply(msg.reply, error_reply(err, request_id))
             return
-        config = await self._catalog.find_async_config(binding.function)
         reply = msg.reply
 
         async def settled(error: TaskmodeError | None) -> None:
