@@ -31,7 +31,7 @@ SUBSCRIPTION_SYNC_S = 0.5
 # milliseconds each, long enough to survive CPython's youngest-generation collections at the
 # default thresholds (700, 10, 10), which then run every few hundred tasks and keep rescanning
 # them. Startup's objects are frozen out of collection and the thresholds raised: the triggers
-# service's CPU per task fell by a fifth to a third (bench/trigger_submission.py).
+# service's CPU per task fell by 15-35 % in paired runs (bench/trigger_submission.py).
 GC_THRESHOLDS = (50_000, 20, 100)
 
 
