@@ -75,7 +75,7 @@ def stream_config(*, replicas: int = 1, compressed: bool = True) -> StreamConfig
         duplicate_window=120,
         allow_direct=True,
         # Atomic batches are not used (a commit costs nats-server milliseconds, more than the
-        # single appends it replaces: bench/trigger_submission.py); left on so that streams
+        # single appends it replaces: bench/first_appends.py); left on so that streams
         # created with it need no change.
         allow_atomic=True,
         num_replicas=replicas,
