@@ -309,3 +309,36 @@ async def _settle_batch(msgs: list[Msg], on_batch: Callable[[list[Msg]], Awaitab
         await msgs[-1].ack_sync()
     except Exception as err:  # noqa: BLE001 - the ack wait redelivers the batch; folds are idempotent
         log.warning("could not ack batch", extra={"count": len(msgs), "error": repr(err)})
+
+
+def header_block(headers: dict[str, str]) -> bytes:
+    """A NATS header block (`NATS/1.0`, one `Name: value` line each, a blank line) for `publish_prepared`."""
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return f"NATS/1.0\r\n{lines}\r\n".encode()
+
+
+async def publish_prepared(nc: Client, subject: str, data: bytes, *, reply: str = "", headers: bytes = b"") -> None:
+    """`nc.publish` for the hot paths that publish thousands of messages a second.
+
+    The same protocol command, built in one step from a header block made beforehand
+    (`header_block`) instead of nats-py's per-header checks and encoding. The subjects must be
+    valid already (ours, or a reply subject as the server delivered it). While the connection
+    is down it falls back to `nc.publish`, which buffers or refuses as configured.
+    """
+    if not nc.is_connected:
+        await nc.publish(subject, data, reply=reply, headers=_parse_block(headers) if headers else None)
+        return
+    if headers:
+        size = len(headers)
+        command = b"HPUB %s %s %d %d\r\n%s%s\r\n" % (subject.encode(), reply.encode(), size, size + len(data),
+                                                    headers, data)
+    else:
+        command = b"PUB %s %s %d\r\n%s\r\n" % (subject.encode(), reply.encode(), len(data), data)
+    await nc._send_command(command)
+    if nc._flush_queue is not None and nc._flush_queue.empty():
+        await nc._flush_pending()
+
+
+def _parse_block(block: bytes) -> dict[str, str]:
+    lines = block.decode().split("\r\n")[1:]
+    return dict(line.split(": ", 1) for line in lines if line)

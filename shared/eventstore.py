@@ -9,10 +9,11 @@ for as long as any of its events is retained: that is the task-id deduplication.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
 import time
-import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -20,9 +21,12 @@ import msgspec
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RawStreamMsg, StorageType, StoreCompression, StreamConfig
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.errors import APIError, NotFoundError
 
 from shared import wire
+from shared.bus import publish_prepared
 from shared.errors import ConcurrentUpdateError, ServiceUnavailable
 from shared.events import AnyTaskEvent, TaskEvent, decode_event, encode_event
 from shared.transitions import Status, check_transition
@@ -45,16 +49,14 @@ class _AckError(msgspec.Struct):
     description: str = ""
 
 
-class _BatchAck(msgspec.Struct):
+class _PubAck(msgspec.Struct):
+    """JetStream's answer to a publish or an atomic batch's commit (the fields we read)."""
+
     seq: int = 0
     error: _AckError | None = None
 
 
-_batch_ack: Final = msgspec.json.Decoder(_BatchAck)
-
-
-# JetStream's limit on the messages of one atomic batch (nats-server's default).
-MAX_BATCH_MESSAGES: Final = 1000
+_pub_ack: Final = msgspec.json.Decoder(_PubAck)
 
 
 def now_ms() -> int:
@@ -72,8 +74,9 @@ def stream_config(*, replicas: int = 1, compressed: bool = True) -> StreamConfig
         discard=DiscardPolicy.OLD,
         duplicate_window=120,
         allow_direct=True,
-        # Bus submissions create many tasks per commit (append_new_tasks). Not used for single
-        # tasks: a commit costs nats-server milliseconds whatever its size.
+        # Atomic batches are not used (a commit costs nats-server milliseconds, more than the
+        # single appends it replaces: bench/first_appends.py); left on so that streams
+        # created with it need no change.
         allow_atomic=True,
         num_replicas=replicas,
         compression=StoreCompression.S2 if compressed else StoreCompression.NONE,
@@ -109,7 +112,7 @@ class EventStore:
 
     def __init__(self, js: JetStreamContext, *, partitions: int, publish_timeout_s: float = 5.0) -> None:
         self._js = js
-        self._nc = js._nc  # atomic batches are plain publishes with batch headers
+        self._nc = js._nc  # TaskCreator publishes plainly, acknowledged to an inbox of its own
         self._partitions = partitions
         self._timeout_s = publish_timeout_s
 
@@ -119,49 +122,6 @@ class EventStore:
 
     def _subject(self, event: TaskEvent) -> str:
         return wire.event_subject(event.function, event.task_id, event.status, partitions=self._partitions)
-
-    async def append_new_tasks(self, firsts: Sequence[tuple[TaskEvent, TaskEvent | None]]) -> None:
-        """Create several tasks in one atomic batch: every event is stored, or none is.
-
-        Each pair is a new task's first event (expected sequence 0, as in `append`) and an
-        optional second one (its dispatch). A task id that already has an event fails the whole
-        batch with `ConcurrentUpdateError`; the caller finds the duplicates and tries again
-        without them. One commit for many tasks is what makes bus submissions cheap: the
-        stream acknowledges batches, not messages. At most `MAX_BATCH_MESSAGES` events.
-        """
-        messages: list[tuple[TaskEvent, dict[str, str]]] = []
-        for first, second in firsts:
-            messages.append((first, {
-                wire.HEADER_EXPECTED_LAST_SUBJECT_SEQ: "0",
-                wire.HEADER_EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: wire.task_subjects(first.function, first.task_id),
-            }))
-            if second is not None:
-                messages.append((second, {}))
-        if not messages:
-            return
-        if len(messages) > MAX_BATCH_MESSAGES:
-            raise ValueError(f"an atomic batch holds at most {MAX_BATCH_MESSAGES} events")
-        batch_id = uuid.uuid4().hex
-        for index, (event, headers) in enumerate(messages[:-1], start=1):
-            headers[wire.HEADER_BATCH_ID] = batch_id
-            headers[wire.HEADER_BATCH_SEQUENCE] = str(index)
-            await self._nc.publish(self._subject(event), encode_event(event), headers=headers)
-        last, headers = messages[-1]
-        headers.update({wire.HEADER_BATCH_ID: batch_id, wire.HEADER_BATCH_SEQUENCE: str(len(messages)),
-                        wire.HEADER_BATCH_COMMIT: "1"})
-        try:
-            reply = await self._nc.request(self._subject(last), encode_event(last), timeout=self._timeout_s,
-                                           headers=headers)
-        except (NatsTimeoutError, asyncio.TimeoutError) as err:
-            landed = await self.last(last.function, last.task_id)
-            if landed is not None and landed.event == last:
-                return
-            raise ServiceUnavailable("event store did not acknowledge the batch") from err
-        ack = _batch_ack.decode(reply.data)
-        if ack.error is not None:
-            if ack.error.err_code == wire.JS_ERR_WRONG_LAST_SEQUENCE:
-                raise ConcurrentUpdateError("a task of the batch already exists")
-            raise ServiceUnavailable(f"event store refused the batch: {ack.error.description}")
 
     async def append(self, event: TaskEvent, *, expected_seq: int) -> int:
         """Append `event` if the task's last event is still at `expected_seq` (0: no events).
@@ -243,3 +203,152 @@ class EventStore:
                 return None
         assert msg.seq is not None and msg.data is not None
         return StoredEvent(msg.seq, decode_event(msg.data))
+
+
+# The header block of a first append, up to the task's wildcard (`TaskCreator.create`).
+_FIRST_APPEND_HEADERS: Final = (f"NATS/1.0\r\n{wire.HEADER_EXPECTED_LAST_SUBJECT_SEQ}: 0\r\n"
+                                f"{wire.HEADER_EXPECTED_LAST_SUBJECT_SEQ_SUBJECT}: ").encode()
+
+# What `TaskCreator.create` reports once the task's first event is settled: None when it is
+# stored, `ConcurrentUpdateError` when the task id already has events, `ServiceUnavailable`
+# when the stream refused or never acknowledged it.
+Created = Callable[[Exception | None], Awaitable[None]]
+
+
+class TaskCreator:
+    """First appends of new tasks, many in flight at once: the `nats` trigger's intake.
+
+    Each task's first event is one plain publish carrying exactly the condition of
+    `EventStore.append(event, expected_seq=0)` (no event on the task's subjects yet), with a
+    reply subject of its own under one inbox subscription. The stream's acknowledgements
+    arrive there and settle the callbacks given to `create`; nothing is awaited per event, so
+    thousands are in flight on one connection. Per event this costs nats-server less than an
+    atomic batch does (whose commit costs it milliseconds), and there is no gathering delay.
+
+    An append unacknowledged after `timeout_s` (its publish or its acknowledgement was lost
+    in a reconnect) is settled by reading the task's Enqueued event back: ours is stored ->
+    None, another's -> `ConcurrentUpdateError`, none -> `ServiceUnavailable`.
+    """
+
+    def __init__(self, store: EventStore, *, max_in_flight: int = 8192, timeout_s: float | None = None) -> None:
+        self._store = store
+        self._nc = store._nc
+        self._max_in_flight = max_in_flight
+        self._timeout_s = store._timeout_s if timeout_s is None else timeout_s
+        self._pending: dict[int, tuple[TaskEvent, Created, float]] = {}  # in publish order
+        self._tokens = itertools.count()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._prefix = ""
+        self._sub: Subscription | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._settling: set[asyncio.Task[None]] = set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    async def start(self) -> None:
+        self._prefix = f"{self._nc.new_inbox()}."
+        self._sub = await self._nc.subscribe(f"{self._prefix}*", cb=self._on_ack,
+                                             pending_msgs_limit=0, pending_bytes_limit=0)
+        self._sweeper = asyncio.create_task(self._sweep())
+
+    async def close(self) -> None:
+        """Stop; appends still unacknowledged are settled by reading their tasks back."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._drained.wait(), timeout=self._timeout_s)
+        self._settle_expired(float("inf"))
+        if self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+    async def create(self, event: TaskEvent, done: Created) -> None:
+        """Publish `event` as its task's first event; `done` is called once it is settled.
+
+        Waits only while `max_in_flight` appends are unacknowledged.
+        """
+        while len(self._pending) >= self._max_in_flight:
+            self._room.clear()
+            await self._room.wait()
+        token = next(self._tokens)
+        self._pending[token] = (event, done, time.monotonic() + self._timeout_s)
+        self._drained.clear()
+        try:
+            await publish_prepared(
+                self._nc, wire.event_subject(event.function, event.task_id, event.status,
+                                             partitions=self._store.partitions),
+                encode_event(event), reply=f"{self._prefix}{token}",
+                headers=b"%s%s\r\n\r\n" % (_FIRST_APPEND_HEADERS,
+                                              wire.task_subjects(event.function, event.task_id).encode()))
+        except Exception as err:  # noqa: BLE001 - a publish that cannot even be buffered
+            if self._pending.pop(token, None) is not None:
+                if not self._pending:
+                    self._drained.set()
+                await done(ServiceUnavailable(f"event store unreachable: {err!r}"))
+
+    async def _on_ack(self, msg: Msg) -> None:
+        entry = self._pending.pop(int(msg.subject[len(self._prefix):]), None)
+        if entry is None:
+            return  # settled already by the sweep
+        if len(self._pending) < self._max_in_flight:
+            self._room.set()
+            if not self._pending:
+                self._drained.set()
+        done = entry[1]
+        try:
+            ack = _pub_ack.decode(msg.data)
+        except msgspec.DecodeError:
+            # No JSON: a status message (no responders while the stream is unavailable).
+            await done(ServiceUnavailable("event store did not take the append"))
+            return
+        if ack.error is None:
+            await done(None)
+        elif ack.error.err_code == wire.JS_ERR_WRONG_LAST_SEQUENCE:
+            await done(ConcurrentUpdateError(f"task {entry[0].task_id} already has events"))
+        else:
+            await done(ServiceUnavailable(f"event store refused the append: {ack.error.description}"))
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self._timeout_s / 2))
+            self._settle_expired(time.monotonic())
+
+    def _settle_expired(self, now: float) -> None:
+        expired = []
+        for token, (_, _, deadline) in self._pending.items():  # oldest first
+            if deadline > now:
+                break
+            expired.append(token)
+        if not expired:
+            return
+        entries = [self._pending.pop(token) for token in expired]
+        self._room.set()
+        if not self._pending:
+            self._drained.set()
+        log.warning("appends unacknowledged, reading their tasks back", extra={"count": len(entries)})
+        task = asyncio.create_task(self._settle_by_reading(entries))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _settle_by_reading(self, entries: list[tuple[TaskEvent, Created, float]]) -> None:
+        for event, done, _ in entries:
+            try:
+                landed = await self._store.last_with_status(event.function, event.task_id, event.status)
+            except Exception as err:  # noqa: BLE001 - unknown outcome: the caller may retry
+                await done(ServiceUnavailable(f"event store did not acknowledge the append: {err!r}"))
+                continue
+            if landed is None:
+                await done(ServiceUnavailable("event store did not acknowledge the append"))
+            elif landed.event == event:
+                await done(None)
+            else:
+                await done(ConcurrentUpdateError(f"task {event.task_id} already has events"))

@@ -164,7 +164,8 @@ def permissions(role: str) -> Permissions:
         )
     if role == TRIGGERS:
         # Subscribes to the subjects users name for their `nats` triggers (in queue groups) and
-        # answers their publishers; creates tasks (atomic batches on the Enqueued subjects).
+        # answers their publishers; creates tasks (pipelined appends on the Enqueued subjects,
+        # acknowledged to its own inbox).
         return Permissions(
             publish=(*common_publish, *appends, *_catalog_read(), *_bucket_read(_TRIGGERS), *_leases()),
             subscribe=(*inbox, ">"),

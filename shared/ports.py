@@ -29,10 +29,6 @@ class EventLog(Protocol):
         """Append if the task's last event is at `expected_seq`; its stream sequence."""
         ...
 
-    async def append_new_tasks(self, firsts: Sequence[tuple[TaskEvent, TaskEvent | None]]) -> None:
-        """Create several tasks in one atomic batch (all or none; a duplicate fails it)."""
-        ...
-
     @property
     def partitions(self) -> int:
         """How many partitions tasks are split into."""

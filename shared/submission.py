@@ -8,7 +8,8 @@ whichever way a task arrives.
 A task is created by appending its Enqueued event; the scheduler dispatches it when it is due.
 The first event expects sequence 0 on the task's subjects: a task id that already has an event
 in the stream (7-day retention) is refused with `TaskAlreadyExists`. Many tasks at once (a bus
-trigger's burst) go in atomic batches, which nats-server commits for the cost of about one.
+trigger's stream of messages) go through `submit_pipelined`: the same append, thousands in flight
+on one connection, each settled by its own acknowledgement.
 """
 
 from __future__ import annotations
@@ -16,15 +17,22 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 from shared import wire
 from shared.catalog import AsyncConfigRecord
-from shared.errors import ConcurrentUpdateError, EntityTooLarge, InvalidArgument, TaskAlreadyExists, TaskmodeError
+from shared.errors import (
+    ConcurrentUpdateError,
+    EntityTooLarge,
+    InvalidArgument,
+    ServiceUnavailable,
+    TaskAlreadyExists,
+    TaskmodeError,
+)
 from shared.events import DEFAULT_MAX_EVENT_AGE_S, DEFAULT_MAX_RETRIES, TaskEnqueued
-from shared.eventstore import MAX_BATCH_MESSAGES, now_ms
+from shared.eventstore import TaskCreator, now_ms
 from shared.ports import EventLog
 from shared.wire import FC_DELAY_HEADER, FC_REQUEST_ID_HEADER, FC_TASK_ID_HEADER
 
@@ -156,6 +164,31 @@ async def submit(events: EventLog, admission: Admission, config: AsyncConfigReco
         raise duplicate(admission) from err
 
 
+# Called once a pipelined submission is settled: None (the task is stored) or why it is not.
+Submitted = Callable[[TaskmodeError | None], Awaitable[None]]
+
+
+async def submit_pipelined(creator: TaskCreator, admission: Admission, config: AsyncConfigRecord | None,
+                           done: Submitted) -> None:
+    """`submit` without waiting for the stream: `done` gets its outcome once the append is acknowledged.
+
+    Same event, same condition, same errors as `submit` (`TaskAlreadyExists` for a task id
+    already used, also by a submission still in flight: the stream applies them in order).
+    Returns once the append is sent; waits only while the creator has its maximum in flight.
+    """
+    async def settled(error: Exception | None) -> None:
+        if error is None:
+            await done(None)
+        elif isinstance(error, ConcurrentUpdateError):
+            await done(duplicate(admission))
+        elif isinstance(error, TaskmodeError):
+            await done(error)
+        else:
+            await done(ServiceUnavailable(f"event store trouble: {error!r}"))
+
+    await creator.create(first_event(admission, config), settled)
+
+
 def duplicate(admission: Admission) -> TaskAlreadyExists:
     """The error for a task id that is already taken."""
     return TaskAlreadyExists(
@@ -163,65 +196,3 @@ def duplicate(admission: Admission) -> TaskAlreadyExists:
         "task ids are unique for the retention period",
         existing_task_id=admission.task_id,
     )
-
-
-# Tasks per atomic batch: one event each, within JetStream's batch limit.
-TASKS_PER_BATCH: Final = MAX_BATCH_MESSAGES
-_BATCH_ATTEMPTS: Final = 3
-
-
-async def submit_many(events: EventLog,
-                      items: Sequence[tuple[Admission, AsyncConfigRecord | None]]) -> list[TaskmodeError | None]:
-    """Create many tasks with as few commits as possible; per item, None or the error it got.
-
-    The rules are `submit`'s: a task id already taken gets `TaskAlreadyExists`, also when the
-    same id comes twice in `items` (the first one wins). Tasks are appended in atomic batches
-    of up to `TASKS_PER_BATCH`; a batch refused because one of its ids exists is retried
-    without the ids that exist by then, so dedup stays exact and one duplicate costs the others
-    only a retry.
-    """
-    results: list[TaskmodeError | None] = [None] * len(items)
-    seen: set[tuple[str, str]] = set()
-    fresh: list[int] = []
-    for index, (admission, _) in enumerate(items):
-        key = (admission.function, admission.task_id)
-        if key in seen:
-            results[index] = duplicate(admission)
-        else:
-            seen.add(key)
-            fresh.append(index)
-    chunks = [fresh[i:i + TASKS_PER_BATCH] for i in range(0, len(fresh), TASKS_PER_BATCH)]
-    await asyncio.gather(*(_submit_chunk(events, items, chunk, results) for chunk in chunks))
-    return results
-
-
-async def _submit_chunk(events: EventLog, items: Sequence[tuple[Admission, AsyncConfigRecord | None]],
-                        pending: list[int], results: list[TaskmodeError | None]) -> None:
-    at = now_ms()
-    firsts = {index: (first_event(items[index][0], items[index][1], at_ms=at), None) for index in pending}
-    for _ in range(_BATCH_ATTEMPTS):
-        if not pending:
-            return
-        try:
-            await events.append_new_tasks([firsts[index] for index in pending])
-            return
-        except ConcurrentUpdateError:
-            # Some ids exist already (or were taken a moment ago): leave them out and retry.
-            lasts = await asyncio.gather(*(events.last(items[i][0].function, items[i][0].task_id) for i in pending))
-            still = []
-            for index, last in zip(pending, lasts):
-                if last is None:
-                    still.append(index)
-                else:
-                    results[index] = duplicate(items[index][0])
-            pending = still
-        except TaskmodeError as err:
-            for index in pending:
-                results[index] = err
-            return
-    # Ids keep colliding with concurrent submissions: settle the rest one by one.
-    for index in pending:
-        try:
-            await submit(events, *items[index])
-        except TaskmodeError as err:
-            results[index] = err

@@ -13,7 +13,7 @@ from nats.js import JetStreamContext
 from shared.devstack import ChildProcess, start_nats
 from shared.errors import ConcurrentUpdateError, TransitionNotAllowed
 from shared.events import TaskEnqueued, TaskProcessed, TaskStarted, TaskStopped, TaskSucceeded
-from shared.eventstore import EventStore, ensure_stream, follow, now_ms
+from shared.eventstore import EventStore, TaskCreator, ensure_stream, follow, now_ms
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -83,3 +83,50 @@ async def test_follow_refuses_an_edge_outside_the_table(js: JetStreamContext) ->
     assert current is not None
     with pytest.raises(TransitionNotAllowed):
         follow(current, TaskSucceeded)
+
+
+async def create_all(creator: TaskCreator, events: list[TaskEnqueued]) -> list[Exception | None]:
+    """Send every event through `creator` at once; each one's outcome, in order."""
+    loop = asyncio.get_running_loop()
+    outcomes: list[asyncio.Future[Exception | None]] = [loop.create_future() for _ in events]
+    for event, outcome in zip(events, outcomes):
+        async def done(error: Exception | None, outcome: asyncio.Future[Exception | None] = outcome) -> None:
+            outcome.set_result(error)
+
+        await creator.create(event, done)
+    return list(await asyncio.gather(*outcomes))
+
+
+async def test_pipelined_first_appends_keep_the_dedup_of_single_appends(js: JetStreamContext) -> None:
+    store = EventStore(js, partitions=4)
+    await store.append(enqueued("pipe_taken"), expected_seq=0)
+    creator = TaskCreator(store, max_in_flight=16)  # fewer than the events: creating waits for room
+    await creator.start()
+    try:
+        ids = [f"pipe_{i % 50}" for i in range(100)] + ["pipe_taken"]
+        outcomes = await create_all(creator, [enqueued(task_id) for task_id in ids])
+    finally:
+        await creator.close()
+    # In flight together, repeats still lose: the stream applies the appends in order.
+    assert outcomes[:50] == [None] * 50
+    assert all(isinstance(o, ConcurrentUpdateError) for o in outcomes[50:])
+    for i in range(50):
+        history = await store.history("f", f"pipe_{i}")
+        assert [s.event.status for s in history] == ["Enqueued"]
+
+
+async def test_unacknowledged_pipelined_appends_are_settled_by_reading_back(js: JetStreamContext) -> None:
+    store = EventStore(js, partitions=4)
+    await store.append(enqueued("lost_taken"), expected_seq=0)
+    creator = TaskCreator(store, timeout_s=0.5)
+    await creator.start()
+    assert creator._sub is not None
+    await creator._sub.unsubscribe()  # every acknowledgement is lost from now on
+    try:
+        another = TaskEnqueued(task_id="lost_taken", function="f", version=1, at_ms=now_ms(), payload=b"another")
+        outcome_new, outcome_taken = await create_all(creator, [enqueued("lost_new"), another])
+    finally:
+        await creator.close()
+    assert outcome_new is None  # stored: read back, it is ours
+    assert isinstance(outcome_taken, ConcurrentUpdateError)  # another Enqueued event is there
+    assert creator.in_flight == 0

@@ -2,14 +2,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 
 @dataclass(frozen=True)
 class TriggersMetrics:
     registry: CollectorRegistry
     trigger_events: Counter
-    batch_tasks: Histogram
+    appends_in_flight: Gauge
 
     @classmethod
     def build(cls, registry: CollectorRegistry) -> TriggersMetrics:
@@ -23,8 +23,9 @@ class TriggersMetrics:
                 ["function", "trigger", "trigger_type", "outcome"],
                 registry=registry,
             ),
-            batch_tasks=Histogram(
-                "taskmode_trigger_batch_tasks", "Tasks appended per atomic batch from nats triggers",
-                buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500), registry=registry,
+            appends_in_flight=Gauge(
+                "taskmode_trigger_appends_in_flight",
+                "Tasks from nats triggers whose first event awaits the stream's acknowledgement.",
+                registry=registry,
             ),
         )
