@@ -3,6 +3,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
+import time
 from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
 from typing import Any
@@ -22,6 +25,8 @@ from services.executor.settings import ExecutorSettings
 from services.executor.sync_invoke import SyncInvoker
 from shared import wire
 from shared.bootstrap import open_bus, open_catalog
+from shared.catalog import Catalog
+from shared.flowconfig import INSTANCE_RUNNING, FlowConfigs, InstanceInfo, InstanceRegistry
 from shared.bus import Verdict, decoded, ensure_consumer, fetch, settle
 from shared.events import AnyTaskEvent, decode_event
 from shared.task_logs import AttemptLog, ensure_logs_stream, store_attempt_log
@@ -32,7 +37,8 @@ from shared.service import Readiness, background, periodically, serve_http
 log = logging.getLogger(__name__)
 Spawn = Callable[[Coroutine[Any, Any, None]], None]  # runs a coroutine as a tracked background task
 SHUTDOWN_GRACE_S = 10.0  # running tasks may finish; those cut off count as a lost attempt
-EXIT_NO_SANDBOX = 5  # a supervisor should not restart us: nothing changes until the host does
+EXIT_NO_SANDBOX = 5
+INSTANCE_REPORT_S = 2.0  # ListInstances lags a started or reaped instance by at most this  # a supervisor should not restart us: nothing changes until the host does
 
 
 async def run(settings: ExecutorSettings, stop: asyncio.Event, stack: AsyncExitStack) -> None:
@@ -52,11 +58,18 @@ async def run(settings: ExecutorSettings, stop: asyncio.Event, stack: AsyncExitS
                     "executor's files and reach everything it can reach")
     bus = await open_bus(settings.common, stack, name=wire.EXECUTOR_CLIENT_NAME, stop=stop)
     orphans.reap(work_dir)
+    flow = await FlowConfigs.open(bus.js, replicas=settings.common.stream_replicas)
+    await flow.watch()
+    stack.push_async_callback(flow.close)
+    registry = await InstanceRegistry.open(bus.js, replicas=settings.common.stream_replicas)
     pool = InstancePool(
         work_dir=work_dir,
         max_instances_per_function=settings.max_instances_per_function,
         idle_timeout_s=settings.idle_timeout_s,
         sandbox=sandbox,
+        limits=lambda name: instance_limit(flow, name),
+        minimum=lambda name: _min_instances(flow, name),
+        observer=metrics.observe_scaling,
     )
     stack.push_async_callback(pool.close)
     await ensure_consumer(
@@ -78,7 +91,7 @@ async def run(settings: ExecutorSettings, stop: asyncio.Event, stack: AsyncExitS
         await store_attempt_log(bus.js, function=function, task_id=task_id, log=entry)
 
     runner = TaskRunner(events=bus.events, catalog=catalog, code=code, pool=pool, metrics=metrics, settings=settings,
-                        logs=keep_log)
+                        logs=keep_log, blocked=lambda name: blocked(catalog, flow, name))
     sync = SyncInvoker(nc=bus.nc, catalog=catalog, code=code, pool=pool)
 
     def spawn(coro: Coroutine[Any, Any, None]) -> None:
@@ -100,6 +113,9 @@ async def run(settings: ExecutorSettings, stop: asyncio.Event, stack: AsyncExitS
     await bus.nc.subscribe(f"{wire.SYNC_INVOKE_PREFIX}.*", queue=wire.EXECUTOR_QUEUE_GROUP, cb=on_sync)
     readiness.add("nats", lambda: bus.nc.is_connected)
     background(stack, periodically(UsageExporter(pool, metrics).export, every_s=5, stop=stop, what="usage export"))
+    reporter = InstanceReporter(pool, registry, executor=f"{socket.gethostname()}-{os.getpid()}")
+    stack.push_async_callback(reporter.withdraw)
+    background(stack, periodically(reporter.report, every_s=INSTANCE_REPORT_S, stop=stop, what="instance registry"))
 
     async def collect_code() -> None:
         in_use = await catalog.referenced_code() | {i.spec.code_dir.name for i in pool.instances()}
@@ -108,6 +124,72 @@ async def run(settings: ExecutorSettings, stop: asyncio.Event, stack: AsyncExitS
     background(stack, periodically(collect_code, every_s=min(60.0, max(settings.code_gc_grace_s / 4, 0.5)),
                                    stop=stop, what="code directory garbage collection"))
     await _dispatch_loop(bus.js, runner, settings, stop, spawn)
+
+
+def blocked(catalog: Catalog, flow: FlowConfigs, function: str) -> str | None:
+    """Why `function`'s dispatches may not start now (None: they may), from the local mirrors."""
+    record = catalog.cached_function(function)
+    if record is not None and record.disabled:
+        return "paused"
+    config = flow.concurrency(function)
+    if config is not None and config.reserved_concurrency == 0:
+        return "blocked"
+    return None
+
+
+def instance_limit(flow: FlowConfigs, function: str) -> int | None:
+    """The most instances of `function` this executor may run at once (None: its own default).
+
+    One task per instance, so a reservedConcurrency of N caps the function's running tasks here
+    at N; the scaling config's maxInstances caps its instances.
+    """
+    limits = []
+    scaling = flow.scaling(function)
+    if scaling is not None and scaling.max_instances is not None:
+        limits.append(scaling.max_instances)
+    concurrency = flow.concurrency(function)
+    if concurrency is not None and concurrency.reserved_concurrency:
+        limits.append(concurrency.reserved_concurrency)
+    return min(limits) if limits else None
+
+
+def _min_instances(flow: FlowConfigs, function: str) -> int:
+    scaling = flow.scaling(function)
+    return scaling.min_instances if scaling is not None else 0
+
+
+class InstanceReporter:
+    """Reports this executor's live instances to the registry ListInstances reads; an entry of
+    a dead executor ages out (the bucket's TTL), one of a reaped instance is removed here."""
+
+    def __init__(self, pool: InstancePool, registry: InstanceRegistry, *, executor: str) -> None:
+        self._pool = pool
+        self._registry = registry
+        self._executor = executor
+        self._reported: dict[str, InstanceInfo] = {}
+        self._born: dict[str, int] = {}
+
+    async def report(self) -> None:
+        live: dict[str, InstanceInfo] = {}
+        now = int(time.time() * 1000)
+        for instance in self._pool.instances():
+            born = self._born.setdefault(instance.instance_id, now)
+            live[instance.instance_id] = InstanceInfo(
+                instance_id=instance.instance_id, status=INSTANCE_RUNNING, function_name=instance.spec.name,
+                qualifier=instance.spec.version, version_id=instance.spec.version, created_time_ms=born,
+                executor=self._executor)
+        for info in live.values():  # every time: a refresh keeps the entry from ageing out
+            await self._registry.put(info)
+        for instance_id in set(self._reported) - set(live):
+            await self._registry.remove(self._reported[instance_id])
+            self._born.pop(instance_id, None)
+        self._reported = live
+
+    async def withdraw(self) -> None:
+        for info in self._reported.values():
+            with contextlib.suppress(Exception):
+                await self._registry.remove(info)
+        self._reported = {}
 
 
 async def _finish_or_cancel(tasks: set[asyncio.Task[None]]) -> None:

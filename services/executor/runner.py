@@ -70,8 +70,10 @@ class TaskRunner:
         metrics: ExecutorMetrics,
         settings: ExecutorSettings,
         logs: LogSink | None = None,
+        blocked: Callable[[str], str | None] | None = None,
     ) -> None:
         self._logs = logs
+        self._blocked = blocked  # why a function's dispatches may not start now (None: they may)
         self._events = events
         self._catalog = catalog
         self._code = code
@@ -105,6 +107,12 @@ class TaskRunner:
             if last is None or last.seq != current.seq:
                 await self._recover(last, current)
                 return ACK
+        blocked = self._blocked(event.function) if self._blocked is not None else None
+        if blocked is not None:
+            # Dispatched before a DisableFunctionInvocation (or a reservedConcurrency of 0) was
+            # seen: it must not start now; it stays Processed and is looked at again later.
+            self._metrics.flow_held.labels(event.function, blocked).inc()
+            return Nak(self._settings.saturated_retry_s)
         parked = False
         holding = self._holding.get(event.function, 0)
         if holding >= self._settings.max_instances_per_function + self._settings.max_queued_per_function:

@@ -8,6 +8,7 @@ overwrite a completion that won the race.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Final
 
@@ -204,3 +205,26 @@ async def _try_stop(events: EventLog, last: StoredEvent) -> str | None:
     except ConcurrentUpdateError:
         return None
     return outcome
+
+
+async def stop_tasks(resources: Resources, metrics: GatewayMetrics, function_name: str, *, status: Status) -> int:
+    """Stop every task of the function the read model shows in `status` (DisableFunctionInvocation
+    with abortOngoingRequest); how many were stopped or asked to stop."""
+    events = resources.events
+    stopped = 0
+    token: str | None = None
+    while True:
+        page = await resources.tasks.list_tasks(TaskQuery(function=function_name, status=str(status), limit=100,
+                                                          next_token=token))
+        for doc in page.tasks:
+            last = await events.last(function_name, str(doc["taskId"]))
+            if last is None:
+                continue
+            with contextlib.suppress(TaskAlreadyFinished):
+                outcome = await _try_stop(events, last)
+                if outcome is not None:
+                    metrics.stops.labels(outcome=outcome).inc()
+                    stopped += 1
+        if not page.next_token:
+            return stopped
+        token = page.next_token

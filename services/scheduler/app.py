@@ -12,6 +12,7 @@ from services.scheduler.settings import SchedulerSettings
 from shared import wire
 from shared.bootstrap import open_bus, open_catalog
 from shared.bus import Batching, consume, decoded, ensure_consumer
+from shared.flowconfig import FlowConfigs
 from shared.metrics_registry import new_registry
 from shared.partitions import PartitionLeases, open_leases, run_partitioned
 from shared.transitions import Status
@@ -25,7 +26,10 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event, stack: AsyncExit
                stack=stack)
     bus = await open_bus(settings.common, stack, name=wire.SCHEDULER_CLIENT_NAME, stop=stop)
     catalog = await open_catalog(bus, stack)
-    dispatcher = Dispatcher(events=bus.events, catalog=catalog, metrics=metrics)
+    flow = await FlowConfigs.open(bus.js, replicas=settings.common.stream_replicas)
+    await flow.watch()
+    stack.push_async_callback(flow.close)
+    dispatcher = Dispatcher(events=bus.events, catalog=catalog, metrics=metrics, flow=flow)
     leases = PartitionLeases(await open_leases(bus.js, replicas=settings.common.stream_replicas),
                              group="scheduler", partitions=settings.common.partitions, lease_s=settings.common.lease_s)
     readiness.add("nats", lambda: bus.nc.is_connected)

@@ -2,11 +2,18 @@
 
 The dispatch carries what the executor needs of the submission (payloads up to 16 KB), so the
 executor reads nothing back from the stream.
+
+Flow control: a due task of a function whose invocations are disabled (DisableFunctionInvocation)
+or whose reservedConcurrency is 0 is held: it stays Enqueued and its message is handed back
+(Nak) to be looked at again after `hold_s`, longer the more are held, so a paused backlog costs
+a bounded redelivery rate. Both are read from the local KV mirrors on every delivery, so a
+resume takes effect at the next redelivery (within `hold_s`).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Final
 
 from nats.aio.msg import Msg
 
@@ -15,16 +22,49 @@ from shared.bus import ACK, Nak, Term, Verdict
 from shared.errors import ConcurrentUpdateError
 from shared.events import AnyTaskEvent, TaskEnqueued, TaskExpired, TaskInvalid, TaskProcessed
 from shared.eventstore import StoredEvent, follow, now_ms
+from shared.flowconfig import FlowConfigs
 from shared.ports import EventLog, FunctionCatalog
 
 log = logging.getLogger(__name__)
 
+PAUSED: Final = "paused"
+BLOCKED: Final = "blocked"
+# A held task is looked at again after HOLD_MIN_S, growing by HOLD_PER_TASK_S per task held (so
+# a paused backlog of 100,000 is redelivered at about 10,000 a second at most), up to HOLD_MAX_S:
+# that is also how long after EnableFunctionInvocation the backlog starts to move, at worst.
+HOLD_MIN_S: Final = 0.5
+HOLD_PER_TASK_S: Final = 0.0001
+HOLD_MAX_S: Final = 10.0
+
 
 class Dispatcher:
-    def __init__(self, *, events: EventLog, catalog: FunctionCatalog, metrics: SchedulerMetrics) -> None:
+    def __init__(self, *, events: EventLog, catalog: FunctionCatalog, metrics: SchedulerMetrics,
+                 flow: FlowConfigs | None = None) -> None:
         self._events = events
         self._catalog = catalog
         self._metrics = metrics
+        self._flow = flow
+        self._held: dict[str, dict[str, set[str]]] = {PAUSED: {}, BLOCKED: {}}  # reason -> function -> task ids
+
+    def _hold_reason(self, function: str) -> str | None:
+        record = self._catalog.cached_function(function)
+        if record is not None and record.disabled:
+            return PAUSED
+        config = self._flow.concurrency(function) if self._flow is not None else None
+        if config is not None and config.reserved_concurrency == 0:
+            return BLOCKED
+        return None
+
+    def _note_held(self, function: str, task_id: str, reason: str | None) -> int:
+        """Record whether the task is held (and why); how many of the function's are held."""
+        for why, functions in self._held.items():
+            ids = functions.setdefault(function, set())
+            if why == reason:
+                ids.add(task_id)
+            else:
+                ids.discard(task_id)
+            self._metrics.held.labels(function, why).set(len(ids))
+        return len(self._held[reason][function]) if reason is not None else 0
 
     async def handle(self, event: AnyTaskEvent, msg: Msg) -> Verdict:
         if not isinstance(event, TaskEnqueued):
@@ -48,7 +88,14 @@ class Dispatcher:
             )
             self._metrics.expired.labels(event.function).inc()
         else:
+            reason = self._hold_reason(event.function)
+            held = self._note_held(event.function, event.task_id, reason)
+            if reason is not None:
+                self._metrics.holds.labels(event.function, reason).inc()
+                return Nak(min(HOLD_MAX_S, HOLD_MIN_S + held * HOLD_PER_TASK_S))
             outcome = follow(current, TaskProcessed, submission=TaskProcessed.carrying(event))
+        if not isinstance(outcome, TaskProcessed):
+            self._note_held(event.function, event.task_id, None)  # it may have been held before
         try:
             await self._events.append(outcome, expected_seq=current.seq)
         except ConcurrentUpdateError:
