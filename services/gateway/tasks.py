@@ -187,7 +187,7 @@ async def stop_async_task(
     raise ServiceUnavailable(f"task {task_id} kept changing; try stopping it again")
 
 
-async def _try_stop(events: EventLog, last: StoredEvent) -> str | None:
+async def _try_stop(events: EventLog, last: StoredEvent, *, reason: str = STOP_REASON) -> str | None:
     """Stop the task from `last`; the outcome, or None when another writer got there first."""
     status = last.event.status
     if status in TERMINAL:
@@ -195,16 +195,19 @@ async def _try_stop(events: EventLog, last: StoredEvent) -> str | None:
     if status == Status.STOPPING:
         return "already_stopping"
     if status == Status.RUNNING:
-        event: TaskStopping | TaskStopped = follow(last, TaskStopping, reason=STOP_REASON)
+        event: TaskStopping | TaskStopped = follow(last, TaskStopping, reason=reason)
         outcome = "stopping"
     else:  # Enqueued, Processed, Retrying: nothing runs, so the stop is immediate
-        event = follow(last, TaskStopped, reason=STOP_REASON)
+        event = follow(last, TaskStopped, reason=reason)
         outcome = "stopped"
     try:
         await events.append(event, expected_seq=last.seq)
     except ConcurrentUpdateError:
         return None
     return outcome
+
+
+ABORT_REASON: Final = "stopped by DisableFunctionInvocation with abortOngoingRequest"
 
 
 async def stop_tasks(resources: Resources, metrics: GatewayMetrics, function_name: str, *, status: Status) -> int:
@@ -221,7 +224,7 @@ async def stop_tasks(resources: Resources, metrics: GatewayMetrics, function_nam
             if last is None:
                 continue
             with contextlib.suppress(TaskAlreadyFinished):
-                outcome = await _try_stop(events, last)
+                outcome = await _try_stop(events, last, reason=ABORT_REASON)
                 if outcome is not None:
                     metrics.stops.labels(outcome=outcome).inc()
                     stopped += 1
