@@ -130,7 +130,7 @@ async def witness(fc: FcClient) -> None:
 # --- pause and resume -------------------------------------------------------------------------
 
 
-async def test_pause_holds_a_backlog_and_resume_drains_it(fc: FcClient, flow_stack: Stack) -> None:
+async def test_pause_holds_a_backlog_and_resume_drains_it_in_submission_order(fc: FcClient, flow_stack: Stack) -> None:
     name = fresh("paused")
     await make_function(fc, name, handler="index.info")
     # One at a time, so the order in which the backlog runs is visible.
@@ -154,9 +154,10 @@ async def test_pause_holds_a_backlog_and_resume_drains_it(fc: FcClient, flow_sta
     await enable(fc, name)
     assert (await fc.request("GET", f"/functions/{name}")).json()["invocationRestriction"]["disable"] is False
     done = await all_reach(fc, name, ids, {"Succeeded"})
-    # Every held task ran once. The order is the order the scheduler sees them again after the
-    # resume (close to, not exactly, submission order): see the README's flow-control section.
     assert all(statuses(task) == ["Enqueued", "Processed", "Running", "Succeeded"] for task in done)
+    started = [event_time(task, "Running") for task in done]
+    assert started == sorted(started), "the backlog ran out of submission order"
+    assert [task["taskId"] for task in sorted(done, key=lambda t: event_time(t, "Processed"))] == ids
 
 
 async def test_disable_with_abort_stops_running_tasks(fc: FcClient) -> None:

@@ -4,16 +4,14 @@ The dispatch carries what the executor needs of the submission (payloads up to 1
 executor reads nothing back from the stream.
 
 Flow control: a due task of a function whose invocations are disabled (DisableFunctionInvocation)
-or whose reservedConcurrency is 0 is held: it stays Enqueued and its message is handed back
-(Nak) to be looked at again after `hold_s`, longer the more are held, so a paused backlog costs
-a bounded redelivery rate. Both are read from the local KV mirrors on every delivery, so a
-resume takes effect at the next redelivery (within `hold_s`).
+or whose reservedConcurrency is 0 is held Enqueued, and drained in submission order when that
+lifts (services/scheduler/holds.py). Both are read from the local KV mirrors on every delivery.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Final
+import time
 
 from nats.aio.msg import Msg
 
@@ -22,20 +20,11 @@ from shared.bus import ACK, Nak, Term, Verdict
 from shared.errors import ConcurrentUpdateError
 from shared.events import AnyTaskEvent, TaskEnqueued, TaskExpired, TaskInvalid, TaskProcessed
 from shared.eventstore import StoredEvent, follow, now_ms
+from services.scheduler.holds import BLOCKED, PAUSED, REASONS, Holds
 from shared.flowconfig import FlowConfigs
 from shared.ports import EventLog, FunctionCatalog
 
 log = logging.getLogger(__name__)
-
-PAUSED: Final = "paused"
-BLOCKED: Final = "blocked"
-# A held task is looked at again after HOLD_MIN_S, growing by HOLD_PER_TASK_S per task held (so
-# a paused backlog of 100,000 is redelivered at about 10,000 a second at most), up to HOLD_MAX_S:
-# that is also how long after EnableFunctionInvocation the backlog starts to move, at worst.
-HOLD_MIN_S: Final = 0.5
-HOLD_PER_TASK_S: Final = 0.0001
-HOLD_MAX_S: Final = 10.0
-
 
 class Dispatcher:
     def __init__(self, *, events: EventLog, catalog: FunctionCatalog, metrics: SchedulerMetrics,
@@ -44,7 +33,7 @@ class Dispatcher:
         self._catalog = catalog
         self._metrics = metrics
         self._flow = flow
-        self._held: dict[str, dict[str, set[str]]] = {PAUSED: {}, BLOCKED: {}}  # reason -> function -> task ids
+        self._holds = Holds()
 
     def _hold_reason(self, function: str) -> str | None:
         record = self._catalog.cached_function(function)
@@ -55,16 +44,9 @@ class Dispatcher:
             return BLOCKED
         return None
 
-    def _note_held(self, function: str, task_id: str, reason: str | None) -> int:
-        """Record whether the task is held (and why); how many of the function's are held."""
-        for why, functions in self._held.items():
-            ids = functions.setdefault(function, set())
-            if why == reason:
-                ids.add(task_id)
-            else:
-                ids.discard(task_id)
-            self._metrics.held.labels(function, why).set(len(ids))
-        return len(self._held[reason][function]) if reason is not None else 0
+    def _show_held(self, function: str) -> None:
+        for reason in REASONS:
+            self._metrics.held.labels(function, reason).set(self._holds.count(function, reason))
 
     async def handle(self, event: AnyTaskEvent, msg: Msg) -> Verdict:
         if not isinstance(event, TaskEnqueued):
@@ -89,13 +71,17 @@ class Dispatcher:
             self._metrics.expired.labels(event.function).inc()
         else:
             reason = self._hold_reason(event.function)
-            held = self._note_held(event.function, event.task_id, reason)
             if reason is not None:
+                delay_s = self._holds.hold(event.function, event.task_id, current.seq, reason)
                 self._metrics.holds.labels(event.function, reason).inc()
-                return Nak(min(HOLD_MAX_S, HOLD_MIN_S + held * HOLD_PER_TASK_S))
+                self._show_held(event.function)
+                return Nak(delay_s)
+            wait_s = self._holds.wait_for_turn(event.function, event.task_id, current.seq, time.monotonic())
+            if wait_s > 0:  # a hold lifted: the held tasks go in submission order
+                self._show_held(event.function)
+                return Nak(wait_s)
             outcome = follow(current, TaskProcessed, submission=TaskProcessed.carrying(event))
-        if not isinstance(outcome, TaskProcessed):
-            self._note_held(event.function, event.task_id, None)  # it may have been held before
+        self._holds.done(event.function, event.task_id)
         try:
             await self._events.append(outcome, expected_seq=current.seq)
         except ConcurrentUpdateError:
