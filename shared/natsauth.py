@@ -67,6 +67,7 @@ _NONCES: Final = f"KV_{wire.NONCES_BUCKET}"
 _CONCURRENCY: Final = f"KV_{wire.CONCURRENCY_CONFIG_BUCKET}"
 _SCALING: Final = f"KV_{wire.SCALING_CONFIG_BUCKET}"
 _INSTANCES: Final = f"KV_{wire.INSTANCES_BUCKET}"
+_RUNNING: Final = f"KV_{wire.RUNNING_BUCKET}"
 
 # What a user may name as a `nats` trigger's subject or a `nats:` destination is any subject
 # outside these roots (shared.triggers.RESERVED_SUBJECT_ROOTS, checked when it is named); the
@@ -165,6 +166,8 @@ def permissions(role: str) -> Permissions:
             publish=(*common_publish, *appends, *_stream_api(_EVENTS_STREAM, consume=True), *_catalog_read(),
                      # Flow control: reads the configs, reports its live instances (ListInstances).
                      *_flow_read(), *_bucket_read(_INSTANCES), f"$KV.{wire.INSTANCES_BUCKET}.>",
+                     # reservedConcurrency across executors: the running slots (services/executor/slots.py).
+                     *_bucket_read(_RUNNING), f"$KV.{wire.RUNNING_BUCKET}.>",
                      # Each attempt's log: the executor keeps the logs stream and writes it.
                      *_stream_api(_LOGS_STREAM, create=True), f"{wire.LOGS_SUBJECT_PREFIX}.>"),
             subscribe=(*inbox, wire.status_subjects(Status.STOPPING), f"{wire.SYNC_INVOKE_PREFIX}.*"),
@@ -196,7 +199,8 @@ def permissions(role: str) -> Permissions:
                           *(f"$KV.{bucket}.>" for bucket in (wire.FUNCTIONS_BUCKET, wire.ASYNC_CONFIG_BUCKET,
                                                              wire.VERSIONS_BUCKET, wire.TRIGGERS_BUCKET,
                                                              wire.NONCES_BUCKET, wire.CONCURRENCY_CONFIG_BUCKET,
-                                                             wire.SCALING_CONFIG_BUCKET, wire.INSTANCES_BUCKET)),
+                                                             wire.SCALING_CONFIG_BUCKET, wire.INSTANCES_BUCKET,
+                                                             wire.RUNNING_BUCKET)),
                           "$O.>", "$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>",
                           "$JS.API.STREAM.MSG.DELETE.>", "$SYS.>", "_INBOX.>"),
         )

@@ -35,6 +35,8 @@ TRIGGERS_BUCKET: Final = "taskmode_triggers"
 CONCURRENCY_CONFIG_BUCKET: Final = "taskmode_concurrency_configs"
 SCALING_CONFIG_BUCKET: Final = "taskmode_scaling_configs"
 INSTANCES_BUCKET: Final = "taskmode_instances"
+# Running slots of functions with a reservedConcurrency, shared by every executor.
+RUNNING_BUCKET: Final = "taskmode_running"
 VERSIONS_BUCKET: Final = "taskmode_versions"
 # Per-invocation logs of async tasks: one message per attempt, kept for the retention period.
 LOGS_STREAM: Final = "TASKMODE_LOGS"

@@ -18,7 +18,7 @@ import pytest
 
 from shared.devstack import Stack, free_port
 from tests.fc_client import FcClient
-from tests.integration_fixtures import client_for, new_stack
+from tests.integration_fixtures import StackFactory, client_for, new_stack
 from tests.test_api_errors import assert_fc_error
 from tests.test_lifecycle import make_function, statuses
 from tests.test_metrics import scrape_until, value
@@ -175,9 +175,10 @@ async def test_disable_with_abort_stops_running_tasks(fc: FcClient) -> None:
 # --- throttling -------------------------------------------------------------------------------
 
 
-async def test_reserved_concurrency_is_never_exceeded(fc: FcClient) -> None:
-    # One executor: the cap is enforced per executor (see the README's flow-control section).
-    name = fresh("capped")
+async def test_reserved_concurrency_is_never_exceeded_across_executors(stack_with: StackFactory) -> None:
+    stack, fc = stack_with({})
+    stack.start_service("executor", name="executor2")
+    name = "capped"
     await make_function(fc, name, handler="index.sleep")
     assert (await put_json(fc, f"/functions/{name}/concurrency", {"reservedConcurrency": 2})).status_code == 200
     ids = [f"c{i:02d}" for i in range(10)]

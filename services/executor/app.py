@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
 from typing import Any
@@ -22,6 +23,7 @@ from services.executor.sandbox import SandboxUnavailable
 from services.executor.metrics import ExecutorMetrics
 from services.executor.runner import TaskRunner
 from services.executor.settings import ExecutorSettings
+from services.executor.slots import LEASE_S as SLOT_LEASE_S, ClusterSlots
 from services.executor.sync_invoke import SyncInvoker
 from shared import wire
 from shared.bootstrap import open_bus, open_catalog
@@ -61,6 +63,7 @@ async def run(settings: ExecutorSettings, stop: asyncio.Event, stack: AsyncExitS
     flow = await FlowConfigs.open(bus.js, replicas=settings.common.stream_replicas)
     await flow.watch()
     stack.push_async_callback(flow.close)
+    owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"  # this executor, in shared registries
     registry = await InstanceRegistry.open(bus.js, replicas=settings.common.stream_replicas)
     pool = InstancePool(
         work_dir=work_dir,
@@ -90,8 +93,12 @@ async def run(settings: ExecutorSettings, stop: asyncio.Event, stack: AsyncExitS
     async def keep_log(function: str, task_id: str, entry: AttemptLog) -> None:
         await store_attempt_log(bus.js, function=function, task_id=task_id, log=entry)
 
+    slots = await ClusterSlots.open(bus.js, owner=owner, replicas=settings.common.stream_replicas,
+                                    on_wait=lambda name, count: metrics.throttled.labels(name).set(count))
+    background(stack, periodically(slots.refresh, every_s=SLOT_LEASE_S / 3, stop=stop, what="running slot leases"))
     runner = TaskRunner(events=bus.events, catalog=catalog, code=code, pool=pool, metrics=metrics, settings=settings,
-                        logs=keep_log, blocked=lambda name: blocked(catalog, flow, name))
+                        logs=keep_log, blocked=lambda name: blocked(catalog, flow, name), slots=slots,
+                        cap=lambda name: reserved_concurrency(flow, name))
     sync = SyncInvoker(nc=bus.nc, catalog=catalog, code=code, pool=pool)
 
     def spawn(coro: Coroutine[Any, Any, None]) -> None:
@@ -113,7 +120,7 @@ async def run(settings: ExecutorSettings, stop: asyncio.Event, stack: AsyncExitS
     await bus.nc.subscribe(f"{wire.SYNC_INVOKE_PREFIX}.*", queue=wire.EXECUTOR_QUEUE_GROUP, cb=on_sync)
     readiness.add("nats", lambda: bus.nc.is_connected)
     background(stack, periodically(UsageExporter(pool, metrics).export, every_s=5, stop=stop, what="usage export"))
-    reporter = InstanceReporter(pool, registry, executor=f"{socket.gethostname()}-{os.getpid()}")
+    reporter = InstanceReporter(pool, registry, executor=owner)
     stack.push_async_callback(reporter.withdraw)
     background(stack, periodically(reporter.report, every_s=INSTANCE_REPORT_S, stop=stop, what="instance registry"))
 
@@ -135,6 +142,13 @@ def blocked(catalog: Catalog, flow: FlowConfigs, function: str) -> str | None:
     if config is not None and config.reserved_concurrency == 0:
         return "blocked"
     return None
+
+
+def reserved_concurrency(flow: FlowConfigs, function: str) -> int | None:
+    """The function's cap on running tasks over every executor (None: uncapped; 0 never gets
+    this far: such tasks are held Enqueued)."""
+    config = flow.concurrency(function)
+    return config.reserved_concurrency if config is not None and config.reserved_concurrency else None
 
 
 def instance_limit(flow: FlowConfigs, function: str) -> int | None:

@@ -19,6 +19,7 @@ class ExecutorMetrics:
     scaling: Counter
     cold_start: Histogram
     flow_held: Counter
+    throttled: Gauge
 
     def observe_scaling(self, function: str, direction: str, cold_s: float) -> None:
         self.scaling.labels(function, direction).inc()
@@ -57,6 +58,8 @@ class ExecutorMetrics:
             flow_held=Counter("taskmode_executor_flow_held", "Dispatches handed back because their function was "
                               "disabled or blocked (reservedConcurrency 0) when they arrived", ["function", "reason"],
                               registry=registry),
+            throttled=Gauge("taskmode_throttled_tasks", "Dispatches waiting for a running slot of their function "
+                            "(reservedConcurrency reached)", ["function"], registry=registry),
             instance_rss=Gauge(
                 "taskmode_instance_memory_bytes", "Resident memory of an instance", ["function", "instance_id"],
                 registry=registry,
