@@ -20,6 +20,7 @@ from services.executor import orphans
 from services.executor.code_cache import CodeCache
 from services.executor.pool import InstancePool, new_sandbox
 from services.executor.sandbox import SandboxUnavailable
+from services.executor.specs import function_spec
 from services.executor.metrics import ExecutorMetrics
 from services.executor.runner import TaskRunner
 from services.executor.settings import ExecutorSettings
@@ -40,7 +41,8 @@ log = logging.getLogger(__name__)
 Spawn = Callable[[Coroutine[Any, Any, None]], None]  # runs a coroutine as a tracked background task
 SHUTDOWN_GRACE_S = 10.0  # running tasks may finish; those cut off count as a lost attempt
 EXIT_NO_SANDBOX = 5
-INSTANCE_REPORT_S = 2.0  # ListInstances lags a started or reaped instance by at most this  # a supervisor should not restart us: nothing changes until the host does
+INSTANCE_REPORT_S = 2.0
+WARM_EVERY_S = 1.0  # how soon a new minInstances (or a reaped or crashed warm instance) is made up  # ListInstances lags a started or reaped instance by at most this  # a supervisor should not restart us: nothing changes until the host does
 
 
 async def run(settings: ExecutorSettings, stop: asyncio.Event, stack: AsyncExitStack) -> None:
@@ -123,6 +125,22 @@ async def run(settings: ExecutorSettings, stop: asyncio.Event, stack: AsyncExitS
     reporter = InstanceReporter(pool, registry, executor=owner)
     stack.push_async_callback(reporter.withdraw)
     background(stack, periodically(reporter.report, every_s=INSTANCE_REPORT_S, stop=stop, what="instance registry"))
+
+    async def keep_minimums() -> None:
+        """minInstances: start instances of functions whose scaling config asks for them warm
+        (not while a function is disabled or blocked: no new instance starts then)."""
+        for name in flow.scaled_functions():
+            wanted = _min_instances(flow, name)
+            record = catalog.cached_function(name)
+            if wanted <= 0 or record is None or blocked(catalog, flow, name) is not None:
+                continue
+            try:
+                spec = await function_spec(record, code)
+                await pool.keep_warm(spec, wanted)
+            except Exception as err:  # noqa: BLE001 - tried again on the next round
+                log.warning("could not keep instances warm", extra={"function": name, "error": repr(err)})
+
+    background(stack, periodically(keep_minimums, every_s=WARM_EVERY_S, stop=stop, what="minimum instances"))
 
     async def collect_code() -> None:
         in_use = await catalog.referenced_code() | {i.spec.code_dir.name for i in pool.instances()}

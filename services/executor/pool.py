@@ -144,6 +144,25 @@ class InstancePool:
         finally:
             await self._give_back(slots, instance)
 
+    async def keep_warm(self, spec: FunctionSpec, count: int) -> int:
+        """Start idle instances of `spec` until the function has `count` (minInstances, within
+        its maximum); how many were started."""
+        slots = self._functions.setdefault((spec.name, spec.version), _Slots())
+        started = 0
+        while (not self._closed and slots.busy + sum(1 for i in slots.idle if i.alive) < min(count, self.max_instances(spec.name))):
+            if self._reaper is None:
+                self._reaper = asyncio.create_task(self._reap_forever())
+            slots.busy += 1  # counted while it starts, so a concurrent lease does not overshoot
+            try:
+                instance = await self._acquire(slots, spec, reuse_idle=False)
+            finally:
+                slots.busy -= 1
+            instance.idle_since = time.monotonic()
+            slots.idle.insert(0, instance)  # the idle least recently used end: leased last
+            slots.wake_one()
+            started += 1
+        return started
+
     def instances(self) -> list[Instance]:
         """Live instances, idle or leased, for metrics."""
         return [instance for instance in self._live if instance.alive]
@@ -161,12 +180,12 @@ class InstancePool:
         doomed, self._live = list(self._live), set()
         await asyncio.gather(*(instance.kill() for instance in doomed))
 
-    async def _acquire(self, slots: _Slots, spec: FunctionSpec) -> Instance:
+    async def _acquire(self, slots: _Slots, spec: FunctionSpec, *, reuse_idle: bool = True) -> Instance:
         slots.current = spec
         stale = [i for i in slots.idle if i.spec != spec or not i.alive]
         slots.idle = [i for i in slots.idle if i not in stale]
         await asyncio.gather(*(self._discard(instance) for instance in stale))
-        if slots.idle:
+        if slots.idle and reuse_idle:
             return slots.idle.pop()
         instance = new_instance(spec, work_dir=self._work_dir, sandbox=self.sandbox)
         self._live.add(instance)
