@@ -3,7 +3,8 @@
 A delayed task's Enqueued event is handed back by the scheduler with a redelivery delay of
 exactly the time left (and looked at again should it come early). These tests check the
 promises: on time (within 1 s of the due time) and once, across a restart of every service,
-with a pause surviving the same restart; and stoppable before it is due.
+with a pause surviving the same restart; stoppable before it is due; and a hundred thousand
+waiting tasks never stand in front of a task that is due now.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ from __future__ import annotations
 import datetime as dt
 import time
 
+import nats
 import pytest
 
+from shared import natsauth, submission, wire
 from shared.devstack import Stack
+from shared.eventstore import EventStore
 from tests.fc_client import FcClient
 from tests.test_lifecycle import make_function, statuses
 from tests.test_recovery import wait_until
@@ -87,3 +91,45 @@ async def test_a_task_stopped_before_it_is_due_never_runs(own_stack: Stack, own_
     await own_fc.wait_for("stoppable", "witness", {"Succeeded"}, deadline_s=60)  # "soon" was due as well
     for task_id in ("later", "soon"):
         assert statuses((await own_fc.get_task("stoppable", task_id)).json()) == ["Enqueued", "Stopped"]
+
+
+async def test_a_hundred_thousand_tasks_due_in_an_hour_do_not_delay_a_task_due_now(
+    own_stack: Stack, own_fc: FcClient
+) -> None:
+    await make_function(own_fc, "patient")
+    await make_function(own_fc, "urgent")
+    function_id = (await own_fc.request("GET", "/functions/patient")).json()["functionId"]
+    waiting = 100_000
+    credentials = own_stack.nats_credentials(natsauth.ADMIN)
+    assert credentials is not None
+    nc = await nats.connect(own_stack.nats_url, user=credentials[0], password=credentials[1])
+    try:
+        js = nc.jetstream()
+        partitions = int(own_stack.service_env.get("TASKMODE_PARTITIONS", "4"))  # the services' default
+        events = EventStore(js, partitions=partitions)
+        due_ms = int(time.time() * 1000) + 3_600_000
+        started = time.monotonic()
+        for start in range(0, waiting, 5000):  # what a bus trigger's burst does: atomic batches
+            items = [(submission.Admission(function="patient", task_id=f"w{i:06d}", payload=b"",
+                                           request_id=f"r{i}", function_id=function_id, due_at_ms=due_ms), None)
+                     for i in range(start, start + 5000)]
+            assert not any(await submission.submit_many(events, items))
+        print(f"\n{waiting} delayed tasks appended in {time.monotonic() - started:.1f} s")
+
+        async def all_parked() -> bool:  # the steady state: the scheduler has read every one of them
+            infos = [await js.consumer_info(wire.EVENT_STREAM, wire.partition_durable(wire.SCHEDULER_DURABLE, p))
+                     for p in range(partitions)]
+            return sum(info.num_ack_pending for info in infos) >= waiting and all(i.num_pending == 0 for i in infos)
+
+        await wait_until(all_parked, deadline_s=240, what="the scheduler holds every waiting task")
+        submitted_ms = int(time.time() * 1000)
+        assert (await own_fc.invoke_async("urgent", b"", task_id="now")).status_code == 202
+        task = await own_fc.wait_for("urgent", "now", {"Succeeded"}, deadline_s=60)
+        assert statuses(task) == ["Enqueued", "Processed", "Running", "Succeeded"]
+        late_ms = event_time(task, "Processed") - submitted_ms
+        print(f"the task due now was dispatched {late_ms} ms after its submission")
+        assert late_ms < 2_000
+        for task_id in ("w000000", f"w{waiting - 1:06d}"):
+            assert statuses((await own_fc.get_task("patient", task_id)).json()) == ["Enqueued"]
+    finally:
+        await nc.close()

@@ -10,7 +10,8 @@ never show more than N running.
 Leases are refreshed while held (every LEASE_S / 3); a dead executor's slots expire after
 LEASE_S, by which time its tasks are being retried (the dispatch redelivered after the ack wait).
 Within one executor only the first waiter of a function polls the key (an asyncio.Lock queues the
-rest in arrival order), so a throttled backlog costs one read per POLL_S per executor.
+rest in arrival order), so a throttled backlog costs one read per POLL_S per executor; a slot
+given back here wakes it at once.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ class ClusterSlots:
         self._held: dict[str, set[str]] = {}
         self._lines: dict[str, asyncio.Lock] = {}
         self._waiting: dict[str, int] = {}
+        self._freed: dict[str, asyncio.Event] = {}  # set when a slot of ours is given back
+        self._known: dict[str, tuple[dict[str, int], int]] = {}  # our last write per function, and its revision
         self._on_wait = on_wait or (lambda _function, _count: None)
 
     @classmethod
@@ -74,7 +77,10 @@ class ClusterSlots:
                         if await self._change(function, lambda slots: _with(slots, holder, limit)):
                             taken = True
                             break
-                        await asyncio.sleep(POLL_S)
+                        freed = self._freed.setdefault(function, asyncio.Event())
+                        freed.clear()
+                        with contextlib.suppress(asyncio.TimeoutError):  # another executor's may free up too
+                            await asyncio.wait_for(freed.wait(), POLL_S)
             finally:
                 self._count_waiting(function, -1)
         if taken:
@@ -86,6 +92,7 @@ class ClusterSlots:
                 self._held[function].discard(holder)
                 with contextlib.suppress(Exception):  # left to expire otherwise
                     await self._change(function, lambda slots: _without(slots, holder))
+                self._freed.setdefault(function, asyncio.Event()).set()  # our next in line tries at once
 
     async def refresh(self) -> None:
         """Extend the leases of every slot this executor holds (run every LEASE_S / 3)."""
@@ -100,16 +107,21 @@ class ClusterSlots:
 
     async def _change(self, function: str, change: Callable[[dict[str, int]], dict[str, int] | None]) -> bool:
         """Compare-and-set the function's slots with `change` (None: no change possible); whether
-        it was applied."""
-        for _ in range(_CAS_ATTEMPTS):
-            slots, revision = await self._read(function)
+        it was applied. The first try uses what our own last write left (no read); a conflict,
+        or a refusal on that possibly stale view, reads the key afresh."""
+        known = self._known.pop(function, None)
+        for attempt in range(_CAS_ATTEMPTS):
+            slots, revision = known if known is not None and attempt == 0 else await self._read(function)
             updated = change(slots)
             if updated is None:
+                if known is not None and attempt == 0:
+                    continue  # refused on our cached view: look at the real one
                 return False
             try:
-                await self._kv.update(function, _encode(updated), last=revision)
+                revision = await self._kv.update(function, _encode(updated), last=revision)
             except KeyWrongLastSequenceError:
                 continue  # another executor changed it meanwhile: read again
+            self._known[function] = (updated, revision)
             return True
         log.warning("running slots kept changing", extra={"function": function})
         return False
