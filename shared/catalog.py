@@ -384,6 +384,12 @@ class Catalog:
         """
         return self._function_mirror.records.get(name) if self._function_mirror is not None else None
 
+    async def known_functions(self) -> dict[str, FunctionRecord]:
+        """Every function by name: from the mirror after `watch()` (no round trip), else listed."""
+        if self._function_mirror is not None:
+            return dict(self._function_mirror.records)
+        return {record.function_name: record for record in await self.list_functions()}
+
     async def replace_function(self, record: FunctionRecord, *, revision: int) -> None:
         """Overwrite a function read at `revision`; `ConcurrentUpdateError` if it changed since."""
         try:

@@ -110,6 +110,12 @@ def _catalog_read() -> list[str]:
     return [*_bucket_read(_FUNCTIONS), *_bucket_read(_CONFIGS), *_bucket_read(_CODE), *_bucket_read(_VERSIONS)]
 
 
+def _function_queues() -> list[str]:
+    # Per-function consumers (shared/function_queues.py): listed to find a deleted function's
+    # leftover queue; created, read and deleted like any consumer of the event stream.
+    return [*_stream_api(_EVENTS_STREAM, consume=True), f"$JS.API.CONSUMER.LIST.{_EVENTS_STREAM}"]
+
+
 def _flow_read() -> list[str]:
     # Concurrency and scaling configs (shared.flowconfig.FlowConfigs): watched mirrors.
     return [*_bucket_read(_CONCURRENCY), *_bucket_read(_SCALING)]
@@ -158,14 +164,14 @@ def permissions(role: str) -> Permissions:
     if role == SCHEDULER:
         return Permissions(
             publish=(*common_publish, *appends, *_stream_api(_EVENTS_STREAM, consume=True), *_catalog_read(),
-                     *_leases(), *_flow_read()),
+                     *_leases(), *_flow_read(), *_function_queues()),
             subscribe=tuple(inbox),
         )
     if role == EXECUTOR:
         return Permissions(
             publish=(*common_publish, *appends, *_stream_api(_EVENTS_STREAM, consume=True), *_catalog_read(),
                      # Flow control: reads the configs, reports its live instances (ListInstances).
-                     *_flow_read(), *_bucket_read(_INSTANCES), f"$KV.{wire.INSTANCES_BUCKET}.>",
+                     *_flow_read(), *_bucket_read(_INSTANCES), f"$KV.{wire.INSTANCES_BUCKET}.>", *_function_queues(),
                      # reservedConcurrency across executors: the running slots (services/executor/slots.py).
                      *_bucket_read(_RUNNING), f"$KV.{wire.RUNNING_BUCKET}.>",
                      # Each attempt's log: the executor keeps the logs stream and writes it.

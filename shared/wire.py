@@ -45,8 +45,10 @@ LOGS_SUBJECT_PREFIX: Final = "taskmode.logs"
 # FC's name of a function's unpublished, current configuration and code.
 LATEST: Final = "LATEST"
 
-SCHEDULER_DURABLE: Final = "taskmode-scheduler"
-EXECUTOR_DURABLE: Final = "taskmode-executor"
+# Per-function durable consumers (shared/function_queues.py): the scheduler's over a function's
+# Enqueued events, the executors' over its dispatches (Processed and Retrying).
+DEQUEUE_DURABLE_PREFIX: Final = "taskmode-dequeue-"
+DISPATCH_DURABLE_PREFIX: Final = "taskmode-dispatch-"
 PROJECTION_DURABLE: Final = "taskmode-projection"
 DELIVERER_DURABLE: Final = "taskmode-deliverer"
 # Which instance of a partitioned service owns which partition: leases in this KV bucket.
@@ -107,6 +109,17 @@ JS_ERR_WRONG_LAST_SEQUENCE: Final = 10071
 
 MONGO_DATABASE: Final = "taskmode"
 TASKS_COLLECTION: Final = "async_tasks"
+
+
+def function_partition(function: str, partitions: int) -> int:
+    """The partition whose lease-holder dequeues a function's tasks (the scheduler's
+    per-function queues are spread over the partition leases by this hash)."""
+    return zlib.crc32(function.encode()) % partitions
+
+
+def function_status_subjects(function: str, status: Status) -> str:
+    """Wildcard over one transition of every task of one function (every partition)."""
+    return f"{EVENT_SUBJECT_PREFIX}.*.{function}.*.{status}"
 
 
 def partition_of(function: str, task_id: str, partitions: int) -> int:

@@ -14,10 +14,10 @@ from typing import Any
 import msgspec
 
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 
 from services.executor import orphans
 from services.executor.code_cache import CodeCache
+from services.executor.dispatch import Dispatcher
 from services.executor.pool import InstancePool, new_sandbox
 from services.executor.sandbox import SandboxUnavailable
 from services.executor.specs import function_spec
@@ -30,8 +30,8 @@ from shared import wire
 from shared.bootstrap import open_bus, open_catalog
 from shared.catalog import Catalog
 from shared.flowconfig import INSTANCE_RUNNING, FlowConfigs, InstanceInfo, InstanceRegistry
-from shared.bus import Verdict, decoded, ensure_consumer, fetch, settle
-from shared.events import AnyTaskEvent, decode_event
+
+from shared.events import decode_event
 from shared.task_logs import AttemptLog, ensure_logs_stream, store_attempt_log
 from shared.transitions import Status
 from shared.metrics_registry import new_registry
@@ -77,14 +77,6 @@ async def run(settings: ExecutorSettings, stop: asyncio.Event, stack: AsyncExitS
         observer=metrics.observe_scaling,
     )
     stack.push_async_callback(pool.close)
-    await ensure_consumer(
-        bus.js,
-        stream=wire.EVENT_STREAM,
-        durable=wire.EXECUTOR_DURABLE,
-        filter_subjects=[wire.status_subjects(Status.PROCESSED), wire.status_subjects(Status.RETRYING)],
-        ack_wait_s=settings.ack_wait_s,
-        max_ack_pending=200_000,
-    )
     catalog = await open_catalog(bus, stack)
     # Closed first: running tasks still have the bus, the catalog and their instances meanwhile.
     background_tasks: set[asyncio.Task[None]] = set()
@@ -148,7 +140,9 @@ async def run(settings: ExecutorSettings, stop: asyncio.Event, stack: AsyncExitS
 
     background(stack, periodically(collect_code, every_s=min(60.0, max(settings.code_gc_grace_s / 4, 0.5)),
                                    stop=stop, what="code directory garbage collection"))
-    await _dispatch_loop(bus.js, runner, settings, stop, spawn)
+    dispatcher = Dispatcher(bus.js, catalog=catalog, pool=pool, runner=runner, settings=settings,
+                            blocked=lambda name: blocked(catalog, flow, name), spawn=spawn)
+    await dispatcher.run(stop)
 
 
 def blocked(catalog: Catalog, flow: FlowConfigs, function: str) -> str | None:
@@ -242,48 +236,6 @@ async def _guarded(coro: Coroutine[Any, Any, None], what: str) -> None:
         raise
     except Exception:  # noqa: BLE001 - the message stays unacked and is redelivered
         log.exception("%s failed", what)
-
-
-async def _dispatch_loop(js: JetStreamContext, runner: TaskRunner, settings: ExecutorSettings,
-                         stop: asyncio.Event, spawn: Callable[[Coroutine[Any, Any, None]], None]) -> None:
-    sub = await js.pull_subscribe_bind(durable=wire.EXECUTOR_DURABLE, stream=wire.EVENT_STREAM)
-    in_flight = 0
-    freed = asyncio.Event()
-
-    async def one(msg: Msg) -> None:
-        released = False
-
-        def release_slot() -> None:
-            # Called early by a dispatch that parks behind a busy function: its slot goes to
-            # the next fetch, so other functions' tasks are not held up.
-            nonlocal in_flight, released
-            if not released:
-                released = True
-                in_flight -= 1
-                freed.set()
-
-        async def handle(event: AnyTaskEvent, msg: Msg) -> Verdict:
-            return await runner.handle(event, msg, release_slot=release_slot)
-
-        try:
-            await settle(msg, decoded(handle))
-        finally:
-            release_slot()
-
-    try:
-        while not stop.is_set():
-            free = settings.concurrency - in_flight
-            if free <= 0:
-                freed.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(freed.wait(), 0.5)
-                continue
-            msgs = await fetch(js, sub, stream=wire.EVENT_STREAM, durable=wire.EXECUTOR_DURABLE, batch=free, wait_s=0.5)
-            for msg in msgs:
-                in_flight += 1
-                spawn(one(msg))
-    finally:
-        await sub.unsubscribe()
 
 
 class UsageExporter:
