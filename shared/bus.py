@@ -249,7 +249,8 @@ async def consume(
 
     `on_message` settles each message of a batch concurrently; `on_batch` takes a whole batch
     (for a consumer with AckPolicy.ALL): if it returns, the last message is acked, which acks
-    them all; if it raises, every message of the batch is nak'd with a delay.
+    them all; if it raises, the same batch is handed to it again after a pause, until it
+    succeeds or `stop` is set, so nothing newer is acknowledged ahead of it.
     """
     if (on_message is None) == (on_batch is None):
         raise ValueError("give exactly one of on_message and on_batch")
@@ -273,7 +274,7 @@ async def consume(
                 await asyncio.gather(*(settle(msg, on_message) for msg in msgs))
             else:
                 assert on_batch is not None
-                await _settle_batch(msgs, on_batch)
+                await _settle_batch(msgs, on_batch, stop)
             now = loop.time()
             rate = rate * math.exp(rate_at - now) + len(msgs)
             rate_at = now
@@ -285,17 +286,25 @@ async def consume(
             await sub.unsubscribe()
 
 
-async def _settle_batch(msgs: list[Msg], on_batch: Callable[[list[Msg]], Awaitable[None]]) -> None:
-    try:
-        await on_batch(msgs)
-    except asyncio.CancelledError:
-        raise
-    except Exception:  # noqa: BLE001 - the policy: log, then deliver the batch again shortly
-        log.exception("batch handler failed; redelivering", extra={"count": len(msgs), "first": msgs[0].subject})
-        for msg in msgs:
+async def _settle_batch(msgs: list[Msg], on_batch: Callable[[list[Msg]], Awaitable[None]],
+                        stop: asyncio.Event) -> None:
+    # A failed batch is retried here, whole and in order, rather than nak'd: on an AckPolicy.ALL
+    # consumer the ack of any later batch would acknowledge a nak'd one unprocessed.
+    while True:
+        try:
+            await on_batch(msgs)
+            break
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the policy: log, then try the same batch again shortly
+            log.exception("batch handler failed; retrying it", extra={"count": len(msgs), "first": msgs[0].subject})
+        for msg in msgs:  # still ours: no redelivery elsewhere while we retry
             with contextlib.suppress(Exception):
-                await msg.nak(delay=RETRY_AFTER_ERROR_S)
-        return
+                await msg.in_progress()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), RETRY_AFTER_ERROR_S)
+        if stop.is_set():  # the next owner gets the batch again once its ack wait runs out
+            return
     try:
         await msgs[-1].ack_sync()
     except Exception as err:  # noqa: BLE001 - the ack wait redelivers the batch; folds are idempotent

@@ -30,6 +30,7 @@ from shared.errors import (
     FunctionNotFound,
     InvalidArgument,
     InvalidNextToken,
+    ServiceUnavailable,
 )
 from shared.events import TaskEvent
 from shared.settings import CommonSettings
@@ -646,3 +647,29 @@ def test_code_that_cannot_be_unpacked_is_refused_up_front() -> None:
     corrupt[start] ^= 0xFF
     with pytest.raises(InvalidArgument, match="corrupt"):
         function_records.decode_code(schemas.InputCode(zip_file=base64.b64encode(bytes(corrupt)).decode()), required=True)
+
+
+class TimingOutEvents(FakeEvents):
+    """The bus took the append but did not acknowledge it in time: it may still land."""
+
+    async def append(self, event: TaskEvent, *, expected_seq: int) -> int:
+        self.appended.append(event)
+        raise ServiceUnavailable("event store did not acknowledge the append")
+
+    async def append_together(self, first: TaskEvent, second: TaskEvent, *, expected_seq: int) -> int:
+        self.appended += [first, second]
+        raise ServiceUnavailable("event store did not acknowledge the append")
+
+
+@pytest.mark.parametrize("delay", [None, "5"])
+async def test_a_failed_append_answers_with_the_task_id(fakes: tuple[FakeCatalog, FakeEvents], delay: str | None) -> None:
+    """A 503 whose append may still land carries the id the gateway chose, so a retry with it dedups."""
+    events = TimingOutEvents()
+    async with await _client((fakes[0], events), auth_disabled=True) as client:
+        headers = {"x-fc-invocation-type": "Async", **({"x-fc-async-delay": delay} if delay else {})}
+        response = await client.post("/2023-03-30/functions/f/invocations", content=b"x", headers=headers)
+    assert response.status_code == 503
+    chosen = events.appended[0].task_id
+    assert chosen.startswith("task-")
+    assert response.headers["x-fc-async-task-id"] == chosen
+    assert response.json()["TaskId"] == chosen and response.json()["Code"] == "ServiceUnavailable"

@@ -28,7 +28,7 @@ from tests.test_recovery import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 ROOT = Path(__file__).resolve().parent.parent
-PORT_NAMES = ("gateway", "nats", "mongo", "scheduler", "executor", "projection")
+PORT_NAMES = ("gateway", "nats", "mongo", "scheduler", "executor", "projection", "triggers", "deliverer")
 
 
 async def gateway_ready(port: int) -> bool:
@@ -50,6 +50,8 @@ def launcher_env(data_dir: Path, ports: dict[str, int], **extra: str) -> dict[st
         "TASKMODE_SCHEDULER_METRICS_PORT": str(ports["scheduler"]),
         "TASKMODE_EXECUTOR_METRICS_PORT": str(ports["executor"]),
         "TASKMODE_PROJECTION_METRICS_PORT": str(ports["projection"]),
+        "TASKMODE_TRIGGERS_METRICS_PORT": str(ports["triggers"]),
+        "TASKMODE_DELIVERER_METRICS_PORT": str(ports["deliverer"]),
         **extra,
     }
     for name in ("TASKMODE_ACCESS_KEYS", "NATS_URL", "MONGODB_URL", "TASKMODE_AUTH_DISABLED"):

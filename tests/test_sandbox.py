@@ -7,9 +7,12 @@ attack went nowhere.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
+import subprocess
+import sys
 import textwrap
 import uuid
 from collections.abc import AsyncIterator
@@ -21,6 +24,7 @@ import pytest
 
 from services.executor.instance import FunctionSpec, InvokeContext
 from services.executor.pool import InstancePool
+from services.executor.sandbox import Confinement
 from tests.test_instances import wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -213,3 +217,28 @@ async def test_nothing_it_starts_outlives_it(pool: InstancePool, code_root: Path
         assert survivors(), "the escaping child should be running while its instance is"
         await instance.kill()
     await wait_until(lambda: not survivors(), timeout_s=10)
+
+
+async def test_an_interpreter_installed_under_tmp_still_runs_inside(pool: InstancePool, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # A checkout cloned under /tmp has its venv there; the sandbox's private /tmp must not hide it.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
+    monkeypatch.setattr(sys, "prefix", str(venv))
+    code = tmp_path / "code"
+    code.mkdir()
+    instance_dir = tmp_path / "instance"
+    instance_dir.mkdir()
+    launch = pool.sandbox.launch([str(venv / "bin" / "python"), "-c", "import sys; print(sys.prefix)"],
+                                 env={"PATH": "/usr/bin:/bin"}, code_dir=code, instance_dir=instance_dir,
+                                 confinement=Confinement(memory_mb=256, tmp_mb=16, internet=False))
+    try:
+        process = await asyncio.create_subprocess_exec(*launch.argv, env=launch.env, cwd=launch.cwd,
+                                                       pass_fds=launch.pass_fds, stdout=asyncio.subprocess.PIPE,
+                                                       stderr=asyncio.subprocess.STDOUT)
+        await launch.started(process.pid)
+        output, _ = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        await launch.close()
+    assert process.returncode == 0, output.decode(errors="replace")
+    assert output.decode().strip() == str(venv)

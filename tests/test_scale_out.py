@@ -68,7 +68,7 @@ async def test_two_of_each_service_with_a_kill_9_of_one_of_each(stack_with: Stac
             listed = await list_all(fc, name)
             return set(listed) == set(ids) and all(t["status"] == "Succeeded" for t in listed.values())
 
-        await wait_until(read_model_converged, deadline_s=60, what="read model converged")
+        await wait_until(read_model_converged, deadline_s=120, what="read model converged")
         listed = await list_all(fc, name)
         for task_id in ids:
             direct = (await fc.get_task(name, task_id)).json()

@@ -391,6 +391,9 @@ class Sandbox:
         if confinement.internet:
             args.add("--ro-bind-fd", self._path_fd(launch, self._support / "resolv.conf"), "/etc/resolv.conf",
                      dest="/etc/resolv.conf")
+        # The private /tmp comes before the interpreter's binds: a checkout under /tmp (a venv at
+        # /tmp/x/.venv) would otherwise be hidden by it.
+        args.add("--perms", "1777", "--size", str(confinement.tmp_mb * MIB), "--tmpfs", TMP_DIR, dest=TMP_DIR)
         for root in _python_roots():
             args.add("--ro-bind-fd", self._path_fd(launch, Path(root)), root, dest=root)
         args.add("--proc", "/proc", dest="/proc")
@@ -401,7 +404,6 @@ class Sandbox:
         for link, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                              ("stderr", "/proc/self/fd/2"), ("shm", TMP_DIR)):
             args.add("--symlink", target, f"/dev/{link}")
-        args.add("--perms", "1777", "--size", str(confinement.tmp_mb * MIB), "--tmpfs", TMP_DIR, dest=TMP_DIR)
         args.add("--ro-bind-fd", self._path_fd(launch, code_dir), CODE_DIR, dest=CODE_DIR)
         args.dir(RUNTIME_DIR)
         for name, host in self._worker_files.items():

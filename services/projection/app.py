@@ -76,6 +76,17 @@ async def run(settings: ProjectionSettings, stop: asyncio.Event, stack: AsyncExi
             max_ack_pending=20_000,
             ack_policy=AckPolicy.ALL,
         )
+        info = await bus.js.consumer_info(wire.EVENT_STREAM, _durable(partition))
+        if info.num_ack_pending:
+            # A previous owner (dead, or finishing its last batch) holds deliveries not yet acked. One
+            # AckAll of a later message would acknowledge them unprocessed (an event lost from the
+            # read model), so wait until they are redeliverable: they then come back ahead of newer ones.
+            log.info("waiting for a previous owner's deliveries", extra={"partition": partition,
+                                                                         "pending": info.num_ack_pending})
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(partition_stop.wait(), settings.ack_wait_s + 0.5)
+            if partition_stop.is_set():
+                return
         # What is unfinished in the partition, before its first new event is folded.
         gauges.seed(partition, await store.unfinished(partition, partitions=partitions))
         try:
