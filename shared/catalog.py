@@ -47,6 +47,18 @@ class CustomRuntimeConfig(msgspec.Struct, kw_only=True, rename="camel", omit_def
     port: int = 9000
 
 
+class FunctionRestriction(msgspec.Struct, kw_only=True, rename="camel", omit_defaults=True):
+    """FC's `FunctionRestriction`: whether invocations are disabled (paused), why, and since when.
+
+    `abortOngoingRequest` is ours: it records that the disable stopped the running tasks.
+    """
+
+    disable: bool
+    reason: str
+    last_modified_time: str
+    abort_ongoing_request: bool = False  # shown only when set
+
+
 class FunctionRecord(msgspec.Struct, kw_only=True, rename="camel"):
     """A function as FC 3.0's `Function` model names it (the subset taskmode implements)."""
 
@@ -73,6 +85,13 @@ class FunctionRecord(msgspec.Struct, kw_only=True, rename="camel"):
     # whose code_checksum was that key.
     code_object: str = ""
     settings: FunctionSettings = msgspec.field(default_factory=FunctionSettings)
+    # DisableFunctionInvocation / EnableFunctionInvocation (None: never restricted).
+    invocation_restriction: FunctionRestriction | None = None
+
+    @property
+    def disabled(self) -> bool:
+        """Invocations are disabled (DisableFunctionInvocation): tasks wait Enqueued, nothing starts."""
+        return self.invocation_restriction is not None and self.invocation_restriction.disable
 
     @property
     def code_key(self) -> str:
@@ -356,6 +375,20 @@ class Catalog:
             return await self.get_function(name)
         except FunctionNotFound:
             return None
+
+    def cached_function(self, name: str) -> FunctionRecord | None:
+        """The function as the local mirror has it right now (None: not mirrored, or no mirror).
+
+        For checks that must not wait, such as whether a function is paused: the mirror follows
+        every change within milliseconds.
+        """
+        return self._function_mirror.records.get(name) if self._function_mirror is not None else None
+
+    async def known_functions(self) -> dict[str, FunctionRecord]:
+        """Every function by name: from the mirror after `watch()` (no round trip), else listed."""
+        if self._function_mirror is not None:
+            return dict(self._function_mirror.records)
+        return {record.function_name: record for record in await self.list_functions()}
 
     async def replace_function(self, record: FunctionRecord, *, revision: int) -> None:
         """Overwrite a function read at `revision`; `ConcurrentUpdateError` if it changed since."""

@@ -106,6 +106,30 @@ class AsyncTaskNotFound(TaskmodeError):
     http_status = 404
 
 
+class ConcurrencyConfigNotFound(TaskmodeError):
+    code = "ConcurrencyConfigNotFound"
+    http_status = 404
+
+
+class ScalingConfigNotFound(TaskmodeError):
+    code = "ScalingConfigNotFound"
+    http_status = 404
+
+
+class FunctionDisabled(TaskmodeError):
+    """A synchronous call of a function whose invocations are disabled (DisableFunctionInvocation)."""
+
+    code = "FunctionDisabled"
+    http_status = 403
+
+
+class ResourceExhausted(TaskmodeError):
+    """A synchronous call of a function whose reservedConcurrency is 0 (FC: throttled, 429)."""
+
+    code = "ResourceExhausted"
+    http_status = 429
+
+
 class FunctionAlreadyExists(TaskmodeError):
     code = "FunctionAlreadyExists"
     http_status = 409

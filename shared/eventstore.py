@@ -69,7 +69,7 @@ def stream_config(*, replicas: int = 1, compressed: bool = True) -> StreamConfig
     return StreamConfig(
         name=wire.EVENT_STREAM,
         subjects=[wire.EVENT_SUBJECTS_ALL, wire.DELIVERY_SUBJECTS_ALL],
-        max_age=wire.RETENTION_S,
+        max_age=wire.STREAM_MAX_AGE_S,  # a task delayed by up to RETENTION_S outlives its due time by as much
         storage=StorageType.FILE,
         discard=DiscardPolicy.OLD,
         duplicate_window=120,

@@ -64,6 +64,10 @@ _TRIGGERS: Final = f"KV_{wire.TRIGGERS_BUCKET}"
 _LEASES: Final = f"KV_{wire.LEASES_BUCKET}"
 _CODE: Final = f"OBJ_{wire.CODE_BUCKET}"
 _NONCES: Final = f"KV_{wire.NONCES_BUCKET}"
+_CONCURRENCY: Final = f"KV_{wire.CONCURRENCY_CONFIG_BUCKET}"
+_SCALING: Final = f"KV_{wire.SCALING_CONFIG_BUCKET}"
+_INSTANCES: Final = f"KV_{wire.INSTANCES_BUCKET}"
+_RUNNING: Final = f"KV_{wire.RUNNING_BUCKET}"
 
 # What a user may name as a `nats` trigger's subject or a `nats:` destination is any subject
 # outside these roots (shared.triggers.RESERVED_SUBJECT_ROOTS, checked when it is named); the
@@ -106,6 +110,17 @@ def _catalog_read() -> list[str]:
     return [*_bucket_read(_FUNCTIONS), *_bucket_read(_CONFIGS), *_bucket_read(_CODE), *_bucket_read(_VERSIONS)]
 
 
+def _function_queues() -> list[str]:
+    # Per-function consumers (shared/function_queues.py): listed to find a deleted function's
+    # leftover queue; created, read and deleted like any consumer of the event stream.
+    return [*_stream_api(_EVENTS_STREAM, consume=True), f"$JS.API.CONSUMER.LIST.{_EVENTS_STREAM}"]
+
+
+def _flow_read() -> list[str]:
+    # Concurrency and scaling configs (shared.flowconfig.FlowConfigs): watched mirrors.
+    return [*_bucket_read(_CONCURRENCY), *_bucket_read(_SCALING)]
+
+
 def _leases() -> list[str]:
     return [*_bucket_read(_LEASES), f"$KV.{wire.LEASES_BUCKET}.>"]
 
@@ -136,6 +151,9 @@ def permissions(role: str) -> Permissions:
                      f"$KV.{wire.VERSIONS_BUCKET}.>", f"$KV.{wire.TRIGGERS_BUCKET}.>",
                      f"$O.{wire.CODE_BUCKET}.>", *_stream_api(_CODE, purge=True),
                      *_stream_api(_NONCES, create=True, read=True), f"$KV.{wire.NONCES_BUCKET}.>",
+                     # Flow control: writes the configs, reads the instances the executors report.
+                     *_flow_read(), f"$KV.{wire.CONCURRENCY_CONFIG_BUCKET}.>", f"$KV.{wire.SCALING_CONFIG_BUCKET}.>",
+                     *_bucket_read(_INSTANCES),
                      # The watch API and the console follow tasks with ordered consumers.
                      *_stream_api(_EVENTS_STREAM, consume=True),
                      # Per-invocation logs (GetAsyncTask's, the console's): read only.
@@ -146,12 +164,16 @@ def permissions(role: str) -> Permissions:
     if role == SCHEDULER:
         return Permissions(
             publish=(*common_publish, *appends, *_stream_api(_EVENTS_STREAM, consume=True), *_catalog_read(),
-                     *_leases()),
+                     *_leases(), *_flow_read(), *_function_queues()),
             subscribe=tuple(inbox),
         )
     if role == EXECUTOR:
         return Permissions(
             publish=(*common_publish, *appends, *_stream_api(_EVENTS_STREAM, consume=True), *_catalog_read(),
+                     # Flow control: reads the configs, reports its live instances (ListInstances).
+                     *_flow_read(), *_bucket_read(_INSTANCES), f"$KV.{wire.INSTANCES_BUCKET}.>", *_function_queues(),
+                     # reservedConcurrency across executors: the running slots (services/executor/slots.py).
+                     *_bucket_read(_RUNNING), f"$KV.{wire.RUNNING_BUCKET}.>",
                      # Each attempt's log: the executor keeps the logs stream and writes it.
                      *_stream_api(_LOGS_STREAM, create=True), f"{wire.LOGS_SUBJECT_PREFIX}.>"),
             subscribe=(*inbox, wire.status_subjects(Status.STOPPING), f"{wire.SYNC_INVOKE_PREFIX}.*"),
@@ -183,7 +205,9 @@ def permissions(role: str) -> Permissions:
             publish_deny=(*internal, f"{wire.LOGS_SUBJECT_PREFIX}.>", f"{wire.SYNC_INVOKE_PREFIX}.>",
                           *(f"$KV.{bucket}.>" for bucket in (wire.FUNCTIONS_BUCKET, wire.ASYNC_CONFIG_BUCKET,
                                                              wire.VERSIONS_BUCKET, wire.TRIGGERS_BUCKET,
-                                                             wire.NONCES_BUCKET)),
+                                                             wire.NONCES_BUCKET, wire.CONCURRENCY_CONFIG_BUCKET,
+                                                             wire.SCALING_CONFIG_BUCKET, wire.INSTANCES_BUCKET,
+                                                             wire.RUNNING_BUCKET)),
                           "$O.>", "$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>",
                           "$JS.API.STREAM.MSG.DELETE.>", "$SYS.>", "_INBOX.>"),
         )

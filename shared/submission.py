@@ -15,6 +15,7 @@ on one connection, each settled by its own acknowledgement.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import re
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -34,7 +35,7 @@ from shared.errors import (
 from shared.events import DEFAULT_MAX_EVENT_AGE_S, DEFAULT_MAX_RETRIES, TaskEnqueued
 from shared.eventstore import TaskCreator, now_ms
 from shared.ports import EventLog
-from shared.wire import FC_DELAY_HEADER, FC_REQUEST_ID_HEADER, FC_TASK_ID_HEADER
+from shared.wire import EXECUTION_TIME_HEADER, FC_DELAY_HEADER, FC_REQUEST_ID_HEADER, FC_TASK_ID_HEADER, RETENTION_S
 
 TASK_ID_RE: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,127}$")
 # A request id that is not a task id but can become one with a leading "_" (e.g. a UUID).
@@ -42,7 +43,8 @@ _PREFIXABLE_REQUEST_ID_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,127}$")
 # What we accept as a caller's x-fc-request-id (echoed back, so kept printable).
 REQUEST_ID_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 MAX_ASYNC_PAYLOAD_BYTES: Final = 128 * 1024
-MAX_DELAY_S: Final = 3600
+# FC documents x-fc-async-delay up to 3,600 s; taskmode takes up to the 7-day retention.
+MAX_DELAY_S: Final = RETENTION_S
 LATEST: Final = wire.LATEST
 
 
@@ -98,7 +100,7 @@ def choose_task_id(*, task_id_header: str | None, request_id_header: str | None,
 
 
 def parse_delay(value: str | None) -> int:
-    """x-fc-async-delay: whole seconds in [0, 3600] (absent: 0)."""
+    """x-fc-async-delay: whole seconds in [0, MAX_DELAY_S] (absent: 0)."""
     if value is None or not value.strip():
         return 0
     text = value.strip()
@@ -110,6 +112,45 @@ def parse_delay(value: str | None) -> int:
     if delay > MAX_DELAY_S:
         raise InvalidArgument(f"{FC_DELAY_HEADER} {delay} is out of range [0, {MAX_DELAY_S}]")
     return delay
+
+
+def parse_execution_time(value: str | None, *, now_ms: int) -> int | None:
+    """x-taskmode-execution-time: epoch milliseconds or RFC 3339 (absent: None).
+
+    A time already past means "now"; one more than the retention period away (ahead, or behind:
+    most likely seconds sent as milliseconds) is refused.
+    """
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    if text.isascii() and text.isdigit():
+        at_ms = int(text)
+    else:
+        try:
+            moment = datetime.datetime.fromisoformat(text)
+        except ValueError as err:
+            raise InvalidArgument(
+                f"invalid {EXECUTION_TIME_HEADER} {value[:40]!r}: use epoch milliseconds or RFC 3339, "
+                "e.g. 2026-01-02T03:04:05Z"
+            ) from err
+        if moment.tzinfo is None:
+            raise InvalidArgument(f"invalid {EXECUTION_TIME_HEADER} {value[:40]!r}: the time zone is required")
+        at_ms = int(moment.timestamp() * 1000)
+    if abs(at_ms - now_ms) > RETENTION_S * 1000:
+        raise InvalidArgument(
+            f"{EXECUTION_TIME_HEADER} {value[:40]!r} is more than {RETENTION_S} seconds (the retention period) "
+            "from now"
+        )
+    return max(at_ms, now_ms)
+
+
+def due_time(*, delay_header: str | None, execution_time_header: str | None, now_ms: int) -> int:
+    """When a submitted task is due: after x-fc-async-delay, at x-taskmode-execution-time, or now."""
+    at_ms = parse_execution_time(execution_time_header, now_ms=now_ms)
+    delay_s = parse_delay(delay_header)
+    if at_ms is not None and delay_header is not None and delay_header.strip():
+        raise InvalidArgument(f"give either {FC_DELAY_HEADER} or {EXECUTION_TIME_HEADER}, not both")
+    return at_ms if at_ms is not None else now_ms + delay_s * 1000
 
 
 def check_payload_size(payload: bytes, *, limit: int) -> None:
@@ -127,7 +168,8 @@ class Admission:
     request_id: str
     qualifier: str = LATEST
     delay_s: int = 0
-    function_id: str = ""  # the incarnation submitted to (a recreated function is another one)
+    function_id: str = ""
+    due_at_ms: int = 0  # an absolute due time (x-taskmode-execution-time); 0: now plus delay_s  # the incarnation submitted to (a recreated function is another one)
 
 
 def first_event(admission: Admission, config: AsyncConfigRecord | None, *, at_ms: int | None = None) -> TaskEnqueued:
@@ -145,7 +187,7 @@ def first_event(admission: Admission, config: AsyncConfigRecord | None, *, at_ms
         payload=admission.payload,
         request_id=admission.request_id,
         qualifier=admission.qualifier,
-        due_at_ms=at + admission.delay_s * 1000,
+        due_at_ms=admission.due_at_ms or at + admission.delay_s * 1000,
         max_event_age_s=config.max_async_event_age_in_seconds if config else DEFAULT_MAX_EVENT_AGE_S,
         max_retries=config.max_async_retry_attempts if config else DEFAULT_MAX_RETRIES,
         function_id=admission.function_id,

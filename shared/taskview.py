@@ -64,7 +64,8 @@ class TaskDocument(TypedDict):
     functionArn: str
     qualifier: str
     destinationStatus: str | None
-    expireAt: dt.datetime  # expire_at(submitTime)
+    scheduledTime: int  # ours: epoch ms the task is due (submitTime unless delayed or scheduled)
+    expireAt: dt.datetime  # expire_at(scheduledTime): kept for the retention period after it was due
 
 
 # Stored for the projection and for expiry, never shown to API callers.
@@ -79,9 +80,10 @@ def document_id(function: str, task_id: str) -> str:
 
 
 def expire_at(submit_time_ms: int) -> dt.datetime:
-    """When a task submitted at `submit_time_ms` leaves the read model (aware UTC datetime).
+    """When a task due at `submit_time_ms` leaves the read model (aware UTC datetime).
 
-    A document's `expireAt`: submission time plus the FC retention period, the deletion time
+    A document's `expireAt`: its due time (the submission time unless it was delayed) plus the
+    FC retention period, the deletion time
     itself (the TTL index has expireAfterSeconds=0). Millisecond precision, like BSON dates.
     """
     return _EPOCH + dt.timedelta(milliseconds=submit_time_ms, seconds=wire.RETENTION_S)
@@ -181,7 +183,8 @@ def _first(event: AnyTaskEvent, arn: str) -> TaskDocument:
         "functionArn": arn,
         "qualifier": enqueued.qualifier if enqueued else "LATEST",
         "destinationStatus": None,
-        "expireAt": expire_at(submitted),
+        "scheduledTime": max(submitted, enqueued.due_at_ms) if enqueued else submitted,
+        "expireAt": expire_at(max(submitted, enqueued.due_at_ms) if enqueued else submitted),
     }
 
 

@@ -16,6 +16,9 @@ EVENT_STREAM: Final = "TASKMODE_EVENTS"
 EVENT_SUBJECT_PREFIX: Final = "taskmode.events"
 EVENT_SUBJECTS_ALL: Final = f"{EVENT_SUBJECT_PREFIX}.>"
 RETENTION_S: Final = 7 * 24 * 3600
+# The event stream's own age limit: a task delayed by up to RETENTION_S (x-fc-async-delay,
+# x-taskmode-execution-time) must still have its events RETENTION_S after it was due.
+STREAM_MAX_AGE_S: Final = 2 * RETENTION_S
 # Destination delivery records share the event stream (so the projection reads them in order
 # with the task events they follow) on subjects of their own, outside every task wildcard:
 # `taskmode.deliveries.<partition>.<function>.<taskId>`.
@@ -27,6 +30,13 @@ ASYNC_CONFIG_BUCKET: Final = "taskmode_async_configs"
 CODE_BUCKET: Final = "taskmode_code"
 TRIGGERS_BUCKET: Final = "taskmode_triggers"
 # Published versions and aliases of functions (see shared/versions.py).
+# Flow control per function (FC's concurrency and scaling configs) and the live instances the
+# executors report (ListInstances).
+CONCURRENCY_CONFIG_BUCKET: Final = "taskmode_concurrency_configs"
+SCALING_CONFIG_BUCKET: Final = "taskmode_scaling_configs"
+INSTANCES_BUCKET: Final = "taskmode_instances"
+# Running slots of functions with a reservedConcurrency, shared by every executor.
+RUNNING_BUCKET: Final = "taskmode_running"
 VERSIONS_BUCKET: Final = "taskmode_versions"
 # Per-invocation logs of async tasks: one message per attempt, kept for the retention period.
 LOGS_STREAM: Final = "TASKMODE_LOGS"
@@ -35,8 +45,10 @@ LOGS_SUBJECT_PREFIX: Final = "taskmode.logs"
 # FC's name of a function's unpublished, current configuration and code.
 LATEST: Final = "LATEST"
 
-SCHEDULER_DURABLE: Final = "taskmode-scheduler"
-EXECUTOR_DURABLE: Final = "taskmode-executor"
+# Per-function durable consumers (shared/function_queues.py): the scheduler's over a function's
+# Enqueued events, the executors' over its dispatches (Processed and Retrying).
+DEQUEUE_DURABLE_PREFIX: Final = "taskmode-dequeue-"
+DISPATCH_DURABLE_PREFIX: Final = "taskmode-dispatch-"
 PROJECTION_DURABLE: Final = "taskmode-projection"
 DELIVERER_DURABLE: Final = "taskmode-deliverer"
 # Which instance of a partitioned service owns which partition: leases in this KV bucket.
@@ -75,6 +87,9 @@ FC_STATEFUL_INVOCATION_ID_HEADER: Final = "x-fc-stateful-async-invocation-id"
 FC_LOG_TYPE_HEADER: Final = "x-fc-log-type"  # request: None | Tail
 FC_LOG_RESULT_HEADER: Final = "x-fc-log-result"  # response: the last 4 KB of the log, base64
 FC_DELAY_HEADER: Final = "x-fc-async-delay"
+# Ours, not FC's: the absolute time a task is due (epoch milliseconds or RFC 3339), what the FC
+# console's Submit Task dialog calls the execution time.
+EXECUTION_TIME_HEADER: Final = "x-taskmode-execution-time"
 FC_INSTANCE_ID_HEADER: Final = "x-fc-instance-id"
 FC_ERROR_TYPE_HEADER: Final = "x-fc-error-type"
 FC_FUNCTION_NAME_HEADER: Final = "x-fc-function-name"
@@ -94,6 +109,17 @@ JS_ERR_WRONG_LAST_SEQUENCE: Final = 10071
 
 MONGO_DATABASE: Final = "taskmode"
 TASKS_COLLECTION: Final = "async_tasks"
+
+
+def function_partition(function: str, partitions: int) -> int:
+    """The partition whose lease-holder dequeues a function's tasks (the scheduler's
+    per-function queues are spread over the partition leases by this hash)."""
+    return zlib.crc32(function.encode()) % partitions
+
+
+def function_status_subjects(function: str, status: Status) -> str:
+    """Wildcard over one transition of every task of one function (every partition)."""
+    return f"{EVENT_SUBJECT_PREFIX}.*.{function}.*.{status}"
 
 
 def partition_of(function: str, task_id: str, partitions: int) -> int:

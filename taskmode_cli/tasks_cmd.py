@@ -35,7 +35,7 @@ tasks_app = typer.Typer(help="Look at, stop and watch async tasks.", no_args_is_
 QualifierOpt = Annotated[str | None, typer.Option("--qualifier", "-q", help="a version id or an alias (default: LATEST)")]
 
 EXIT_NOT_SUCCEEDED: Final = 1
-MAX_DELAY_S: Final = 3600
+MAX_DELAY_S: Final = 7 * 24 * 3600  # the gateway takes delays up to the 7-day retention
 SUCCEEDED: Final = "Succeeded"
 
 
@@ -76,7 +76,7 @@ def invoke(
     payload_file: Annotated[Path | None, typer.Option("--payload-file", help="the event from a file ('-': stdin)")] = None,
     is_async: Annotated[bool, typer.Option("--async", help="submit an async task instead of calling synchronously")] = False,
     task_id: Annotated[str | None, typer.Option("--task-id", help="the task's id (default: generated)")] = None,
-    delay: Annotated[int | None, typer.Option("--delay", help="seconds before the task may run (0-3600)")] = None,
+    delay: Annotated[int | None, typer.Option("--delay", help="seconds before the task may run (0-604800)")] = None,
     at: Annotated[str | None, typer.Option("--at", help="when the task may run: epoch ms or RFC 3339")] = None,
     watch: Annotated[bool, typer.Option("--watch", help="with --async: follow the task until it ends")] = False,
     qualifier: QualifierOpt = None,

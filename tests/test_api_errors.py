@@ -443,7 +443,7 @@ async def test_async_invoke_refuses_a_task_id_header_that_breaks_the_rule(fc: Fc
     await assert_only_witness_enqueued(fc, fn_name)
 
 
-@pytest.mark.parametrize("delay", ["-1", "3601", "abc", "1.5", "+5", "1e3"])
+@pytest.mark.parametrize("delay", ["-1", "604801", "abc", "1.5", "+5", "1e3"])
 async def test_async_invoke_refuses_bad_delay(fc: FcClient, fn_name: str, delay: str) -> None:
     await make_function(fc, fn_name)
     response = await fc.invoke_async(fn_name, b"x", task_id="delayed", headers={"x-fc-async-delay": delay})
@@ -453,12 +453,13 @@ async def test_async_invoke_refuses_bad_delay(fc: FcClient, fn_name: str, delay:
 
 async def test_async_invoke_accepts_delay_bounds(fc: FcClient, fn_name: str) -> None:
     await make_function(fc, fn_name)
-    for task_id, delay in [("now", "0"), ("in_an_hour", "3600")]:
+    for task_id, delay in [("now", "0"), ("in_an_hour", "3600"), ("in_a_week", "604800")]:
         response = await fc.invoke_async(fn_name, b"x", task_id=task_id, headers={"x-fc-async-delay": delay})
         assert response.status_code == 202, response.text
     await fc.wait_for(fn_name, "now", {"Succeeded"})
-    assert (await fc.get_task(fn_name, "in_an_hour")).json()["status"] == "Enqueued"
-    assert (await fc.stop_task(fn_name, "in_an_hour")).status_code == 200
+    for task_id in ("in_an_hour", "in_a_week"):
+        assert (await fc.get_task(fn_name, task_id)).json()["status"] == "Enqueued"
+        assert (await fc.stop_task(fn_name, task_id)).status_code == 200
 
 
 @pytest.mark.parametrize("invocation_type", ["Later", "asynchronous", "Event", "1"])

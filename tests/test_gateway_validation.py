@@ -112,15 +112,49 @@ def test_invocation_type_refused() -> None:
         params.parse_invocation_type("Later")
 
 
-@pytest.mark.parametrize(("given", "expected"), [(None, 0), ("", 0), ("0", 0), ("5", 5), (" 3600 ", 3600)])
+@pytest.mark.parametrize(("given", "expected"),
+                         [(None, 0), ("", 0), ("0", 0), ("5", 5), (" 3600 ", 3600), ("3601", 3601), ("604800", 604800)])
 def test_delay_accepted(given: str | None, expected: int) -> None:
+    # FC documents up to 3,600 s; taskmode takes delays up to the 7-day retention.
     assert params.parse_delay(given) == expected
 
 
-@pytest.mark.parametrize("given", ["3601", "-1", "1.5", "abc", "١٢"])
+@pytest.mark.parametrize("given", ["604801", "-1", "1.5", "abc", "١٢"])
 def test_delay_refused(given: str) -> None:
     with pytest.raises(InvalidArgument):
         params.parse_delay(given)
+
+
+NOW_MS = 1_780_000_000_000  # 2026-05-28T20:26:40Z
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    (None, None),
+    (str(NOW_MS + 5000), NOW_MS + 5000),
+    ("2026-05-28T20:27:00Z", NOW_MS + 20_000),
+    ("2026-05-28T22:27:00.5+02:00", NOW_MS + 20_500),
+    (str(NOW_MS - 60_000), NOW_MS),  # already past: due now
+])
+def test_execution_time_accepted(given: str | None, expected: int | None) -> None:
+    assert params.parse_execution_time(given, now_ms=NOW_MS) == expected
+
+
+@pytest.mark.parametrize("given", [
+    "tomorrow", "2026-05-28 20:27", "2026-05-28T20:27:00",  # no time zone
+    str(NOW_MS // 1000),  # seconds, not milliseconds: decades ago
+    str(NOW_MS + 604_801_000),  # past the retention period
+    "2026-13-01T00:00:00Z",
+])
+def test_execution_time_refused(given: str) -> None:
+    with pytest.raises(InvalidArgument) as raised:
+        params.parse_execution_time(given, now_ms=NOW_MS)
+    assert "x-taskmode-execution-time" in raised.value.message
+
+
+def test_delay_and_execution_time_together_are_refused() -> None:
+    with pytest.raises(InvalidArgument):
+        params.due_time(delay_header="5", execution_time_header=str(NOW_MS), now_ms=NOW_MS)
+    assert params.due_time(delay_header="5", execution_time_header=None, now_ms=NOW_MS) == NOW_MS + 5000
 
 
 def test_payload_limit() -> None:
@@ -438,7 +472,7 @@ async def test_nothing_enqueued_for_bad_or_missing(open_client: httpx.AsyncClien
     cases = [
         ("/2023-03-30/functions/nope/invocations", {"x-fc-invocation-type": "Async"}, b"", 404, "FunctionNotFound"),
         ("/2023-03-30/functions/f/invocations", {"x-fc-invocation-type": "Async", "x-fc-async-task-id": "9x"}, b"", 400, "InvalidArgument"),
-        ("/2023-03-30/functions/f/invocations", {"x-fc-invocation-type": "Async", "x-fc-async-delay": "4000"}, b"", 400, "InvalidArgument"),
+        ("/2023-03-30/functions/f/invocations", {"x-fc-invocation-type": "Async", "x-fc-async-delay": "604801"}, b"", 400, "InvalidArgument"),
         ("/2023-03-30/functions/f/invocations", {"x-fc-invocation-type": "Async"}, b"x" * (128 * 1024 + 1), 400, "EntityTooLarge"),
     ]
     for path, headers, body, status, code in cases:

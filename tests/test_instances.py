@@ -508,3 +508,38 @@ async def test_node_instance_runs_esm_and_keeps_output_per_invocation(pool: Inst
     body = json.loads(failed.payload)
     assert body["errorType"] == "RangeError" and all("/code/index.mjs" in line for line in body["stackTrace"])
     assert "RangeError: too far" in failed.logs.decode()
+
+
+NAPPER = "import time\n\ndef handler(event, context):\n    time.sleep(float(event))\n    return 'ok'\n"
+
+
+async def test_min_instances_are_started_and_kept_and_the_rest_scale_down(tmp_path: Path) -> None:
+    events: list[tuple[str, str]] = []
+    pool = InstancePool(work_dir=tmp_path / "work", idle_timeout_s=0.3, max_instances_per_function=4,
+                        limits=lambda function: 3, minimum=lambda function: 1,
+                        observer=lambda function, direction, _cold_s: events.append((function, direction)))
+    spec = python_spec(write_code(tmp_path, NAPPER))
+    try:
+        assert await pool.keep_warm(spec, 1) == 1
+        assert await pool.keep_warm(spec, 1) == 0  # already there
+        assert len(pool.instances()) == 1 and events == [(spec.name, "up")]
+        running = 0
+        most = 0
+
+        async def one() -> None:
+            nonlocal running, most
+            async with pool.lease(spec) as instance:
+                running += 1
+                most = max(most, running)
+                assert (await instance.invoke(b"0.3", CTX)).ok
+                running -= 1
+
+        await asyncio.gather(*(one() for _ in range(5)))  # demand beyond the limit of 3
+        assert most == 3 and pool.max_instances(spec.name) == 3
+        assert [d for _, d in events].count("up") == 3  # the warm one and two more on demand
+        # Idle ones are reaped down to the minimum, and no further.
+        await wait_until(lambda: [d for _, d in events].count("down") == 2)
+        await asyncio.sleep(0.5)  # two more reap rounds: the minimum stays (not a synchronization)
+        assert len(pool.instances()) == 1 and [d for _, d in events].count("down") == 2
+    finally:
+        await pool.close()

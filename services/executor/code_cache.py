@@ -7,6 +7,7 @@ they have gone unreferenced for a grace period, so the disk holds the current co
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import logging
 import shutil
@@ -76,8 +77,12 @@ def _unpack(archive: bytes, target: Path) -> None:
         with zipfile.ZipFile(io.BytesIO(archive)) as zf:
             codezip.extract(zf, staging, archive_bytes=len(archive))
         staging.rename(target)
-    except FileExistsError:
+    except OSError as err:
         shutil.rmtree(staging, ignore_errors=True)
+        # Another process sharing the directory (a second executor) unpacked it first: rename
+        # onto a non-empty directory fails with ENOTEMPTY (EEXIST on some systems).
+        if err.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not target.is_dir():
+            raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -16,6 +16,15 @@ class ExecutorMetrics:
     instance_cpu: Gauge
     instance_rss: Gauge
     instance_requests: Gauge
+    scaling: Counter
+    cold_start: Histogram
+    flow_held: Counter
+    throttled: Gauge
+
+    def observe_scaling(self, function: str, direction: str, cold_s: float) -> None:
+        self.scaling.labels(function, direction).inc()
+        if direction == "up":
+            self.cold_start.labels(function).observe(cold_s)
 
     @classmethod
     def build(cls, registry: CollectorRegistry) -> ExecutorMetrics:
@@ -41,6 +50,16 @@ class ExecutorMetrics:
                 "taskmode_instance_concurrent_requests", "Invocations an instance is running now",
                 ["function", "instance_id"], registry=registry,
             ),
+            scaling=Counter("taskmode_scaling_events", "Instances started (up) and reaped when idle (down)",
+                            ["function", "direction"], registry=registry),
+            cold_start=Histogram("taskmode_cold_start_seconds", "From starting an instance to its being ready",
+                                 ["function"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5),
+                                 registry=registry),
+            flow_held=Counter("taskmode_executor_flow_held", "Dispatches handed back because their function was "
+                              "disabled or blocked (reservedConcurrency 0) when they arrived", ["function", "reason"],
+                              registry=registry),
+            throttled=Gauge("taskmode_throttled_tasks", "Dispatches waiting for a running slot of their function "
+                            "(reservedConcurrency reached)", ["function"], registry=registry),
             instance_rss=Gauge(
                 "taskmode_instance_memory_bytes", "Resident memory of an instance", ["function", "instance_id"],
                 registry=registry,

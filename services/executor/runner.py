@@ -11,6 +11,7 @@ import contextlib
 import logging
 import zipfile
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
 from nats.aio.msg import Msg
@@ -20,6 +21,7 @@ from services.executor.instance import Instance, InvocationResult, InvokeContext
 from services.executor.pool import InstancePool
 from services.executor.metrics import ExecutorMetrics
 from services.executor.settings import ExecutorSettings
+from services.executor.slots import ClusterSlots
 from services.executor.specs import function_spec
 from shared.errors import AliasNotFound, ConcurrentUpdateError, FunctionNotFound, VersionNotFound
 from shared.bus import ACK, Nak, Term, Verdict
@@ -70,8 +72,14 @@ class TaskRunner:
         metrics: ExecutorMetrics,
         settings: ExecutorSettings,
         logs: LogSink | None = None,
+        blocked: Callable[[str], str | None] | None = None,
+        slots: ClusterSlots | None = None,
+        cap: Callable[[str], int | None] | None = None,
     ) -> None:
+        self._slots = slots
+        self._cap = cap or (lambda _function: None)
         self._logs = logs
+        self._blocked = blocked  # why a function's dispatches may not start now (None: they may)
         self._events = events
         self._catalog = catalog
         self._code = code
@@ -105,6 +113,12 @@ class TaskRunner:
             if last is None or last.seq != current.seq:
                 await self._recover(last, current)
                 return ACK
+        blocked = self._blocked(event.function) if self._blocked is not None else None
+        if blocked is not None:
+            # Dispatched before a DisableFunctionInvocation (or a reservedConcurrency of 0) was
+            # seen: it must not start now; it stays Processed and is looked at again later.
+            self._metrics.flow_held.labels(event.function, blocked).inc()
+            return Nak(self._settings.saturated_retry_s)
         parked = False
         holding = self._holding.get(event.function, 0)
         if holding >= self._settings.max_instances_per_function + self._settings.max_queued_per_function:
@@ -170,32 +184,39 @@ class TaskRunner:
         except (OSError, zipfile.BadZipFile, FunctionNotFound) as err:
             await self._invalid(current, f"the function's code cannot be unpacked: {err}")
             return
-        async with self._pool.lease(spec) as instance:
-            started = follow(current, TaskStarted, instance_id=instance.instance_id, attempt=attempt,
-                             function_version=resolved.version_id)
-            try:
-                started_seq = await self._events.append(started, expected_seq=current.seq)
-            except ConcurrentUpdateError:
-                await self._recover(await self._events.last(event.function, event.task_id), current)
-                return
-            self._started.add((event.function, event.task_id))
-            due_ms = event.retry_at_ms if isinstance(event, TaskRetrying) else submission.due_at_ms
-            self._metrics.submit_to_start.labels(event.function).observe(max(0, started.at_ms - due_ms) / 1000)
-            log.info("task Running", extra={**fields, "status": str(Status.RUNNING), "instance_id": instance.instance_id,
-                                            "attempt": attempt, "qualifier": submission.qualifier})
-            running = RunningTask(instance)
-            self._running[(event.function, event.task_id)] = running
-            self._metrics.in_process.inc()
-            try:
-                context = InvokeContext(request_id=submission.request_id, task_id=event.task_id, attempt=attempt)
-                result = await instance.invoke(submission.payload, context)
-            finally:
-                del self._running[(event.function, event.task_id)]
-                self._metrics.in_process.dec()
-        self._metrics.run_seconds.labels(event.function).observe(result.duration_ms / 1000)
-        await self._keep_log(started, result, request_id=submission.request_id)
-        await self._finish(StoredEvent(started_seq, started), result, submission.max_retries, running,
-                           qualifier=submission.qualifier)
+        # reservedConcurrency: a running slot from before Running until after the outcome.
+        async with self._slot(event.function, event.task_id):
+            async with self._pool.lease(spec) as instance:
+                started = follow(current, TaskStarted, instance_id=instance.instance_id, attempt=attempt,
+                                 function_version=resolved.version_id)
+                try:
+                    started_seq = await self._events.append(started, expected_seq=current.seq)
+                except ConcurrentUpdateError:
+                    await self._recover(await self._events.last(event.function, event.task_id), current)
+                    return
+                self._started.add((event.function, event.task_id))
+                due_ms = event.retry_at_ms if isinstance(event, TaskRetrying) else submission.due_at_ms
+                self._metrics.submit_to_start.labels(event.function).observe(max(0, started.at_ms - due_ms) / 1000)
+                log.info("task Running", extra={**fields, "status": str(Status.RUNNING), "instance_id": instance.instance_id,
+                                                "attempt": attempt, "qualifier": submission.qualifier})
+                running = RunningTask(instance)
+                self._running[(event.function, event.task_id)] = running
+                self._metrics.in_process.inc()
+                try:
+                    context = InvokeContext(request_id=submission.request_id, task_id=event.task_id, attempt=attempt)
+                    result = await instance.invoke(submission.payload, context)
+                finally:
+                    del self._running[(event.function, event.task_id)]
+                    self._metrics.in_process.dec()
+            self._metrics.run_seconds.labels(event.function).observe(result.duration_ms / 1000)
+            await self._keep_log(started, result, request_id=submission.request_id)
+            await self._finish(StoredEvent(started_seq, started), result, submission.max_retries, running,
+                               qualifier=submission.qualifier)
+
+    def _slot(self, function: str, task_id: str) -> AbstractAsyncContextManager[None]:
+        if self._slots is None:
+            return contextlib.nullcontext()
+        return self._slots.slot(function, task_id, lambda: self._cap(function))
 
     async def _submission(self, event: TaskProcessed | TaskRetrying) -> Submission | None:
         """What the task was submitted with: carried in the dispatch, else read from its Enqueued event."""

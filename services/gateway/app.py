@@ -17,12 +17,14 @@ from prometheus_client import start_http_server
 
 from shared import wire
 from shared.bootstrap import open_bus, open_catalog
+from shared.flowconfig import FlowConfigs, InstanceRegistry
 from shared.service import background, periodically
 from shared.taskstore import TaskStore
 from shared.triggers import TriggerCatalog
 from services.gateway import (
     aliases,
     async_configs,
+    flow_control,
     function_code,
     functions,
     http_triggers,
@@ -59,12 +61,16 @@ async def open_resources(settings: GatewaySettings, stack: AsyncExitStack) -> Re
     triggers = await TriggerCatalog.open(bus.js)
     await triggers.watch()
     stack.push_async_callback(triggers.close)
+    flow_configs = await FlowConfigs.open(bus.js, replicas=settings.common.stream_replicas)
+    await flow_configs.watch()
+    stack.push_async_callback(flow_configs.close)
+    instances = await InstanceRegistry.open(bus.js, replicas=settings.common.stream_replicas)
     nonces = await KvNonces.open(bus.js, remember_s=2 * settings.max_clock_skew_s,
                                  replicas=settings.common.stream_replicas)
     task_store = await TaskStore.connect(settings.common.mongodb_url)
     stack.push_async_callback(task_store.close)
     return Resources(nc=bus.nc, catalog=catalog, events=bus.events, tasks=task_store, triggers=triggers,
-                     nonces=nonces)
+                     nonces=nonces, flow=flow_configs, instances=instances)
 
 
 def _serve_metrics_port(metrics: GatewayMetrics, settings: GatewaySettings, stack: AsyncExitStack) -> None:
@@ -127,7 +133,7 @@ def create_app(
     for module in (functions, async_configs, invocations, tasks, watch):
         api.include_router(module.router)
     api.include_router(triggers.router)
-    for module in (versions, aliases, function_code, task_logs):
+    for module in (versions, aliases, function_code, task_logs, flow_control):
         api.include_router(module.router)
     app.include_router(api)
     app.include_router(build_console_router())

@@ -17,6 +17,7 @@ from nats.aio.client import Client
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.nonces import MemoryNonces, NonceLog
 from services.gateway.settings import GatewaySettings
+from shared.flowconfig import FlowConfigs, InstanceRegistry
 from shared.ports import EventLog, FunctionCatalog, TaskReadModel
 from shared.triggers import TriggerCatalog
 
@@ -31,6 +32,10 @@ class Resources:
     tasks: TaskReadModel
     triggers: TriggerCatalog | None = None  # None only for tests that exercise no trigger route
     nonces: NonceLog = field(default_factory=MemoryNonces)  # signature nonces seen (replay protection)
+    # Flow control (concurrency and scaling configs, live instances); None only in tests that
+    # exercise other routes with fakes.
+    flow: FlowConfigs | None = None
+    instances: InstanceRegistry | None = None
 
 
 def resources_of(request: Request) -> Resources:

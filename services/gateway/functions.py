@@ -149,5 +149,7 @@ async def delete_function(function_name: str, resources: ResourcesDep) -> Respon
     await resources.catalog.delete_function(function_name)
     if resources.triggers is not None:  # a deleted function's triggers go with it
         await resources.triggers.delete_all(function_name)
+    if resources.flow is not None:  # its concurrency and scaling configs go with it, as in FC
+        await resources.flow.delete_all(function_name)
     log.info("function deleted", extra={"function": function_name})
     return Response(status_code=204)

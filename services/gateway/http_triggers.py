@@ -22,6 +22,7 @@ from services.gateway import params
 from services.gateway.auth import read_body, require_bus, signed_body
 from services.gateway.context import note_task_id, request_id_of
 from services.gateway.deps import metrics_of, resources_of, settings_of
+from services.gateway.flow_control import refuse_if_blocked
 from services.gateway.invocations import call_function
 from shared import wire
 from shared.errors import FunctionNotFound, TaskmodeError, TriggerNotFound
@@ -145,6 +146,7 @@ async def http_trigger(function_name: str, trigger_name: str, request: Request, 
     labels = {"function": function_name, "trigger": trigger_name, "trigger_type": str(TriggerType.HTTP)}
     invocation = params.parse_invocation_type(request.headers.get(wire.FC_INVOCATION_TYPE_HEADER))
     if invocation == "Sync":
+        await refuse_if_blocked(resources, function_name)
         result, headers = await call_function(function, event, nc=resources.nc, request_id=request_id, metrics=metrics)
         metrics.trigger_events.labels(**labels, outcome="invoked").inc()
         if wire.FC_ERROR_TYPE_HEADER in headers:

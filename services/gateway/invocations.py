@@ -12,12 +12,13 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from shared import wire
 from shared.catalog import FunctionRecord
-from shared.errors import EntityTooLarge, ServiceUnavailable
+from shared.errors import EntityTooLarge, ServiceUnavailable, TaskmodeError
 from shared.qualifiers import MAIN_VERSION_DRAW, resolve
 from services.gateway import openapi, params as validation
 from services.gateway.context import note_task_id, request_id_of, task_id_of
 from services.gateway.deps import body_of, metrics_of, resources_of
 from services.gateway.errors import InvocationTimeout, reported_error
+from services.gateway.flow_control import refuse_if_blocked
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.submission import submit_task
 from shared.wire import (
@@ -73,6 +74,11 @@ async def _submit(request: Request, function: FunctionRecord, *, qualifier: str)
 
 async def _invoke_sync(request: Request, function: FunctionRecord, *, qualifier: str, log_tail: bool) -> Response:
     request_id = request_id_of(request)
+    try:
+        await refuse_if_blocked(resources_of(request), function.function_name)
+    except TaskmodeError:
+        metrics_of(request).sync_invocations.labels(outcome="blocked").inc()
+        raise
     data, response_headers = await call_function(
         function, body_of(request), nc=resources_of(request).nc, request_id=request_id, metrics=metrics_of(request),
         qualifier=qualifier, log_tail=log_tail)

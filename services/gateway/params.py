@@ -22,7 +22,9 @@ from shared.submission import (
     check_task_id as check_task_id,
     choose_task_id as choose_task_id,
     new_task_id as new_task_id,
+    due_time as due_time,
     parse_delay as parse_delay,
+    parse_execution_time as parse_execution_time,
     task_id_from_request_id as task_id_from_request_id,
 )
 from shared.transitions import STATUS_ALIASES, Status, parse_status

@@ -89,6 +89,45 @@ class PutAsyncInvokeConfigInput(msgspec.Struct, kw_only=True, rename="camel"):
     destination_config: DestinationConfig | None = None
 
 
+
+Reason = Annotated[str, msgspec.Meta(max_length=256)]
+# A function's cap may not exceed this (nor TASKMODE_ACCOUNT_CONCURRENCY, when that is set).
+MAX_RESERVED_CONCURRENCY = 10_000
+ReservedConcurrency = Annotated[int, msgspec.Meta(ge=0, le=MAX_RESERVED_CONCURRENCY)]
+InstanceCount = Annotated[int, msgspec.Meta(ge=0, le=1000)]
+
+
+class DisableFunctionInvocationInput(msgspec.Struct, kw_only=True, rename="camel"):
+    """FC's DisableFunctionInvocation body."""
+
+    reason: Reason | None = None
+    abort_ongoing_request: bool | None = None
+
+
+class PutConcurrencyInput(msgspec.Struct, kw_only=True, rename="camel"):
+    """FC's `PutConcurrencyInput`."""
+
+    reserved_concurrency: ReservedConcurrency | None = None
+
+
+class ScalingPolicyInput(msgspec.Struct, kw_only=True, rename="camel"):
+    name: str | None = None
+    metric_type: str | None = None
+    metric_target: float | None = None
+    min_instances: InstanceCount | None = None
+    max_instances: InstanceCount | None = None
+    start_time: str | None = None
+    end_time: str | None = None
+    time_zone: str | None = None
+
+
+class PutScalingConfigInput(msgspec.Struct, kw_only=True, rename="camel"):
+    """FC's `PutScalingConfigInput` (the implemented subset: minInstances and the policies'
+    maxInstances)."""
+
+    min_instances: InstanceCount | None = None
+    horizontal_scaling_policies: list[ScalingPolicyInput] | None = None
+
 T = TypeVar("T")
 
 

@@ -10,7 +10,8 @@ from collections.abc import Callable, Mapping
 
 from services.gateway.deps import Resources
 from services.gateway.metrics import GatewayMetrics
-from shared import submission
+from shared import submission, wire
+from shared.eventstore import now_ms
 from shared.catalog import FunctionRecord
 from shared.errors import InvalidArgument, TaskAlreadyExists
 from shared.transitions import Status
@@ -63,13 +64,17 @@ async def submit_task(
     try:
         submission.check_payload_size(payload, limit=submission.MAX_ASYNC_PAYLOAD_BYTES)
         task_id = task_id or _choose_task_id(headers)
-        delay_s = submission.parse_delay(headers.get(FC_DELAY_HEADER))
+        at_ms = now_ms()
+        due_at_ms = submission.due_time(delay_header=headers.get(FC_DELAY_HEADER),
+                                        execution_time_header=headers.get(wire.EXECUTION_TIME_HEADER), now_ms=at_ms)
+        delay_s = max(0, (due_at_ms - at_ms) // 1000)
     except Exception:
         metrics.submissions.labels(outcome="rejected").inc()
         raise
     chosen(task_id)
     admission = submission.Admission(function=name, task_id=task_id, payload=payload, request_id=request_id,
-                                     qualifier=qualifier, delay_s=delay_s, function_id=function.function_id)
+                                     qualifier=qualifier, delay_s=delay_s, function_id=function.function_id,
+                                     due_at_ms=due_at_ms if due_at_ms > at_ms else 0)
     try:
         await submission.submit(resources.events, admission, await resources.catalog.find_async_config(name, qualifier))
     except TaskAlreadyExists:

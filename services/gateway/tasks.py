@@ -8,6 +8,7 @@ overwrite a completion that won the race.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Final
 
@@ -186,7 +187,7 @@ async def stop_async_task(
     raise ServiceUnavailable(f"task {task_id} kept changing; try stopping it again")
 
 
-async def _try_stop(events: EventLog, last: StoredEvent) -> str | None:
+async def _try_stop(events: EventLog, last: StoredEvent, *, reason: str = STOP_REASON) -> str | None:
     """Stop the task from `last`; the outcome, or None when another writer got there first."""
     status = last.event.status
     if status in TERMINAL:
@@ -194,13 +195,39 @@ async def _try_stop(events: EventLog, last: StoredEvent) -> str | None:
     if status == Status.STOPPING:
         return "already_stopping"
     if status == Status.RUNNING:
-        event: TaskStopping | TaskStopped = follow(last, TaskStopping, reason=STOP_REASON)
+        event: TaskStopping | TaskStopped = follow(last, TaskStopping, reason=reason)
         outcome = "stopping"
     else:  # Enqueued, Processed, Retrying: nothing runs, so the stop is immediate
-        event = follow(last, TaskStopped, reason=STOP_REASON)
+        event = follow(last, TaskStopped, reason=reason)
         outcome = "stopped"
     try:
         await events.append(event, expected_seq=last.seq)
     except ConcurrentUpdateError:
         return None
     return outcome
+
+
+ABORT_REASON: Final = "stopped by DisableFunctionInvocation with abortOngoingRequest"
+
+
+async def stop_tasks(resources: Resources, metrics: GatewayMetrics, function_name: str, *, status: Status) -> int:
+    """Stop every task of the function the read model shows in `status` (DisableFunctionInvocation
+    with abortOngoingRequest); how many were stopped or asked to stop."""
+    events = resources.events
+    stopped = 0
+    token: str | None = None
+    while True:
+        page = await resources.tasks.list_tasks(TaskQuery(function=function_name, status=str(status), limit=100,
+                                                          next_token=token))
+        for doc in page.tasks:
+            last = await events.last(function_name, str(doc["taskId"]))
+            if last is None:
+                continue
+            with contextlib.suppress(TaskAlreadyFinished):
+                outcome = await _try_stop(events, last, reason=ABORT_REASON)
+                if outcome is not None:
+                    metrics.stops.labels(outcome=outcome).inc()
+                    stopped += 1
+        if not page.next_token:
+            return stopped
+        token = page.next_token

@@ -2,11 +2,16 @@
 
 The dispatch carries what the executor needs of the submission (payloads up to 16 KB), so the
 executor reads nothing back from the stream.
+
+Flow control: a due task of a function whose invocations are disabled (DisableFunctionInvocation)
+or whose reservedConcurrency is 0 is held Enqueued, and drained in submission order when that
+lifts (services/scheduler/holds.py). Both are read from the local KV mirrors on every delivery.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 from nats.aio.msg import Msg
 
@@ -15,16 +20,33 @@ from shared.bus import ACK, Nak, Term, Verdict
 from shared.errors import ConcurrentUpdateError
 from shared.events import AnyTaskEvent, TaskEnqueued, TaskExpired, TaskInvalid, TaskProcessed
 from shared.eventstore import StoredEvent, follow, now_ms
+from services.scheduler.holds import BLOCKED, PAUSED, REASONS, Holds
+from shared.flowconfig import FlowConfigs
 from shared.ports import EventLog, FunctionCatalog
 
 log = logging.getLogger(__name__)
 
-
 class Dispatcher:
-    def __init__(self, *, events: EventLog, catalog: FunctionCatalog, metrics: SchedulerMetrics) -> None:
+    def __init__(self, *, events: EventLog, catalog: FunctionCatalog, metrics: SchedulerMetrics,
+                 flow: FlowConfigs | None = None) -> None:
         self._events = events
         self._catalog = catalog
         self._metrics = metrics
+        self._flow = flow
+        self._holds = Holds()
+
+    def _hold_reason(self, function: str) -> str | None:
+        record = self._catalog.cached_function(function)
+        if record is not None and record.disabled:
+            return PAUSED
+        config = self._flow.concurrency(function) if self._flow is not None else None
+        if config is not None and config.reserved_concurrency == 0:
+            return BLOCKED
+        return None
+
+    def _show_held(self, function: str) -> None:
+        for reason in REASONS:
+            self._metrics.held.labels(function, reason).set(self._holds.count(function, reason))
 
     async def handle(self, event: AnyTaskEvent, msg: Msg) -> Verdict:
         if not isinstance(event, TaskEnqueued):
@@ -48,7 +70,18 @@ class Dispatcher:
             )
             self._metrics.expired.labels(event.function).inc()
         else:
+            reason = self._hold_reason(event.function)
+            if reason is not None:
+                delay_s = self._holds.hold(event.function, event.task_id, current.seq, reason)
+                self._metrics.holds.labels(event.function, reason).inc()
+                self._show_held(event.function)
+                return Nak(delay_s)
+            wait_s = self._holds.wait_for_turn(event.function, event.task_id, current.seq, time.monotonic())
+            if wait_s > 0:  # a hold lifted: the held tasks go in submission order
+                self._show_held(event.function)
+                return Nak(wait_s)
             outcome = follow(current, TaskProcessed, submission=TaskProcessed.carrying(event))
+        self._holds.done(event.function, event.task_id)
         try:
             await self._events.append(outcome, expected_seq=current.seq)
         except ConcurrentUpdateError:

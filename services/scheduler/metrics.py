@@ -13,6 +13,8 @@ class SchedulerMetrics:
     invalid: Counter
     dispatch_latency: Histogram
     backlog: Gauge
+    held: Gauge
+    holds: Counter
 
     @classmethod
     def build(cls, registry: CollectorRegistry) -> SchedulerMetrics:
@@ -29,4 +31,8 @@ class SchedulerMetrics:
                 registry=registry,
             ),
             backlog=Gauge("taskmode_scheduler_parked", "Enqueued events this scheduler holds or has yet to read", registry=registry),
+            held=Gauge("taskmode_flow_held_tasks", "Due tasks held Enqueued by flow control (paused: disabled; "
+                       "blocked: reservedConcurrency 0)", ["function", "reason"], registry=registry),
+            holds=Counter("taskmode_flow_holds", "Times a due task was held back by flow control",
+                          ["function", "reason"], registry=registry),
         )

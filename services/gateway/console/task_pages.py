@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Form, Request, Response
 from fastapi.responses import JSONResponse
 
 from shared import eventwatch
+from shared.submission import MAX_DELAY_S as MAX_SUBMISSION_DELAY_S
 from services.gateway import params as validation
 from services.gateway.deps import resources_of
 from services.gateway.console.api_client import ApiFailure, console_api
@@ -27,7 +28,7 @@ router = APIRouter(prefix=CONSOLE_PREFIX, route_class=ConsoleRoute)
 
 SessionDep = Annotated[Session, Depends(current_session)]
 PAGE_SIZES: Final = (20, 50, 100)
-MAX_DELAY_S: Final = 3600
+MAX_DELAY_S: Final = MAX_SUBMISSION_DELAY_S  # the 7-day retention, as for x-fc-async-delay
 
 
 @dataclass(frozen=True)
