@@ -112,7 +112,8 @@ class NatsIngest:
                 wanted.add(Binding(function, record.trigger_name, config.subject, record.qualifier))
         for binding in set(self._subs) - wanted:
             with contextlib.suppress(Exception):
-                await self._subs.pop(binding).unsubscribe()
+                # Drained, not dropped: messages already taken off the socket are still answered.
+                await self._subs.pop(binding).drain()  # type: ignore[no-untyped-call]
             log.info("nats trigger unsubscribed", extra={"function": binding.function, "trigger": binding.trigger,
                                                          "subject": binding.subject})
         for binding in wanted - set(self._subs):
