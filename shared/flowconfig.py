@@ -41,10 +41,12 @@ INSTANCE_ENTRY_TTL_S: Final = 30.0
 
 
 class ConcurrencyConfigRecord(msgspec.Struct, kw_only=True, rename="camel", omit_defaults=True):
-    """FC's `ConcurrencyConfig`."""
+    """FC's `ConcurrencyConfig`, plus our `startRatePerSecond` (FC has no such field): the most
+    tasks of the function the scheduler dispatches per second (None: no limit)."""
 
     function_arn: str
     reserved_concurrency: int | None = None
+    start_rate_per_second: float | None = None
     last_modified_time: str = ""
 
 

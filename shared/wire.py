@@ -37,6 +37,8 @@ SCALING_CONFIG_BUCKET: Final = "taskmode_scaling_configs"
 INSTANCES_BUCKET: Final = "taskmode_instances"
 # Running slots of functions with a reservedConcurrency, shared by every executor.
 RUNNING_BUCKET: Final = "taskmode_running"
+# The key of the account-wide running slots in RUNNING_BUCKET (the others are function names, which have no dot).
+RUNNING_ACCOUNT_KEY: Final = "account.all"
 VERSIONS_BUCKET: Final = "taskmode_versions"
 # Per-invocation logs of async tasks: one message per attempt, kept for the retention period.
 LOGS_STREAM: Final = "TASKMODE_LOGS"

@@ -206,6 +206,50 @@ async def test_reserved_concurrency_zero_blocks_until_the_config_is_deleted(fc: 
     assert_fc_error(await fc.request("GET", f"/functions/{name}/concurrency"), 404, "ConcurrencyConfigNotFound")
 
 
+async def test_the_account_cap_limits_all_functions_together_across_executors(stack_with: StackFactory) -> None:
+    port = free_port()
+    stack, fc = stack_with({"TASKMODE_ACCOUNT_CONCURRENCY": "2", "TASKMODE_EXECUTOR_METRICS_PORT": str(port)})
+    stack.start_service("executor", name="executor2", env={"TASKMODE_EXECUTOR_METRICS_PORT": str(free_port())})
+    names = ["first", "second"]
+    for name in names:
+        await make_function(fc, name, handler="index.sleep")
+    ids = [f"a{i:02d}" for i in range(8)]
+    await asyncio.gather(*(submit_all(fc, name, ids, b"0.5") for name in names))
+    # The wait shows, told apart from a function's own cap (neither function has one).
+    executor = await scrape_until(f"http://127.0.0.1:{port}/metrics", lambda f: any(
+        value(f, "taskmode_throttled_tasks", function=name, cap="account") >= 1 for name in names), deadline_s=60)
+    assert any(value(executor, "taskmode_throttled_tasks", function=name, cap="account") >= 1 for name in names)
+    done = [task for name in names for task in await all_reach(fc, name, ids, {"Succeeded"}, deadline_s=90)]
+    assert len(done) == 16 and all(statuses(task)[-1] == "Succeeded" for task in done)  # waited, never failed
+    assert most_at_once(running_intervals(done)) == 2
+
+
+async def test_a_start_rate_spaces_a_functions_dispatches(fc: FcClient, flow_stack: Stack) -> None:
+    name = fresh("paced")
+    await make_function(fc, name)
+    put = await put_json(fc, f"/functions/{name}/concurrency", {"startRatePerSecond": 5})
+    assert put.status_code == 200, put.text
+    got = (await fc.request("GET", f"/functions/{name}/concurrency")).json()
+    assert got["startRatePerSecond"] == 5 and got["reservedConcurrency"] is None, got
+    listed = (await fc.request("GET", "/concurrency-configs", query={"functionName": name})).json()["configs"]
+    assert [c.get("startRatePerSecond") for c in listed] == [5], listed
+    ids = [f"r{i:02d}" for i in range(20)]
+    await submit_all(fc, name, ids)
+    done = await all_reach(fc, name, ids, {"Succeeded"}, deadline_s=90)
+    processed = sorted(event_time(task, "Processed") for task in done)
+    # 20 starts at 5 a second: 19 intervals of 200 ms (3.8 s; slack for a loaded machine's late
+    # wake-ups), and never a burst: no second holds much more than the rate (20 at once without it).
+    assert processed[-1] - processed[0] >= 3_000, processed
+    assert max(sum(1 for t in processed if start <= t < start + 1000) for start in processed) <= 8, processed
+    scheduler = await scrape_until(metrics_url(flow_stack, "scheduler"), lambda f: value(
+        f, "taskmode_flow_holds_total", function=name, reason="rate") > 0)
+    assert value(scheduler, "taskmode_flow_holds_total", function=name, reason="rate") > 0
+    # Deleting the config lifts the rate.
+    assert (await fc.request("DELETE", f"/functions/{name}/concurrency")).status_code == 204
+    await submit_all(fc, name, ["free"])
+    await fc.wait_for(name, "free", {"Succeeded"})
+
+
 async def test_a_flooded_function_does_not_hold_up_another(fc: FcClient) -> None:
     flood, neighbour = fresh("flood"), fresh("neighbour")
     await make_function(fc, flood, handler="index.sleep")
@@ -270,7 +314,11 @@ async def test_bad_flow_control_input_is_refused_and_changes_nothing(fc: FcClien
     for body, mention in [({"reservedConcurrency": -1}, "reservedConcurrency"),
                           ({"reservedConcurrency": 10_001}, "reservedConcurrency"),
                           ({"reservedConcurrency": "2"}, "reservedConcurrency"),
-                          ({}, "reservedConcurrency")]:
+                          ({}, "reservedConcurrency"),
+                          ({"startRatePerSecond": -1}, "startRatePerSecond"),
+                          ({"startRatePerSecond": 0}, "startRatePerSecond"),
+                          ({"startRatePerSecond": "fast"}, "startRatePerSecond"),
+                          ({"reservedConcurrency": 2, "startRatePerSecond": [5]}, "startRatePerSecond")]:
         assert_fc_error(await put_json(fc, f"/functions/{name}/concurrency", body), 400, "InvalidArgument", mention)
     assert_fc_error(await fc.request("GET", f"/functions/{name}/concurrency"), 404, "ConcurrencyConfigNotFound")
     assert_fc_error(await put_json(fc, "/functions/nobody/concurrency", {"reservedConcurrency": 1}),

@@ -88,7 +88,8 @@ async def run(settings: ExecutorSettings, stop: asyncio.Event, stack: AsyncExitS
         await store_attempt_log(bus.js, function=function, task_id=task_id, log=entry)
 
     slots = await ClusterSlots.open(bus.js, owner=owner, replicas=settings.common.stream_replicas,
-                                    on_wait=lambda name, count: metrics.throttled.labels(name).set(count))
+                                    on_wait=lambda name, key, count: metrics.throttled.labels(
+                                        name, "account" if key == wire.RUNNING_ACCOUNT_KEY else "function").set(count))
     background(stack, periodically(slots.refresh, every_s=SLOT_LEASE_S / 3, stop=stop, what="running slot leases"))
     runner = TaskRunner(events=bus.events, catalog=catalog, code=code, pool=pool, metrics=metrics, settings=settings,
                         logs=keep_log, blocked=lambda name: blocked(catalog, flow, name), slots=slots,

@@ -58,8 +58,9 @@ class ExecutorMetrics:
             flow_held=Counter("taskmode_executor_flow_held", "Dispatches handed back because their function was "
                               "disabled or blocked (reservedConcurrency 0) when they arrived", ["function", "reason"],
                               registry=registry),
-            throttled=Gauge("taskmode_throttled_tasks", "Dispatches waiting for a running slot of their function "
-                            "(reservedConcurrency reached)", ["function"], registry=registry),
+            throttled=Gauge("taskmode_throttled_tasks", "Dispatches waiting for a running slot: cap=function "
+                            "(its reservedConcurrency reached) or cap=account (TASKMODE_ACCOUNT_CONCURRENCY reached)",
+                            ["function", "cap"], registry=registry),
             instance_rss=Gauge(
                 "taskmode_instance_memory_bytes", "Resident memory of an instance", ["function", "instance_id"],
                 registry=registry,

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import zipfile
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
@@ -23,6 +23,7 @@ from services.executor.metrics import ExecutorMetrics
 from services.executor.settings import ExecutorSettings
 from services.executor.slots import ClusterSlots
 from services.executor.specs import function_spec
+from shared import wire
 from shared.errors import AliasNotFound, ConcurrentUpdateError, FunctionNotFound, VersionNotFound
 from shared.bus import ACK, Nak, Term, Verdict
 from shared.events import (
@@ -216,7 +217,16 @@ class TaskRunner:
     def _slot(self, function: str, task_id: str) -> AbstractAsyncContextManager[None]:
         if self._slots is None:
             return contextlib.nullcontext()
-        return self._slots.slot(function, task_id, lambda: self._cap(function))
+        return self._slots_of(self._slots, function, task_id)
+
+    @contextlib.asynccontextmanager
+    async def _slots_of(self, slots: ClusterSlots, function: str, task_id: str) -> AsyncIterator[None]:
+        """The function's running slot (reservedConcurrency), then the account's
+        (TASKMODE_ACCOUNT_CONCURRENCY): given back in the reverse order."""
+        account = self._settings.account_concurrency or None
+        async with slots.slot(function, task_id, lambda: self._cap(function)):
+            async with slots.slot(function, task_id, lambda: account, key=wire.RUNNING_ACCOUNT_KEY):
+                yield
 
     async def _submission(self, event: TaskProcessed | TaskRetrying) -> Submission | None:
         """What the task was submitted with: carried in the dispatch, else read from its Enqueued event."""

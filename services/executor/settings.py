@@ -9,6 +9,7 @@ from shared.settings import CommonSettings, env_float, env_int
 class ExecutorSettings(msgspec.Struct, frozen=True, kw_only=True):
     common: CommonSettings
     concurrency: int  # tasks this executor runs at once, over all functions
+    account_concurrency: int  # tasks of all functions running at once over every executor (0: no cap)
     max_instances_per_function: int
     max_queued_per_function: int  # dispatches that wait for a busy function holding a fetch slot
     max_parked: int  # further waiting dispatches, over all functions, that hold no slot
@@ -25,6 +26,7 @@ class ExecutorSettings(msgspec.Struct, frozen=True, kw_only=True):
         return cls(
             common=CommonSettings.from_env(metrics_port_var="TASKMODE_EXECUTOR_METRICS_PORT", metrics_port_default=9102),
             concurrency=env_int("TASKMODE_EXECUTOR_CONCURRENCY", 64),
+            account_concurrency=max(0, env_int("TASKMODE_ACCOUNT_CONCURRENCY", 0)),
             max_instances_per_function=env_int("TASKMODE_EXECUTOR_MAX_INSTANCES", 4),
             max_queued_per_function=env_int("TASKMODE_EXECUTOR_MAX_QUEUED_PER_FUNCTION", 16),
             max_parked=env_int("TASKMODE_EXECUTOR_MAX_PARKED", 1024),

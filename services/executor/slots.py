@@ -12,6 +12,10 @@ LEASE_S, by which time its tasks are being retried (the dispatch redelivered aft
 Within one executor only the first waiter of a function polls the key (an asyncio.Lock queues the
 rest in arrival order), so a throttled backlog costs one read per POLL_S per executor; a slot
 given back here wakes it at once.
+
+The account-wide cap (TASKMODE_ACCOUNT_CONCURRENCY) is one more key, `wire.RUNNING_ACCOUNT_KEY`
+(a dot, which no function name has), taken the same way after the function's own slot (so a
+task waiting for its function's cap holds no account slot) and given back with it.
 """
 
 from __future__ import annotations
@@ -49,28 +53,32 @@ def _now_ms() -> int:
 class ClusterSlots:
     """Running slots per capped function, shared by every executor through one KV bucket."""
 
-    def __init__(self, kv: KeyValue, *, owner: str, on_wait: Callable[[str, int], None] | None = None) -> None:
+    def __init__(self, kv: KeyValue, *, owner: str, on_wait: Callable[[str, str, int], None] | None = None) -> None:
         self._kv = kv
         self._owner = owner
         self._held: dict[str, set[str]] = {}
         self._lines: dict[str, asyncio.Lock] = {}
-        self._waiting: dict[str, int] = {}
+        self._waiting: dict[tuple[str, str], int] = {}  # (function, key) -> dispatches waiting here
         self._freed: dict[str, asyncio.Event] = {}  # set when a slot of ours is given back
         self._known: dict[str, tuple[dict[str, int], int]] = {}  # our last write per function, and its revision
-        self._on_wait = on_wait or (lambda _function, _count: None)
+        self._on_wait = on_wait or (lambda _function, _key, _count: None)
 
     @classmethod
     async def open(cls, js: JetStreamContext, *, owner: str, replicas: int = 1,
-                   on_wait: Callable[[str, int], None] | None = None) -> ClusterSlots:
+                   on_wait: Callable[[str, str, int], None] | None = None) -> ClusterSlots:
         return cls(await open_bucket(js, wire.RUNNING_BUCKET, replicas=replicas), owner=owner, on_wait=on_wait)
 
     @asynccontextmanager
-    async def slot(self, function: str, task_id: str, cap: Callable[[], int | None]) -> AsyncIterator[None]:
-        """Hold one of `function`'s running slots for the block (none needed while `cap()` is None)."""
-        holder = f"{self._owner}/{task_id}"
+    async def slot(self, function: str, task_id: str, cap: Callable[[], int | None], *,
+                   key: str | None = None) -> AsyncIterator[None]:
+        """Hold one of `function`'s running slots for the block (none needed while `cap()` is None);
+        with `key`, one of that key's slots instead (the account's), on behalf of `function`."""
+        waiter = function
+        function = key or function
+        holder = f"{self._owner}/{task_id}" if key is None else f"{self._owner}/{waiter}/{task_id}"
         taken = False
         if cap() is not None:
-            self._count_waiting(function, +1)
+            self._count_waiting(waiter, function, +1)
             try:
                 async with self._lines.setdefault(function, asyncio.Lock()):  # FIFO within this executor
                     while (limit := cap()) is not None:
@@ -82,7 +90,7 @@ class ClusterSlots:
                         with contextlib.suppress(asyncio.TimeoutError):  # another executor's may free up too
                             await asyncio.wait_for(freed.wait(), POLL_S)
             finally:
-                self._count_waiting(function, -1)
+                self._count_waiting(waiter, function, -1)
         if taken:
             self._held.setdefault(function, set()).add(holder)
         try:
@@ -101,9 +109,9 @@ class ClusterSlots:
                 mine = set(holders)
                 await self._change(function, lambda slots: _renewed(slots, mine))
 
-    def _count_waiting(self, function: str, step: int) -> None:
-        self._waiting[function] = self._waiting.get(function, 0) + step
-        self._on_wait(function, self._waiting[function])
+    def _count_waiting(self, function: str, key: str, step: int) -> None:
+        count = self._waiting[function, key] = self._waiting.get((function, key), 0) + step
+        self._on_wait(function, key, count)
 
     async def _change(self, function: str, change: Callable[[dict[str, int]], dict[str, int] | None]) -> bool:
         """Compare-and-set the function's slots with `change` (None: no change possible); whether

@@ -127,22 +127,27 @@ async def enable_function_invocation(function_name: str, resources: ResourcesDep
 
 
 def _concurrency_view(record: ConcurrencyConfigRecord) -> dict[str, object]:
-    return {"functionArn": record.function_arn, "reservedConcurrency": record.reserved_concurrency}
+    view: dict[str, object] = {"functionArn": record.function_arn, "reservedConcurrency": record.reserved_concurrency}
+    if record.start_rate_per_second is not None:  # ours: FC has no start rate
+        view["startRatePerSecond"] = record.start_rate_per_second
+    return view
 
 
 @router.put("/functions/{function_name}/concurrency")
 async def put_concurrency_config(function_name: str, resources: ResourcesDep, raw: BodyDep) -> Response:
     params.check_function_name(function_name)
     body = decode_json(raw, PutConcurrencyInput)
-    if body.reserved_concurrency is None:
-        raise InvalidArgument("reservedConcurrency is required")
+    if body.reserved_concurrency is None and body.start_rate_per_second is None:
+        raise InvalidArgument("reservedConcurrency is required (or startRatePerSecond alone)")
     function = await resources.catalog.get_function(function_name)
     record = ConcurrencyConfigRecord(function_arn=function.function_arn,
                                      reserved_concurrency=body.reserved_concurrency,
+                                     start_rate_per_second=body.start_rate_per_second,
                                      last_modified_time=params.format_time())
     await _flow(resources).put_concurrency(function_name, record)
     log.info("concurrency config put", extra={"function": function_name,
-                                              "reserved_concurrency": record.reserved_concurrency})
+                                              "reserved_concurrency": record.reserved_concurrency,
+                                              "start_rate_per_second": record.start_rate_per_second})
     return json_response(_concurrency_view(record))
 
 

@@ -95,6 +95,8 @@ Reason = Annotated[str, msgspec.Meta(max_length=256)]
 MAX_RESERVED_CONCURRENCY = 10_000
 ReservedConcurrency = Annotated[int, msgspec.Meta(ge=0, le=MAX_RESERVED_CONCURRENCY)]
 InstanceCount = Annotated[int, msgspec.Meta(ge=0, le=1000)]
+MAX_START_RATE_PER_SECOND = 100_000
+StartRate = Annotated[float, msgspec.Meta(gt=0, le=MAX_START_RATE_PER_SECOND)]
 
 
 class DisableFunctionInvocationInput(msgspec.Struct, kw_only=True, rename="camel"):
@@ -105,9 +107,10 @@ class DisableFunctionInvocationInput(msgspec.Struct, kw_only=True, rename="camel
 
 
 class PutConcurrencyInput(msgspec.Struct, kw_only=True, rename="camel"):
-    """FC's `PutConcurrencyInput`."""
+    """FC's `PutConcurrencyInput`, plus our `startRatePerSecond` (tasks dispatched per second)."""
 
     reserved_concurrency: ReservedConcurrency | None = None
+    start_rate_per_second: StartRate | None = None
 
 
 class ScalingPolicyInput(msgspec.Struct, kw_only=True, rename="camel"):

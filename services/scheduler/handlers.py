@@ -6,10 +6,12 @@ executor reads nothing back from the stream.
 Flow control: a due task of a function whose invocations are disabled (DisableFunctionInvocation)
 or whose reservedConcurrency is 0 is held Enqueued, and drained in submission order when that
 lifts (services/scheduler/holds.py). Both are read from the local KV mirrors on every delivery.
+A function's `startRatePerSecond` spaces its dispatches (services/scheduler/rates.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -21,10 +23,13 @@ from shared.errors import ConcurrentUpdateError
 from shared.events import AnyTaskEvent, TaskEnqueued, TaskExpired, TaskInvalid, TaskProcessed
 from shared.eventstore import StoredEvent, follow, now_ms
 from services.scheduler.holds import BLOCKED, PAUSED, REASONS, Holds
+from services.scheduler.rates import StartRates
 from shared.flowconfig import FlowConfigs
 from shared.ports import EventLog, FunctionCatalog
 
 log = logging.getLogger(__name__)
+
+RATE = "rate"  # the reason label of a task waiting for its function's startRatePerSecond
 
 class Dispatcher:
     def __init__(self, *, events: EventLog, catalog: FunctionCatalog, metrics: SchedulerMetrics,
@@ -34,6 +39,30 @@ class Dispatcher:
         self._metrics = metrics
         self._flow = flow
         self._holds = Holds()
+        self._rates = StartRates()
+        self._rate_waiting: dict[str, int] = {}  # per function, dispatches waiting in process for their turn
+
+    def _start_rate(self, function: str) -> float | None:
+        config = self._flow.concurrency(function) if self._flow is not None else None
+        return config.start_rate_per_second if config is not None else None
+
+    async def _await_turn(self, function: str) -> float:
+        """Wait in process for the function's next start under its rate; 0, or how long to hand
+        the task back for when its turn is further out."""
+        booked, wait_s = self._rates.reserve(function, self._start_rate(function), time.monotonic())
+        if wait_s <= 0:
+            return 0.0
+        self._metrics.holds.labels(function, RATE).inc()
+        if not booked:
+            return wait_s
+        self._rate_waiting[function] = self._rate_waiting.get(function, 0) + 1
+        self._metrics.held.labels(function, RATE).set(self._rate_waiting[function])
+        try:
+            await asyncio.sleep(wait_s)
+        finally:
+            self._rate_waiting[function] -= 1
+            self._metrics.held.labels(function, RATE).set(self._rate_waiting[function])
+        return 0.0
 
     def _hold_reason(self, function: str) -> str | None:
         record = self._catalog.cached_function(function)
@@ -80,6 +109,9 @@ class Dispatcher:
             if wait_s > 0:  # a hold lifted: the held tasks go in submission order
                 self._show_held(event.function)
                 return Nak(wait_s)
+            later_s = await self._await_turn(event.function)
+            if later_s > 0:  # startRatePerSecond: its turn is further out
+                return Nak(later_s)
             outcome = follow(current, TaskProcessed, submission=TaskProcessed.carrying(event))
         self._holds.done(event.function, event.task_id)
         try:

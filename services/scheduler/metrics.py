@@ -32,7 +32,8 @@ class SchedulerMetrics:
             ),
             backlog=Gauge("taskmode_scheduler_parked", "Enqueued events this scheduler holds or has yet to read", registry=registry),
             held=Gauge("taskmode_flow_held_tasks", "Due tasks held Enqueued by flow control (paused: disabled; "
-                       "blocked: reservedConcurrency 0)", ["function", "reason"], registry=registry),
-            holds=Counter("taskmode_flow_holds", "Times a due task was held back by flow control",
+                       "blocked: reservedConcurrency 0; rate: waiting in process for its startRatePerSecond turn)", ["function", "reason"], registry=registry),
+            holds=Counter("taskmode_flow_holds", "Times a due task was held back by flow control (reason rate: "
+                          "by its function's startRatePerSecond)",
                           ["function", "reason"], registry=registry),
         )
