@@ -495,10 +495,19 @@ async def _key_value(js: JetStreamContext, bucket: str, *, replicas: int) -> Key
 
 
 async def _keys(kv: KeyValue) -> list[str]:
+    """Every key with an entry in the bucket, deleted ones included (callers read each key and
+    skip the missing). Listed from the stream's subject counts: KeyValue.keys() watches the bucket
+    and can mark its end before entries already delivered are read, leaving keys out of the list
+    (code GC once removed a live function's archive that way)."""
+    prefix = kv._pre  # "$KV.<bucket>."
     try:
-        return list(await kv.keys())
-    except NoKeysError:
-        return []
+        info = await kv._js.stream_info(kv._stream, subjects_filter=f"{prefix}>")
+    except Exception:  # noqa: BLE001 - a role without stream info: the watcher's list
+        try:
+            return list(await kv.keys())
+        except NoKeysError:
+            return []
+    return [subject[len(prefix):] for subject in (info.state.subjects or {})]
 
 
 # For the other KV-backed catalogs (triggers): the same bucket opening and key listing.

@@ -22,7 +22,7 @@ import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
 from nats.js.kv import KeyValue
 
-from shared.catalog import FunctionRecord, _Mirror
+from shared.catalog import FunctionRecord, _Mirror, bucket_keys
 from shared.errors import AliasAlreadyExists, AliasNotFound, ConcurrentUpdateError, VersionInUse, VersionNotFound
 
 _PUBLISH_ATTEMPTS: Final = 10
@@ -114,10 +114,7 @@ class Versions:
         if self._mirror is not None:
             keys = list(self._mirror.records)
         else:
-            try:
-                keys = list(await self._kv.keys())
-            except NoKeysError:
-                keys = []
+            keys = await bucket_keys(self._kv)
         return [key for key in keys if key.startswith(prefix)]
 
     def _remember(self, key: str, value: bytes | None) -> None:
