@@ -20,10 +20,17 @@ import msgspec
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import (
+    ConnectionClosedError,
+    ConnectionReconnectingError,
+    NoRespondersError,
+    NoServersError,
+    StaleConnectionError,
+)
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from shared.events import AnyTaskEvent, decode_event
 
@@ -31,6 +38,14 @@ log = logging.getLogger(__name__)
 
 # A message whose handler failed unexpectedly comes back after this long.
 RETRY_AFTER_ERROR_S: Final = 1.0
+
+
+# The bus is slow or away for now: worth trying again later, never a verdict on the task.
+# (nats-py's and asyncio's timeouts are OSErrors: catch these before any OSError.)
+BUS_TROUBLE: Final = (
+    NatsTimeoutError, asyncio.TimeoutError, ConnectionClosedError, ConnectionReconnectingError, NoRespondersError,
+    NoServersError, StaleConnectionError, ServiceUnavailableError,
+)
 
 
 class BusUnreachable(ConnectionError):

@@ -30,6 +30,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from nats.js.object_store import ObjectStore
 
 from shared import wire
+from shared.object_chunks import read_object
 from shared.errors import AsyncConfigNotFound, ConcurrentUpdateError, FunctionAlreadyExists, FunctionNotFound
 from shared.events import DEFAULT_MAX_EVENT_AGE_S, DEFAULT_MAX_RETRIES
 from shared.function_fields import FunctionSettings, settings_view
@@ -259,8 +260,10 @@ class Catalog:
     """
 
     def __init__(
-        self, *, functions: KeyValue, async_configs: KeyValue, code: ObjectStore, versions: Versions | None = None
+        self, *, js: JetStreamContext, functions: KeyValue, async_configs: KeyValue, code: ObjectStore,
+        versions: Versions | None = None,
     ) -> None:
+        self._js = js
         self._functions = functions
         self._async_configs = async_configs
         self._code = code
@@ -303,7 +306,7 @@ class Catalog:
         from shared.versions import Versions  # versions snapshot FunctionRecords: imports this module
 
         versions = Versions(await _key_value(js, wire.VERSIONS_BUCKET, replicas=copies))
-        return cls(functions=functions, async_configs=async_configs, code=code, versions=versions)
+        return cls(js=js, functions=functions, async_configs=async_configs, code=code, versions=versions)
 
     async def put_code(self, checksum: str, archive: bytes) -> None:
         """Store a code zip under its checksum (idempotent: same checksum, same bytes)."""
@@ -336,12 +339,13 @@ class Catalog:
         return referenced
 
     async def get_code(self, checksum: str) -> bytes:
-        """The code zip with `checksum`; raises `FunctionNotFound` if it was removed."""
+        """The code zip with `checksum`; raises `FunctionNotFound` if it was removed, and a
+        timeout (never waits unbounded) while the bus is slow or away."""
         try:
-            result = await self._code.get(checksum)
-        except ObjectNotFoundError as err:
+            info = await self._code.get_info(checksum)
+            return await read_object(self._js, info)
+        except NotFoundError as err:  # the object, or a chunk of it, removed meanwhile
             raise FunctionNotFound(f"code {checksum} not found") from err
-        return bytes(result.data or b"")
 
     async def create_function(self, record: FunctionRecord) -> None:
         """Add a function; `FunctionAlreadyExists` if the name is taken."""

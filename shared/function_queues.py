@@ -85,6 +85,16 @@ class FunctionQueues:
             self._specs[function] = spec
         self._start(function)
 
+    async def ensure_all(self, specs: dict[str, QueueSpec]) -> set[str]:
+        """`ensure` each function's queue; one queue's trouble (logged) never keeps the others
+        from being pulled. Returns the functions whose queue is pulled here now."""
+        for function, spec in specs.items():
+            try:
+                await self.ensure(function, spec)
+            except Exception as err:  # noqa: BLE001 - tried again on the owner's next sync
+                log.warning("function queue sync failed", extra={"function": function, "error": repr(err)})
+        return {function for function in specs if function in self._pullers}
+
     async def attach(self, function: str) -> bool:
         """Pull from the function's consumer as it is (a deleted function's leftover work);
         whether it exists."""

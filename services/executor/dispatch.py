@@ -90,8 +90,8 @@ class Dispatcher:
             while not stop.is_set():
                 try:
                     functions = await self._catalog.known_functions()
-                    for name, record in functions.items():
-                        await self.queues.ensure(name, self._spec(name, record.created_time))
+                    await self.queues.ensure_all({name: self._spec(name, record.created_time)
+                                                  for name, record in functions.items()})
                     if loop.time() >= next_leftovers:
                         next_leftovers = loop.time() + LEFTOVERS_EVERY_S
                         await self._leftovers(set(functions))

@@ -25,7 +25,7 @@ from services.executor.slots import ClusterSlots
 from services.executor.specs import function_spec
 from shared import wire
 from shared.errors import AliasNotFound, ConcurrentUpdateError, FunctionNotFound, VersionNotFound
-from shared.bus import ACK, Nak, Term, Verdict
+from shared.bus import ACK, BUS_TROUBLE, Nak, Term, Verdict
 from shared.events import (
     AnyTaskEvent,
     Submission,
@@ -42,6 +42,7 @@ from shared.events import (
 )
 from shared.eventstore import StoredEvent, follow, now_ms
 from shared.ports import EventLog, FunctionCatalog
+from shared.object_chunks import CorruptObject
 from shared.qualifiers import Resolved, resolve
 from shared.task_logs import AttemptLog
 from shared.taskview import RETURN_PAYLOAD_PREVIEW_BYTES
@@ -54,6 +55,8 @@ TaskKey = tuple[str, str]
 LogSink = Callable[[str, str, AttemptLog], Awaitable[None]]
 # How long an outcome append keeps retrying through bus trouble before giving up.
 OUTCOME_APPEND_PATIENCE_S = 300.0
+# A dispatch whose code could not be fetched (the bus slow or away) is looked at again after this.
+CODE_FETCH_RETRY_S = 1.0
 
 
 @dataclass
@@ -136,7 +139,7 @@ class TaskRunner:
         self._handling.add(key)
         keep_alive = asyncio.create_task(self._keep_alive(msg, key))
         try:
-            await self._run(current)
+            verdict = await self._run(current)
         except asyncio.CancelledError:
             if key not in self._started:  # shutting down before it ran: give it straight back
                 with contextlib.suppress(Exception):
@@ -151,7 +154,7 @@ class TaskRunner:
             self._started.discard(key)
             keep_alive.cancel()
             await asyncio.gather(keep_alive, return_exceptions=True)
-        return ACK
+        return verdict
 
     async def stop_requested(self, function: str, task_id: str) -> None:
         """A task went Stopping: if it runs here, end its instance now."""
@@ -166,7 +169,7 @@ class TaskRunner:
     def running_count(self) -> int:
         return len(self._running)
 
-    async def _run(self, current: StoredEvent) -> None:
+    async def _run(self, current: StoredEvent) -> Verdict:
         """Run the dispatched task, or end it (Invalid) when it cannot run."""
         event = current.event
         assert isinstance(event, TaskProcessed | TaskRetrying), "only dispatches are run"
@@ -174,17 +177,20 @@ class TaskRunner:
         submission = await self._submission(event)
         if submission is None:
             await self._invalid(current, "the task's submission is no longer in the event store")
-            return
+            return ACK
         resolved = await self._resolve(current, submission)
         if resolved is None:
-            return
+            return ACK
         function = resolved.function
         attempt = event.attempt + 1 if isinstance(event, TaskRetrying) else 0
         try:
             spec = await function_spec(function, self._code, version=resolved.version_id)
-        except (OSError, zipfile.BadZipFile, FunctionNotFound) as err:
+        except BUS_TROUBLE as err:  # the code could not be fetched now: the task waits, still Processed
+            log.warning("code fetch failed; dispatch handed back", extra={**fields, "error": repr(err)})
+            return Nak(CODE_FETCH_RETRY_S)
+        except (OSError, zipfile.BadZipFile, CorruptObject, FunctionNotFound) as err:
             await self._invalid(current, f"the function's code cannot be unpacked: {err}")
-            return
+            return ACK
         # reservedConcurrency: a running slot from before Running until after the outcome.
         async with self._slot(event.function, event.task_id):
             async with self._pool.lease(spec) as instance:
@@ -194,7 +200,7 @@ class TaskRunner:
                     started_seq = await self._events.append(started, expected_seq=current.seq)
                 except ConcurrentUpdateError:
                     await self._recover(await self._events.last(event.function, event.task_id), current)
-                    return
+                    return ACK
                 self._started.add((event.function, event.task_id))
                 due_ms = event.retry_at_ms if isinstance(event, TaskRetrying) else submission.due_at_ms
                 self._metrics.submit_to_start.labels(event.function).observe(max(0, started.at_ms - due_ms) / 1000)
@@ -213,6 +219,7 @@ class TaskRunner:
             await self._keep_log(started, result, request_id=submission.request_id)
             await self._finish(StoredEvent(started_seq, started), result, submission.max_retries, running,
                                qualifier=submission.qualifier)
+        return ACK
 
     def _slot(self, function: str, task_id: str) -> AbstractAsyncContextManager[None]:
         if self._slots is None:

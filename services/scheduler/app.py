@@ -76,10 +76,9 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event, stack: AsyncExit
             while not partition_stop.is_set():
                 try:
                     functions = await catalog.known_functions()
-                    for name, record in functions.items():
-                        if wire.function_partition(name, partitions) == partition:
-                            await queues.ensure(name, spec(record.created_time, name))
-                            mine.add(name)
+                    mine |= await queues.ensure_all({
+                        name: spec(record.created_time, name) for name, record in functions.items()
+                        if wire.function_partition(name, partitions) == partition})
                     if loop.time() >= next_leftovers:
                         next_leftovers = loop.time() + LEFTOVERS_EVERY_S
                         await _leftovers(bus.js, queues, catalog, set(functions), partition, partitions, mine)
