@@ -21,7 +21,7 @@ from shared import natsauth  # noqa: E402
 
 def main() -> None:
     lines = [f"TASKMODE_ACCESS_KEYS=key{secrets.token_hex(6)}:{secrets.token_urlsafe(24)}"]
-    lines += [f"{natsauth.password_variable(role)}={secrets.token_urlsafe(24)}" for role in natsauth.ROLES]
+    lines += [f"{natsauth.password_variable(role)}={natsauth.new_password()}" for role in natsauth.ROLES]
     lines += [f"GRAFANA_ADMIN_PASSWORD={secrets.token_urlsafe(18)}", f"TASKMODE_DELIVERY_SECRET={secrets.token_urlsafe(32)}"]
     print("\n".join(lines))
 

@@ -68,7 +68,7 @@ def stream_config(*, replicas: int = 1, compressed: bool = True) -> StreamConfig
     on disk (README "Operations" gives the size per task, with and without: bench/stream_size.py)."""
     return StreamConfig(
         name=wire.EVENT_STREAM,
-        subjects=[wire.EVENT_SUBJECTS_ALL, wire.DELIVERY_SUBJECTS_ALL],
+        subjects=[wire.EVENT_SUBJECTS_ALL, wire.DELIVERY_SUBJECTS_ALL, wire.SCHEDULE_SUBJECTS_ALL, wire.DUE_SUBJECTS_ALL],
         max_age=wire.STREAM_MAX_AGE_S,  # a task delayed by up to RETENTION_S outlives its due time by as much
         storage=StorageType.FILE,
         discard=DiscardPolicy.OLD,
@@ -78,6 +78,8 @@ def stream_config(*, replicas: int = 1, compressed: bool = True) -> StreamConfig
         # single appends it replaces: bench/first_appends.py); left on so that streams
         # created with it need no change.
         allow_atomic=True,
+        # Delayed tasks are timed by nats-server itself (shared/delays.py).
+        allow_msg_schedules=True,
         num_replicas=replicas,
         compression=StoreCompression.S2 if compressed else StoreCompression.NONE,
     )

@@ -179,8 +179,8 @@ class FunctionQueues:
 
 
 async def ensure_queue(js: JetStreamContext, durable: str, spec: QueueSpec) -> None:
-    """Create the consumer `durable` as `spec` says, or bring an existing one's cap and ack wait
-    in line (where it starts cannot change, and must not: its position is its progress)."""
+    """Create the consumer `durable` as `spec` says, or bring an existing one's cap, ack wait and
+    filters in line (where it starts cannot change, and must not: its position is its progress)."""
     try:
         existing: ConsumerInfo = await js.consumer_info(wire.EVENT_STREAM, durable)
     except NotFoundError:
@@ -197,9 +197,13 @@ async def ensure_queue(js: JetStreamContext, durable: str, spec: QueueSpec) -> N
         log.info("function queue created", extra={"durable": durable})
         return
     config = existing.config
-    if (config.max_ack_pending, config.ack_wait) != (spec.max_ack_pending, spec.ack_wait_s):
+    filters = sorted(config.filter_subjects or ([config.filter_subject] if config.filter_subject else []))
+    if (config.max_ack_pending, config.ack_wait, filters) != (spec.max_ack_pending, spec.ack_wait_s,
+                                                                sorted(spec.filter_subjects)):
         config.max_ack_pending = spec.max_ack_pending
         config.ack_wait = spec.ack_wait_s
+        config.filter_subject = None
+        config.filter_subjects = list(spec.filter_subjects)
         await js.add_consumer(wire.EVENT_STREAM, config)
 
 

@@ -164,7 +164,9 @@ def permissions(role: str) -> Permissions:
     if role == SCHEDULER:
         return Permissions(
             publish=(*common_publish, *appends, *_stream_api(_EVENTS_STREAM, consume=True), *_catalog_read(),
-                     *_leases(), *_flow_read(), *_function_queues()),
+                     *_leases(), *_flow_read(), *_function_queues(),
+                     # Delayed tasks: files their schedules (shared/delays.py).
+                     wire.SCHEDULE_SUBJECTS_ALL),
             subscribe=tuple(inbox),
         )
     if role == EXECUTOR:
@@ -202,7 +204,8 @@ def permissions(role: str) -> Permissions:
         return Permissions(
             publish=(">",),
             subscribe=tuple(inbox),
-            publish_deny=(*internal, f"{wire.LOGS_SUBJECT_PREFIX}.>", f"{wire.SYNC_INVOKE_PREFIX}.>",
+            publish_deny=(*internal, wire.SCHEDULE_SUBJECTS_ALL, wire.DUE_SUBJECTS_ALL,
+                          f"{wire.LOGS_SUBJECT_PREFIX}.>", f"{wire.SYNC_INVOKE_PREFIX}.>",
                           *(f"$KV.{bucket}.>" for bucket in (wire.FUNCTIONS_BUCKET, wire.ASYNC_CONFIG_BUCKET,
                                                              wire.VERSIONS_BUCKET, wire.TRIGGERS_BUCKET,
                                                              wire.NONCES_BUCKET, wire.CONCURRENCY_CONFIG_BUCKET,
@@ -246,9 +249,16 @@ def render_authorization(passwords: Mapping[str, str] | None = None) -> str:
     return "authorization {\n  users = [\n" + "\n".join(users) + "\n  ]\n}\n"
 
 
+def new_password() -> str:
+    """A random password that nats-server's config reads as a plain string wherever it appears,
+    also through a `$VARIABLE`: a value that starts with a digit is read as a number there (and
+    refused), so it starts with letters, and holds nothing but letters and digits."""
+    return "pw" + secrets.token_hex(24)
+
+
 def new_passwords() -> dict[str, str]:
     """A fresh random password per role."""
-    return {role: secrets.token_urlsafe(24) for role in ROLES}
+    return {role: new_password() for role in ROLES}
 
 
 def write_private(path: Path, text: str) -> None:

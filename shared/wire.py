@@ -25,6 +25,15 @@ STREAM_MAX_AGE_S: Final = 2 * RETENTION_S
 DELIVERY_SUBJECT_PREFIX: Final = "taskmode.deliveries"
 DELIVERY_SUBJECTS_ALL: Final = f"{DELIVERY_SUBJECT_PREFIX}.>"
 
+# Delayed tasks (shared/delays.py): a task due later has a schedule message on
+# `taskmode.schedules.<function>.<taskId>`, which nats-server turns into a due tick on
+# `taskmode.due.<function>.<taskId>` at the due time. Both live in the event stream, outside every
+# task wildcard.
+SCHEDULE_SUBJECT_PREFIX: Final = "taskmode.schedules"
+SCHEDULE_SUBJECTS_ALL: Final = f"{SCHEDULE_SUBJECT_PREFIX}.>"
+DUE_SUBJECT_PREFIX: Final = "taskmode.due"
+DUE_SUBJECTS_ALL: Final = f"{DUE_SUBJECT_PREFIX}.>"
+
 FUNCTIONS_BUCKET: Final = "taskmode_functions"
 ASYNC_CONFIG_BUCKET: Final = "taskmode_async_configs"
 CODE_BUCKET: Final = "taskmode_code"
@@ -156,6 +165,21 @@ def task_status_subject(function: str, task_id: str, status: Status) -> str:
 def function_subjects(function: str) -> str:
     """Wildcard over every event of every task of one function."""
     return f"{EVENT_SUBJECT_PREFIX}.*.{function}.*.*"
+
+
+def schedule_subject(function: str, task_id: str) -> str:
+    """Where the schedule of a task due later is kept (one per task: a new one replaces it)."""
+    return f"{SCHEDULE_SUBJECT_PREFIX}.{function}.{task_id}"
+
+
+def due_subject(function: str, task_id: str) -> str:
+    """Where nats-server publishes a delayed task's tick at its due time."""
+    return f"{DUE_SUBJECT_PREFIX}.{function}.{task_id}"
+
+
+def function_due_subjects(function: str) -> str:
+    """Wildcard over the due ticks of one function's tasks."""
+    return f"{DUE_SUBJECT_PREFIX}.{function}.*"
 
 
 def status_subjects(status: Status, *, partition: int | None = None) -> str:

@@ -147,13 +147,28 @@ async def test_user_subjects_are_open_to_the_roles_that_need_them_and_the_system
     await triggers.nc.subscribe(f"{natsauth.inbox_prefix(natsauth.GATEWAY)}.>")
     assert len(await triggers.refused()) == 2
     for subject in (event(Status.SUCCEEDED), f"{wire.LOGS_SUBJECT_PREFIX}.fn.t.0",
-                    f"{wire.SYNC_INVOKE_PREFIX}.fn", f"$KV.{wire.FUNCTIONS_BUCKET}.fn"):
+                    f"{wire.SYNC_INVOKE_PREFIX}.fn", f"$KV.{wire.FUNCTIONS_BUCKET}.fn",
+                    wire.schedule_subject("fn", "t"), wire.due_subject("fn", "t")):
         await deliverer.nc.publish(subject, b"x")
         assert await deliverer.refused(), subject
         await publisher.nc.publish(subject, b"x")
         assert await publisher.refused(), subject
     await publisher.nc.subscribe(wire.EVENT_SUBJECTS_ALL)
     assert await publisher.refused()
+
+
+async def test_only_the_scheduler_files_delayed_tasks_schedules(connect) -> None:  # type: ignore[no-untyped-def]
+    for role in natsauth.SERVICE_ROLES:
+        conn = await connect(role)
+        await conn.nc.publish(wire.schedule_subject("fn", "t"), b"{}")
+        assert bool(await conn.refused()) == (role != natsauth.SCHEDULER), role
+
+
+def test_generated_passwords_read_as_strings_in_a_nats_config() -> None:
+    # A `$VARIABLE` whose value starts with a digit is read as a number by nats-server (which then
+    # refuses to start): the cluster config takes the passwords that way.
+    for password in [natsauth.new_password() for _ in range(2000)]:
+        assert password[0].isalpha() and password.isalnum() and len(password) >= 40, password
 
 
 def test_the_compose_config_carries_the_same_permissions() -> None:

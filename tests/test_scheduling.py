@@ -1,10 +1,11 @@
 """Delayed and scheduled submission (x-fc-async-delay up to 7 days, x-taskmode-execution-time).
 
-A delayed task's Enqueued event is handed back by the scheduler with a redelivery delay of
-exactly the time left (and looked at again should it come early). These tests check the
-promises: on time (within 1 s of the due time) and once, across a restart of every service,
-with a pause surviving the same restart; stoppable before it is due; and a hundred thousand
-waiting tasks never stand in front of a task that is due now.
+A delayed task is filed by the scheduler as a nats-server message schedule, which comes back
+as a due tick at its due time (shared/delays.py). These tests check the promises: on time
+(within 1 s of the due time) and once, across a restart of every service and of nats-server,
+with a pause surviving the same restart; stoppable before it is due; and waiting tasks, a
+hundred thousand of another function or more than the scheduler may hold of the same one,
+never stand in front of a task that is due now.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import nats
 import pytest
 
 from shared import natsauth, submission, wire
+from shared.delays import pending_schedules
 from shared.devstack import Stack
 from shared.eventstore import EventStore, TaskCreator
 from tests.fc_client import FcClient
@@ -56,6 +58,9 @@ async def test_delayed_and_scheduled_tasks_run_once_on_time_across_a_restart_of_
 
     for service in ("gateway", "scheduler", "executor", "projection"):
         own_stack.services[service].stop()
+    own_stack.stop_nats()  # the schedules are kept by the server, in its stream
+    own_stack.start_nats_again()
+    for service in ("gateway", "scheduler", "executor", "projection"):
         own_stack.start_service(service)
     await wait_until(_scheduler_ready(own_stack), deadline_s=30, what="the restarted scheduler holds its partitions")
     assert int(time.time() * 1000) < min(due_ms, delayed["scheduledTime"]) - 2_000, "restart took too long to test"
@@ -79,6 +84,21 @@ def _scheduler_ready(stack: Stack):  # type: ignore[no-untyped-def]
     async def ready() -> bool:
         return "partition claimed" in stack.services["scheduler"].log_text()
     return ready
+
+
+async def test_more_delayed_tasks_than_the_scheduler_holds_never_hold_up_a_due_one(own_stack: Stack,
+                                                                                    own_fc: FcClient) -> None:
+    own_stack.services["scheduler"].stop()
+    own_stack.start_service("scheduler", env={"TASKMODE_SCHEDULER_MAX_PARKED": "20"})
+    await make_function(own_fc, "crowded")
+    for i in range(60):
+        response = await own_fc.invoke_async("crowded", b"", task_id=f"later{i}", delay_s=600)
+        assert response.status_code == 202, response.text
+    response = await own_fc.invoke_async("crowded", b"", task_id="now")
+    assert response.status_code == 202, response.text
+    await own_fc.wait_for("crowded", "now", {"Succeeded"}, deadline_s=30)
+    for i in (0, 59):
+        assert statuses((await own_fc.get_task("crowded", f"later{i}")).json()) == ["Enqueued"]
 
 
 async def test_a_task_stopped_before_it_is_due_never_runs(own_stack: Stack, own_fc: FcClient) -> None:
@@ -126,11 +146,11 @@ async def test_a_hundred_thousand_tasks_due_in_an_hour_do_not_delay_a_task_due_n
         assert not failures, failures[:3]
         print(f"\n{waiting} delayed tasks appended in {time.monotonic() - started:.1f} s")
 
-        async def all_parked() -> bool:  # the steady state: the scheduler has read every one of them
+        async def all_filed() -> bool:  # the steady state: every one waits as a schedule of nats-server's
             info = await js.consumer_info(wire.EVENT_STREAM, f"{wire.DEQUEUE_DURABLE_PREFIX}patient")
-            return info.num_ack_pending >= waiting and info.num_pending == 0
+            return info.num_ack_pending == info.num_pending == 0 and await pending_schedules(js, "patient") == waiting
 
-        await wait_until(all_parked, deadline_s=240, what="the scheduler holds every waiting task")
+        await wait_until(all_filed, deadline_s=240, what="every waiting task filed as a schedule")
         submitted_ms = int(time.time() * 1000)
         assert (await own_fc.invoke_async("urgent", b"", task_id="now")).status_code == 202
         task = await own_fc.wait_for("urgent", "now", {"Succeeded"}, deadline_s=60)

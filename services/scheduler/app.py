@@ -25,6 +25,7 @@ from shared import wire
 from shared.bootstrap import open_bus, open_catalog
 from shared.bus import decoded, settle
 from shared.catalog import Catalog
+from shared.delays import is_tick, pending_schedules
 from shared.flowconfig import FlowConfigs
 from shared.function_queues import FunctionQueues, QueueSpec, durables_with_prefix, queue_start_time
 from shared.metrics_registry import new_registry
@@ -48,15 +49,17 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event, stack: AsyncExit
     flow = await FlowConfigs.open(bus.js, replicas=settings.common.stream_replicas)
     await flow.watch()
     stack.push_async_callback(flow.close)
-    dispatcher = Dispatcher(events=bus.events, catalog=catalog, metrics=metrics, flow=flow)
+    dispatcher = Dispatcher(js=bus.js, events=bus.events, catalog=catalog, metrics=metrics, flow=flow)
     leases = PartitionLeases(await open_leases(bus.js, replicas=settings.common.stream_replicas),
                              group="scheduler", partitions=settings.common.partitions, lease_s=settings.common.lease_s)
     readiness.add("nats", lambda: bus.nc.is_connected)
     readiness.add("partitions", lambda: bool(leases.held))
     partitions = settings.common.partitions
 
+    on_event = decoded(dispatcher.handle)
+
     async def on_batch(function: str, msgs: list[Msg]) -> None:
-        await asyncio.gather(*(settle(msg, decoded(dispatcher.handle)) for msg in msgs))
+        await asyncio.gather(*(settle(msg, dispatcher.handle_tick if is_tick(msg) else on_event) for msg in msgs))
 
     queues = FunctionQueues(bus.js, durable_of=lambda function: f"{wire.DEQUEUE_DURABLE_PREFIX}{function}",
                             room=lambda _function: settings.batch_size, on_batch=on_batch)
@@ -64,7 +67,8 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event, stack: AsyncExit
     held: dict[int, set[str]] = {}  # partition -> functions pulled for it
 
     def spec(created_time: str, function: str) -> QueueSpec:
-        return QueueSpec(filter_subjects=(wire.function_status_subjects(function, Status.ENQUEUED),),
+        return QueueSpec(filter_subjects=(wire.function_status_subjects(function, Status.ENQUEUED),
+                                          wire.function_due_subjects(function)),
                          max_ack_pending=settings.max_parked, ack_wait_s=settings.ack_wait_s,
                          start_time=queue_start_time(created_time))
 
@@ -113,7 +117,8 @@ async def _leftovers(js: JetStreamContext, queues: FunctionQueues, catalog: Cata
         info = await queues.info(name)
         if info is None:
             continue
-        if int(info.num_pending or 0) + int(info.num_ack_pending or 0) > 0:
+        # Delayed tasks of a deleted function still tick (and end Invalid): keep its queue for them.
+        if int(info.num_pending or 0) + int(info.num_ack_pending or 0) > 0 or await pending_schedules(js, name):
             await queues.attach(name)
             mine.add(name)
         elif await catalog.find_function(name) is None:  # looked up again: not one created meanwhile

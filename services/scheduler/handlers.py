@@ -15,10 +15,13 @@ import asyncio
 import logging
 import time
 
+import msgspec
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
 from services.scheduler.metrics import SchedulerMetrics
 from shared.bus import ACK, Nak, Term, Verdict
+from shared.delays import SCHEDULE_LEAD_S, decode_tick, file_schedule
 from shared.errors import ConcurrentUpdateError
 from shared.events import AnyTaskEvent, TaskEnqueued, TaskExpired, TaskInvalid, TaskProcessed
 from shared.eventstore import StoredEvent, follow, now_ms
@@ -32,8 +35,9 @@ log = logging.getLogger(__name__)
 RATE = "rate"  # the reason label of a task waiting for its function's startRatePerSecond
 
 class Dispatcher:
-    def __init__(self, *, events: EventLog, catalog: FunctionCatalog, metrics: SchedulerMetrics,
-                 flow: FlowConfigs | None = None) -> None:
+    def __init__(self, *, js: JetStreamContext, events: EventLog, catalog: FunctionCatalog,
+                 metrics: SchedulerMetrics, flow: FlowConfigs | None = None) -> None:
+        self._js = js
         self._events = events
         self._catalog = catalog
         self._metrics = metrics
@@ -78,12 +82,38 @@ class Dispatcher:
             self._metrics.held.labels(function, reason).set(self._holds.count(function, reason))
 
     async def handle(self, event: AnyTaskEvent, msg: Msg) -> Verdict:
+        """An Enqueued event: dispatched when due; filed as a schedule when due later."""
         if not isinstance(event, TaskEnqueued):
             return Term(f"not an Enqueued event: {type(event).__name__}")
+        current = StoredEvent(msg.metadata.sequence.stream, event)
+        wait_s = (event.due_at_ms - now_ms()) / 1000
+        if wait_s > SCHEDULE_LEAD_S:
+            await file_schedule(self._js, function=event.function, task_id=event.task_id, enqueued_seq=current.seq,
+                                due_at_ms=event.due_at_ms)
+            self._metrics.scheduled.labels(event.function).inc()
+            log.info("task scheduled", extra={"task_id": event.task_id, "function": event.function,
+                                              "status": str(event.status), "due_at_ms": event.due_at_ms})
+            return ACK
+        return await self._due(current)
+
+    async def handle_tick(self, msg: Msg) -> Verdict:
+        """A delayed task's due tick: dispatched like a due Enqueued event, unless the task moved
+        on (stopped, or an earlier tick dispatched it) before it was due."""
+        try:
+            tick = decode_tick(msg.data)
+        except msgspec.DecodeError:
+            return Term("undecodable due tick")
+        last = await self._events.last(tick.function, tick.task_id)
+        if last is None or last.seq != tick.enqueued_seq or not isinstance(last.event, TaskEnqueued):
+            return ACK
+        return await self._due(last)
+
+    async def _due(self, current: StoredEvent) -> Verdict:
+        event = current.event
+        assert isinstance(event, TaskEnqueued), "only Enqueued tasks are dispatched"
         now = now_ms()
         if now < event.due_at_ms:
             return Nak((event.due_at_ms - now) / 1000)
-        current = StoredEvent(msg.metadata.sequence.stream, event)
         fields = {"task_id": event.task_id, "function": event.function}
         # The catalog answers from its local mirror: no round trip per task.
         function = await self._catalog.find_function(event.function)

@@ -15,6 +15,7 @@ class SchedulerMetrics:
     backlog: Gauge
     held: Gauge
     holds: Counter
+    scheduled: Counter
 
     @classmethod
     def build(cls, registry: CollectorRegistry) -> SchedulerMetrics:
@@ -36,4 +37,6 @@ class SchedulerMetrics:
             holds=Counter("taskmode_flow_holds", "Times a due task was held back by flow control (reason rate: "
                           "by its function's startRatePerSecond)",
                           ["function", "reason"], registry=registry),
+            scheduled=Counter("taskmode_scheduler_scheduled", "Delayed tasks filed as nats-server message schedules "
+                              "(they come back as due ticks at their due time)", ["function"], registry=registry),
         )
