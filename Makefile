@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: install sandbox-tools run test soak chromium bench rebuild-projection clean lock monitoring-tools test-rules
+.PHONY: install sandbox-tools run test soak fuzz chromium bench rebuild-projection clean lock monitoring-tools test-rules
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c "import sys; assert sys.version_info >= (3, 11), \"taskmode needs Python 3.11+\"" || exit 1
@@ -61,6 +61,10 @@ bench: $(BENCH_STAMP)
 # The soak test for longer: submissions at a steady rate while every process is killed in turn.
 soak: install
 	TASKMODE_SOAK_S=$${TASKMODE_SOAK_S:-900} $(PY) -m pytest -q -p no:cacheprovider tests/test_soak.py
+
+# The API fuzzing with many more generated requests per operation than `make test` sends.
+fuzz: install
+	TASKMODE_FUZZ_EXAMPLES=$${TASKMODE_FUZZ_EXAMPLES:-100} $(PY) -m pytest -q -p no:cacheprovider tests/test_api_fuzz.py
 
 rebuild-projection: install
 	$(PY) deploy/rebuild_projection.py

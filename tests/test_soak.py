@@ -1,6 +1,6 @@
 """Soak: submissions at a steady rate while every process is killed -9 in turn.
 
-For `TASKMODE_SOAK_S` seconds (120 in `make test`, 900 with `make soak`) a client submits tasks
+For `TASKMODE_SOAK_S` seconds (80 in `make test`, 900 with `make soak`) a client submits tasks
 (some with its own ids, some letting the gateway choose, some delayed, some failing once) while
 the gateway, scheduler, executor, projection, triggers, deliverer, nats-server and the
 MongoDB-wire server are each killed with SIGKILL in turn and restarted as a supervisor would. Afterwards:
@@ -31,7 +31,7 @@ from tests.fc_client import FcClient
 from tests.test_lifecycle import statuses
 from tests.test_recovery import assert_valid_chain, list_all, wait_until
 
-SOAK_S = float(os.environ.get("TASKMODE_SOAK_S", "120"))
+SOAK_S = float(os.environ.get("TASKMODE_SOAK_S", "80"))
 RATE_PER_S = 8.0
 KILL_EVERY_S = 10.0
 FINAL = {"Succeeded", "Failed", "Stopped", "Expired", "Invalid"}
