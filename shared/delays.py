@@ -30,15 +30,18 @@ TARGET_HEADER: Final = "Nats-Schedule-Target"
 
 
 class DueTick(msgspec.Struct, frozen=True, kw_only=True):
-    """What a schedule fires: which task is due, as of which of its Enqueued events."""
+    """What a schedule fires: the task's Enqueued event (as stored) and its stream sequence, so
+    the scheduler dispatches from the tick alone, without reading the task back; an append
+    expecting that sequence fails if the task moved on meanwhile."""
 
     function: str
     task_id: str
     enqueued_seq: int
+    enqueued: bytes
 
 
-_encode = msgspec.json.Encoder().encode
-_decode = msgspec.json.Decoder(DueTick).decode
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder(DueTick).decode
 
 
 def schedule_time(due_at_ms: int) -> str:
@@ -47,10 +50,10 @@ def schedule_time(due_at_ms: int) -> str:
     return f"@at {at:%Y-%m-%dT%H:%M:%S}.{at.microsecond // 1000:03d}Z"
 
 
-async def file_schedule(js: JetStreamContext, *, function: str, task_id: str, enqueued_seq: int,
+async def file_schedule(js: JetStreamContext, *, function: str, task_id: str, enqueued_seq: int, enqueued: bytes,
                         due_at_ms: int) -> None:
     """Have nats-server publish the task's due tick at `due_at_ms` (filing it again replaces it)."""
-    tick = DueTick(function=function, task_id=task_id, enqueued_seq=enqueued_seq)
+    tick = DueTick(function=function, task_id=task_id, enqueued_seq=enqueued_seq, enqueued=enqueued)
     headers = {SCHEDULE_HEADER: schedule_time(due_at_ms), TARGET_HEADER: wire.due_subject(function, task_id)}
     await js.publish(wire.schedule_subject(function, task_id), _encode(tick), stream=wire.EVENT_STREAM,
                      headers=headers)

@@ -23,7 +23,7 @@ from services.scheduler.metrics import SchedulerMetrics
 from shared.bus import ACK, Nak, Term, Verdict
 from shared.delays import SCHEDULE_LEAD_S, decode_tick, file_schedule
 from shared.errors import ConcurrentUpdateError
-from shared.events import AnyTaskEvent, TaskEnqueued, TaskExpired, TaskInvalid, TaskProcessed
+from shared.events import AnyTaskEvent, TaskEnqueued, TaskExpired, TaskInvalid, TaskProcessed, decode_event
 from shared.eventstore import StoredEvent, follow, now_ms
 from services.scheduler.holds import BLOCKED, PAUSED, REASONS, Holds
 from services.scheduler.rates import StartRates
@@ -89,7 +89,7 @@ class Dispatcher:
         wait_s = (event.due_at_ms - now_ms()) / 1000
         if wait_s > SCHEDULE_LEAD_S:
             await file_schedule(self._js, function=event.function, task_id=event.task_id, enqueued_seq=current.seq,
-                                due_at_ms=event.due_at_ms)
+                                enqueued=msg.data, due_at_ms=event.due_at_ms)
             self._metrics.scheduled.labels(event.function).inc()
             log.info("task scheduled", extra={"task_id": event.task_id, "function": event.function,
                                               "status": str(event.status), "due_at_ms": event.due_at_ms})
@@ -101,12 +101,13 @@ class Dispatcher:
         on (stopped, or an earlier tick dispatched it) before it was due."""
         try:
             tick = decode_tick(msg.data)
+            event = decode_event(tick.enqueued)
         except msgspec.DecodeError:
             return Term("undecodable due tick")
-        last = await self._events.last(tick.function, tick.task_id)
-        if last is None or last.seq != tick.enqueued_seq or not isinstance(last.event, TaskEnqueued):
-            return ACK
-        return await self._due(last)
+        if not isinstance(event, TaskEnqueued):
+            return Term(f"a due tick of {type(event).__name__}")
+        # The dispatch expects the Enqueued event's sequence: one that moved on fails it (superseded).
+        return await self._due(StoredEvent(tick.enqueued_seq, event))
 
     async def _due(self, current: StoredEvent) -> Verdict:
         event = current.event
