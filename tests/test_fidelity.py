@@ -252,6 +252,9 @@ def test_get_function_code_downloads_the_uploaded_zip(shared_stack: Stack) -> No
     assert tampered.status_code == 403 and tampered.json()["Code"] == "AccessDenied"
     expired = httpx.get(answer.url.replace("expires=", "expires=1"), timeout=30)
     assert expired.status_code == 403
+    for garbled in (answer.url.replace("expires=", "expires=%C2%B9"), answer.url.replace("signature=", "signature=%C3%A9")):
+        refused = httpx.get(garbled, timeout=30)  # non-ASCII: refused like any bad signature, never a 500
+        assert refused.status_code == 403 and refused.json()["Code"] == "AccessDenied", refused.text
     client.delete_function(name)
 
 
