@@ -62,8 +62,6 @@ class Hello(msgspec.Struct, frozen=True, tag=True):
 
 class Fork(msgspec.Struct, frozen=True, tag=True):
     env: dict[str, str]  # the instance's whole environment
-    tmp_mb: int  # the size of its private /tmp (isolated forks)
-    processes: int  # its own process limit (isolated forks)
 
 
 class Started(msgspec.Struct, frozen=True, tag=True):
@@ -147,12 +145,14 @@ def _exit_on_sigterm(_signum: int, _frame: object) -> None:
 
 
 class Template:
-    def __init__(self, worker: Any, *, isolated: bool) -> None:
+    def __init__(self, worker: Any, *, isolated: bool, tmp_mb: int, processes: int) -> None:
         self.worker = worker
         self.isolated = isolated
+        self.tmp_mb = tmp_mb
+        self.processes = processes
         self.control = socket.socket(fileno=0)
         self.reports: dict[int, socket.socket] = {}  # instance pid (ours) -> its reports socket
-        self.early: dict[int, int] = {}  # wait statuses of instances reaped before they were filed
+        self.spare: tuple[int, socket.socket] | None = None  # the next instance, forked ahead
         self.pid = os.getpid()
 
     def serve(self) -> int:
@@ -177,6 +177,11 @@ class Template:
                 if not data:
                     return 0  # the executor is gone
                 self.fork(data, fds)
+                if self.spare is None:
+                    try:
+                        self.make_spare()
+                    except OSError:
+                        traceback.print_exc()  # the next request tries again, and reports it
 
     def reap(self) -> None:
         while True:
@@ -186,11 +191,12 @@ class Template:
                 return
             if pid == 0:
                 return
+            if self.spare is not None and self.spare[0] == pid:
+                self.spare[1].close()
+                self.spare = None
             reports = self.reports.pop(pid, None)
-            if reports is None:
-                self.early[pid] = status
-                continue
-            self._report(reports, Exited(status=status))
+            if reports is not None:
+                self._report(reports, Exited(status=status))
 
     @staticmethod
     def _report(reports: socket.socket, message: Failed | Exited) -> None:
@@ -201,46 +207,72 @@ class Template:
         reports.close()
 
     def fork(self, data: bytes, fds: list[int]) -> None:
+        """Hand a request's descriptors to the spare, which becomes the instance."""
         if len(fds) != FDS_PER_FORK:
             for fd in fds:
                 os.close(fd)
             return
         reports = socket.socket(fileno=fds[3])
         try:
-            request = decode(data)
-            assert isinstance(request, Fork)
-            pid = self._spawn(request, fds)
+            if not isinstance(decode(data), Fork):
+                raise ValueError("not a fork request")
+            for _ in range(2):  # a spare that died meanwhile is replaced once
+                if self.spare is None:
+                    self.make_spare()
+                assert self.spare is not None
+                pid, spare = self.spare
+                self.spare = None
+                try:
+                    socket.send_fds(spare, [data], fds)
+                except OSError:
+                    continue
+                finally:
+                    spare.close()
+                self.reports[pid] = reports
+                return
+            raise OSError("the spare instance died before it was used")
         except Exception as exc:
             self._report(reports, Failed(message=f"{type(exc).__name__}: {exc}"))
-            return
         finally:
             for fd in fds[:3]:
                 os.close(fd)
-        if pid in self.early:
-            self._report(reports, Exited(status=self.early.pop(pid)))
-        else:
-            self.reports[pid] = reports
 
-    def _spawn(self, request: Fork, fds: list[int]) -> int:
+    def make_spare(self) -> None:
+        """Fork the next instance ahead of demand (isolated, if asked), waiting for its descriptors:
+        a cold start then costs a message, not a fork (or two) and the namespaces' set-up."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         sys.stdout.flush()
         sys.stderr.flush()
+        try:
+            pid = self._fork_spare(ours, theirs)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.spare = (pid, ours)
+
+    def _fork_spare(self, ours: socket.socket, theirs: socket.socket) -> int:
+        # The spare must not hold the template's end: it would never see the template go.
         if not self.isolated:
             pid = os.fork()
             if pid == 0:
-                self._instance(request, fds, parent_gone=None)
+                ours.close()
+                self._spare(theirs, parent_gone=None)
             return pid
         pid_read, pid_write = os.pipe()
         child = os.fork()
         if child == 0:
+            ours.close()
             os.close(pid_read)
             try:
-                isolate(tmp_mb=request.tmp_mb, processes=request.processes)
+                isolate(tmp_mb=self.tmp_mb, processes=self.processes)
                 gone_read, gone_write = os.pipe()
                 pid = os.fork()
                 if pid == 0:
                     os.close(pid_write)
                     os.close(gone_write)
-                    self._instance(request, fds, parent_gone=gone_read)
+                    self._spare(theirs, parent_gone=gone_read)
                 os.write(pid_write, str(pid).encode())
             except BaseException as exc:
                 os.write(pid_write, f"!{type(exc).__name__}: {exc}".encode())
@@ -256,8 +288,8 @@ class Template:
             raise OSError(answer[1:].decode(errors="replace") or "the instance could not be forked")
         return int(answer)
 
-    def _instance(self, request: Fork, fds: list[int], *, parent_gone: int | None) -> None:
-        """In the new instance: become the worker (never returns)."""
+    def _spare(self, requests: socket.socket, *, parent_gone: int | None) -> None:
+        """In the spare: wait for a request, then become the instance (never returns)."""
         code = 1
         try:
             signal.set_wakeup_fd(-1)
@@ -265,17 +297,21 @@ class Template:
             signal.signal(signal.SIGTERM, _exit_on_sigterm if self.isolated else signal.SIG_DFL)
             os.setsid()  # a group of its own, as a directly started instance has
             if parent_gone is not None:
-                # Wait until the intermediate child is gone, so that the instance's process list
-                # shows no stray and the template is its parent before it serves.
+                # Until the intermediate child is gone: then the template is our parent.
                 os.read(parent_gone, 1)
                 os.close(parent_gone)
             else:
                 _call("prctl", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
                 if os.getppid() != self.pid:
                     os._exit(1)  # the template died before the death signal was armed
+            data, fds, _flags, _addr = socket.recv_fds(requests, MAX_MESSAGE, FDS_PER_FORK)
+            if not data or len(fds) != FDS_PER_FORK:
+                os._exit(0)  # the template is gone (or retired us)
+            request = decode(data)
+            assert isinstance(request, Fork)
             # The template's sockets are closed below by number; their objects must never close
             # (on collection) whatever the instance has opened under that number by then.
-            for sock in (self.control, *self.reports.values()):
+            for sock in (self.control, requests, *self.reports.values()):
                 sock.detach()
             for target, fd in enumerate(fds[:3]):
                 os.dup2(fd, target)
@@ -300,33 +336,6 @@ class Template:
             os._exit(code)
 
 
-def probe() -> str:
-    """'' if isolated forks work here, else why not (tried once, at start)."""
-    read, write = os.pipe()
-    child = os.fork()
-    if child == 0:
-        os.close(read)
-        try:
-            isolate(tmp_mb=1, processes=4)
-            pid = os.fork()
-            if pid == 0:
-                os._exit(0)
-            os.waitpid(pid, 0)
-        except BaseException as exc:
-            os.write(write, f"{type(exc).__name__}: {exc}".encode())
-            os._exit(1)
-        os._exit(0)
-    os.close(write)
-    reason = b""
-    while chunk := os.read(read, 4096):
-        reason += chunk
-    os.close(read)
-    _, status = os.waitpid(child, 0)
-    if not reason and status != 0:
-        reason = f"the probe exited with status {status}".encode()
-    return reason.decode(errors="replace")
-
-
 def _load_worker() -> Any:
     # By path, under a private name: -P leaves this directory off sys.path, and a user module
     # named like ours must still import.
@@ -342,19 +351,30 @@ def _load_worker() -> Any:
 
 
 def main() -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--isolate", action="store_true", help="a user+PID+mount+IPC namespace per instance")
+    parser.add_argument("--tmp-mb", type=int, default=512, help="the size of an isolated instance's /tmp")
+    parser.add_argument("--processes", type=int, default=64, help="an isolated instance's process limit")
+    args = parser.parse_args()
     worker = _load_worker()
     _call("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # instances are re-parented here, to be reaped
     # Not dumpable: no instance (same uid) may read or write the template's memory through /proc
     # and so reach the instances forked after it; forks inherit this.
     _call("prctl", PR_SET_DUMPABLE, 0, 0, 0, 0)
-    wanted = "--isolate" in sys.argv[1:]
-    reason = probe() if wanted else ""
-    template = Template(worker, isolated=wanted and not reason)
     import atexit
     import gc
 
     atexit._clear()  # the template's own exit handlers are no business of the instances
     gc.freeze()  # what is imported now stays shared with every fork (no copy-on-write by the GC)
+    template = Template(worker, isolated=args.isolate, tmp_mb=args.tmp_mb, processes=args.processes)
+    reason = ""
+    try:
+        template.make_spare()  # also the test of whether isolation works here
+    except OSError as exc:
+        reason = str(exc)
+        template.isolated = False
     template.control.send(encode(Hello(isolated=template.isolated, reason=reason)))
     return template.serve()
 

@@ -194,6 +194,7 @@ class Template:
     """One template process (for one `TemplateKey`)."""
 
     def __init__(self, key: TemplateKey, *, sandbox: Sandbox, work_dir: Path, processes: int) -> None:
+        """`processes`: the template's process limit, over all its instances (each has its own)."""
         self.key = key
         self.template_id = f"{key.name}-template-{uuid.uuid4().hex[:8]}"
         self.live = 0  # instances forked and not yet ended
@@ -234,7 +235,8 @@ class Template:
         paths = sandbox.paths(code_dir=Path(self.key.code_dir), instance_dir=self._dir)
         self._dir.mkdir(parents=True, exist_ok=True)
         own = {**env, "FC_INSTANCE_ID": self.template_id, "TMPDIR": paths.tmp_dir, "HOME": paths.tmp_dir}
-        argv = [sys.executable, "-P", f"{paths.runtime_dir}/{TEMPLATE_FILE.name}"]
+        argv = [sys.executable, "-P", f"{paths.runtime_dir}/{TEMPLATE_FILE.name}",
+                f"--tmp-mb={self.key.disk_mb}", f"--processes={sandbox.settings.max_processes}"]
         if sandbox.enabled:
             argv.append("--isolate")
         confinement = Confinement(memory_mb=self.key.memory_mb, tmp_mb=self.key.disk_mb, internet=self.key.internet,
@@ -274,7 +276,7 @@ class Template:
         finally:
             orphans.unregister(group_file)
 
-    async def fork(self, env: Mapping[str, str], *, tmp_mb: int, processes: int) -> ForkedProcess:
+    async def fork(self, env: Mapping[str, str]) -> ForkedProcess:
         """A new instance of this template's function, running `python_worker.main`."""
         control = self._control
         if not self.alive or control is None:
@@ -286,7 +288,7 @@ class Template:
         transports: list[asyncio.BaseTransport] = []
         try:
             try:
-                request = proto.encode(proto.Fork(env=dict(env), tmp_mb=tmp_mb, processes=processes))
+                request = proto.encode(proto.Fork(env=dict(env)))
                 await _send(control, request, [stdin_read, stdout_write, stderr_write, theirs.fileno()])
             except OSError as exc:
                 raise TemplateGone(f"template {self.template_id} went away: {exc}") from exc
@@ -405,7 +407,7 @@ class Templates:
                 await self._drop(template)
                 return None
             try:
-                return await template.fork(env, tmp_mb=spec.disk_mb, processes=self._sandbox.settings.max_processes)
+                return await template.fork(env)
             except TemplateGone:
                 await self._drop(template)
         return None
