@@ -212,6 +212,11 @@ class Template:
         self._log: asyncio.Task[None] | None = None
 
     @property
+    def pid(self) -> int:
+        """The template's own pid (in a sandbox: not bwrap's); 0 until it is ready."""
+        return self._pid
+
+    @property
     def alive(self) -> bool:
         return self._proc is not None and self._proc.returncode is None and self._control is not None
 
@@ -375,8 +380,9 @@ class Templates:
         self._closed = False
         self._refused = False  # forks cannot be confined here: instances start on their own
 
-    def __len__(self) -> int:
-        return sum(1 for template in self._templates.values() if template.alive)
+    def pids(self) -> list[int]:
+        """The pids of the running templates (for tests and the curious)."""
+        return [template.pid for template in self._templates.values() if template.alive and template.pid]
 
     async def fork(self, spec: FunctionSpec, env: Mapping[str, str]) -> ForkedProcess | None:
         """An instance of `spec` forked from its template (started if need be), or None when
