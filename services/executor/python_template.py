@@ -37,6 +37,10 @@ from typing import Any, Final
 import msgspec
 
 MAX_MESSAGE: Final = 1 << 20
+# Process names (comm) of the template and its spare, so that `ps` (and a test) tells them from
+# instances, which all share the template's command line and the environment it was started with.
+TEMPLATE_NAME: Final = "fc-template"
+SPARE_NAME: Final = "fc-spare"
 FDS_PER_FORK: Final = 4  # stdin, stdout, stderr, reports
 
 # Linux constants (sched.h, mount.h, prctl.h, capability.h).
@@ -47,6 +51,7 @@ CLONE_NEWPID: Final = 0x20000000
 MS_NOSUID: Final = 2
 MS_NODEV: Final = 4
 PR_SET_PDEATHSIG: Final = 1
+PR_SET_NAME: Final = 15
 PR_SET_DUMPABLE: Final = 4
 PR_CAPBSET_DROP: Final = 24
 PR_SET_CHILD_SUBREAPER: Final = 36
@@ -90,6 +95,10 @@ def _call(name: str, *args: Any) -> None:
     if getattr(_libc, name)(*args) != 0:
         errno = ctypes.get_errno()
         raise OSError(errno, f"{name}: {os.strerror(errno)}")
+
+
+def _set_name(name: str) -> None:
+    _call("prctl", PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
 def _write(path: str, text: str) -> None:
@@ -154,6 +163,8 @@ class Template:
         self.reports: dict[int, socket.socket] = {}  # instance pid (ours) -> its reports socket
         self.spare: tuple[int, socket.socket] | None = None  # the next instance, forked ahead
         self.pid = os.getpid()
+        with open("/proc/self/comm") as comm:
+            self.name = comm.read().strip()  # what an instance is called (the interpreter's name)
 
     def serve(self) -> int:
         wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -296,6 +307,7 @@ class Template:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, _exit_on_sigterm if self.isolated else signal.SIG_DFL)
             os.setsid()  # a group of its own, as a directly started instance has
+            _set_name(SPARE_NAME)
             if parent_gone is not None:
                 # Until the intermediate child is gone: then the template is our parent.
                 os.read(parent_gone, 1)
@@ -309,6 +321,7 @@ class Template:
                 os._exit(0)  # the template is gone (or retired us)
             request = decode(data)
             assert isinstance(request, Fork)
+            _set_name(self.name)
             # The template's sockets are closed below by number; their objects must never close
             # (on collection) whatever the instance has opened under that number by then.
             for sock in (self.control, requests, *self.reports.values()):
@@ -369,6 +382,7 @@ def main() -> int:
     atexit._clear()  # the template's own exit handlers are no business of the instances
     gc.freeze()  # what is imported now stays shared with every fork (no copy-on-write by the GC)
     template = Template(worker, isolated=args.isolate, tmp_mb=args.tmp_mb, processes=args.processes)
+    _set_name(TEMPLATE_NAME)
     reason = ""
     try:
         template.make_spare()  # also the test of whether isolation works here
