@@ -364,13 +364,11 @@ def _load_worker() -> Any:
 
 
 def main() -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--isolate", action="store_true", help="a user+PID+mount+IPC namespace per instance")
-    parser.add_argument("--tmp-mb", type=int, default=512, help="the size of an isolated instance's /tmp")
-    parser.add_argument("--processes", type=int, default=64, help="an isolated instance's process limit")
-    args = parser.parse_args()
+    # By hand, not argparse: its import would add to every template's start.
+    options = dict(arg.removeprefix("--").partition("=")[::2] for arg in sys.argv[1:])
+    isolate_forks = "isolate" in options  # a user+PID+mount+IPC namespace per instance
+    tmp_mb = int(options.get("tmp-mb") or 512)  # the size of an isolated instance's /tmp
+    processes = int(options.get("processes") or 64)  # an isolated instance's process limit
     worker = _load_worker()
     _call("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # instances are re-parented here, to be reaped
     # Not dumpable: no instance (same uid) may read or write the template's memory through /proc
@@ -381,7 +379,7 @@ def main() -> int:
 
     atexit._clear()  # the template's own exit handlers are no business of the instances
     gc.freeze()  # what is imported now stays shared with every fork (no copy-on-write by the GC)
-    template = Template(worker, isolated=args.isolate, tmp_mb=args.tmp_mb, processes=args.processes)
+    template = Template(worker, isolated=isolate_forks, tmp_mb=tmp_mb, processes=processes)
     _set_name(TEMPLATE_NAME)
     reason = ""
     try:

@@ -339,10 +339,10 @@ class Template:
             self._control.close()
             self._control = None
         if proc is not None:
+            # The group holds bwrap and the sandbox. Not proc.kill() as well: it polls first, and
+            # reaping bwrap there would leave asyncio's own wait without an exit status.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
             await proc.wait()
         if self._log is not None:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
@@ -379,6 +379,7 @@ class Templates:
         self._templates: dict[TemplateKey, Template] = {}
         self._closed = False
         self._refused = False  # forks cannot be confined here: instances start on their own
+        self._retiring: set[asyncio.Future[None]] = set()
 
     def pids(self) -> list[int]:
         """The pids of the running templates (for tests and the curious)."""
@@ -399,7 +400,7 @@ class Templates:
                     await self._drop(template)
                 template = self._templates[key] = Template(key, sandbox=self._sandbox, work_dir=self._work_dir,
                                                            processes=self._processes)
-                await self._retire_others(key)
+                self._retire_others(key)
             try:
                 await template.ready(env)
             except (OSError, TemplateGone, AssertionError, ValueError) as exc:
@@ -418,12 +419,16 @@ class Templates:
                 await self._drop(template)
         return None
 
-    async def _retire_others(self, key: TemplateKey) -> None:
-        """Another spec of the same function version took over: its templates without instances go."""
+    def _retire_others(self, key: TemplateKey) -> None:
+        """Another spec of the same function version took over: its templates without instances go
+        (in the background: not on the way of the instance that is starting)."""
         stale = [t for k, t in self._templates.items()
                  if k != key and (k.name, k.version) == (key.name, key.version) and t.live == 0]
         for template in stale:
-            await self._drop(template)
+            del self._templates[template.key]
+            retiring = asyncio.ensure_future(template.kill())
+            self._retiring.add(retiring)
+            retiring.add_done_callback(self._retiring.discard)
 
     async def _drop(self, template: Template) -> None:
         if self._templates.get(template.key) is template:
@@ -442,4 +447,4 @@ class Templates:
     async def close(self) -> None:
         self._closed = True
         doomed, self._templates = list(self._templates.values()), {}
-        await asyncio.gather(*(template.kill() for template in doomed), return_exceptions=True)
+        await asyncio.gather(*(template.kill() for template in doomed), *self._retiring, return_exceptions=True)
