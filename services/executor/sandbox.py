@@ -18,6 +18,13 @@ future way of starting instances is wrapped the same way):
 - a network namespace of its own: just a loopback when `internetAccess` is false; otherwise
   slirp4netns gives it outbound access with the host's loopback (where NATS and MongoDB listen)
   out of reach.
+
+Python instances are forked from a template (`template.py`, `python_template.py`): the template,
+one per function spec, is what is launched here, and each instance forked from it adds a user,
+PID, mount and IPC namespace of its own (it is PID 1 there, so the kernel still kills whatever it
+started when it dies), a private `/tmp` and its own process limit, with no capabilities. Its
+instances share the template's uid, network namespace and limits' totals: they are all of one
+function (one code version, one configuration), never of another.
 """
 
 from __future__ import annotations
