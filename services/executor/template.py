@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 TEMPLATE_FILE: Final = Path(proto.__file__).resolve()
 _CREDENTIALS: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _EXIT_AFTER_TEMPLATE_S: Final = 5.0  # an instance outlives its dead template by this at most
+_HELLO_TIMEOUT_S: Final = 30.0  # a template that has not greeted by then is given up on
 
 
 class TemplateGone(RuntimeError):
@@ -138,9 +139,12 @@ class ForkedProcess:
         """`signum` to the instance (isolated: its namespace goes with it) or its process group."""
         if self.isolated:
             # By pidfd: once the template has reaped it, its pid may be someone else's.
-            if self._returncode is None and self._pidfd >= 0:
+            if self._returncode is None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
-                    signal.pidfd_send_signal(self._pidfd, signum)
+                    if self._pidfd >= 0:
+                        signal.pidfd_send_signal(self._pidfd, signum)
+                    else:  # no pidfd (it was gone already, or an old kernel)
+                        os.kill(self.pid, signum)
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signum)
@@ -197,7 +201,7 @@ class Template:
         """`processes`: the template's process limit, over all its instances (each has its own)."""
         self.key = key
         self.template_id = f"{key.name}-template-{uuid.uuid4().hex[:8]}"
-        self.live = 0  # instances forked and not yet ended
+        self.live = 0  # instances being forked or forked and not yet ended
         self.idle_since = time.monotonic()
         self.isolated = False
         self._sandbox = sandbox
@@ -263,7 +267,10 @@ class Template:
         group_file = orphans.register(self._dir.parent, pgid=proc.pid, instance_id=self.template_id)
         assert proc.stderr is not None
         self._log = asyncio.ensure_future(self._relay_log(proc.stderr, group_file))
-        data, self._pid = await receive(ours)
+        try:
+            data, self._pid = await asyncio.wait_for(receive(ours), _HELLO_TIMEOUT_S)
+        except TimeoutError as exc:
+            raise TemplateGone(f"template {self.template_id} did not start within {_HELLO_TIMEOUT_S:g}s") from exc
         if not data:
             raise TemplateGone(f"template {self.template_id} exited before it was ready")
         hello = proto.decode(data)
@@ -272,6 +279,7 @@ class Template:
         if sandbox.enabled and not hello.isolated:
             log.warning("instances cannot be forked from a template here (%s); each starts on its own", hello.reason,
                         extra={"function": self.key.name, "reason": hello.reason})
+        self.idle_since = time.monotonic()
         log.info("template %s started (pid %d)", self.template_id, proc.pid)
 
     async def _relay_log(self, stream: asyncio.StreamReader, group_file: Path) -> None:
@@ -291,6 +299,7 @@ class Template:
         stdout_read, stdout_write = os.pipe2(os.O_CLOEXEC)
         stderr_read, stderr_write = os.pipe2(os.O_CLOEXEC)
         transports: list[asyncio.BaseTransport] = []
+        self.live += 1  # not idle (nor reaped) while it forks
         try:
             try:
                 request = proto.encode(proto.Fork(env=dict(env)))
@@ -313,6 +322,7 @@ class Template:
             stdout = await _read_pipe(stdout_read, transports)
             stderr = await _read_pipe(stderr_read, transports)
         except BaseException:
+            self._instance_ended()
             # The instance (if it started) reads the end of its stdin and exits.
             for transport in transports:
                 transport.close()
@@ -320,7 +330,6 @@ class Template:
                 os.close(fd)
             ours.close()
             raise
-        self.live += 1
         return ForkedProcess(pid=pid, stdin=stdin, stdout=stdout, stderr=stderr, reports=ours,
                              template_pid=self._pid, isolated=self.isolated, on_exit=self._instance_ended)
 
