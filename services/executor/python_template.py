@@ -13,11 +13,15 @@ The executor talks to it over a SOCK_SEQPACKET unix socket on the template's fd 
   (the kernel attaches its pid, as the executor sees it, to the message), and the template later
   sends `Exited` (its wait status) or, if it could not fork, `Failed`.
 
+The template forks each instance ahead of demand: one "spare" waits for a request's descriptors
+(and environment), so a start costs a message rather than forks and namespace set-up; after
+handing one over the template forks the next.
+
 Isolated forks (`--isolate`, in a sandbox) make a PID namespace per instance: the template forks
 a child that unshares a user, PID, mount and IPC namespace, maps its own uid, mounts a private
-/tmp, drops every capability and forks the instance, PID 1 of the new namespace, so that when it
+/tmp, drops every capability and forks the spare, PID 1 of the new namespace, so that when it
 dies the kernel kills everything it started, `setsid` children included; the child then exits and
-the instance is re-parented to the template (a child subreaper), which reaps it and reports it.
+the spare is re-parented to the template (a child subreaper), which reaps it and reports it.
 
 This module imports nothing of taskmode's: the executor imports it for the message structs, and
 the template loads the worker by path.
