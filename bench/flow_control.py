@@ -1,10 +1,13 @@
 """Flow-control benchmark: cold starts, dispatch precision, a concurrency cap, a flooded neighbour.
 
 Prints figures; asserts nothing about speed. Run: `.venv/bin/python -m bench.flow_control`
-(options: `--due 10000 --cap 4 --flood 100000 --cold 40`). Everything runs on this machine at once.
+(options: `--due 10000 --cap 4 --flood 100000 --cold 40`, `--cold-only`). Everything runs on this
+machine at once.
 
-1. Cold start: a fresh Python instance from nothing to serving, in the instance sandbox (as the
-   executor runs it) and without, p50/p99 (InstancePool alone, no services).
+1. Cold start: a Python instance from nothing to serving, in the instance sandbox (as the
+   executor runs it) and without, p50/p99 (InstancePool alone, no services): the first of a
+   function (its template starts, then forks), further ones (forked from the warm template), and
+   with templates off.
 2. Dispatch precision: lone tasks, each due at its own moment (x-taskmode-execution-time), and N
    tasks due in the same second; due -> Processed and due -> Running, p50/p99.
 3. Throughput under reservedConcurrency C with 50 ms tasks, against the ideal C / 0.05 s.
@@ -43,23 +46,49 @@ SLEEP = "import time\n\ndef handler(event, context):\n    time.sleep(float(event
 # --- 1. cold start -------------------------------------------------------------------------------
 
 
-async def cold_starts(count: int, *, sandboxed: bool, work: Path) -> list[float]:
+async def cold_starts(count: int, *, sandboxed: bool, work: Path, mode: str) -> list[float]:
+    """`count` cold starts (ms, start until it serves) of one kind:
+
+    - "first": a new code version each time, so each pays for its template and then a fork;
+    - "fork": one function, each instance killed after its invocation, so the next is forked
+      from the warm template;
+    - "direct": templates off (TASKMODE_FORK_TEMPLATES=false), a new process each time.
+    """
     code = work / "code"
     code.mkdir(parents=True, exist_ok=True)
     (code / "index.py").write_text(NOOP)
     times: list[float] = []
-    sandbox = new_sandbox(SandboxSettings(enabled=sandboxed), work_dir=work / "instances")
-    pool = InstancePool(work_dir=work / "instances", max_instances_per_function=count + 1, sandbox=sandbox,
+    settings = SandboxSettings(enabled=sandboxed, fork_templates=mode != "direct")
+    sandbox = new_sandbox(settings, work_dir=work / "instances")
+    pool = InstancePool(work_dir=work / "instances", max_instances_per_function=4, sandbox=sandbox,
                         observer=lambda _name, direction, cold_s: times.append(cold_s * 1000) if direction == "up" else None)
     try:
-        for i in range(count):  # a new code version each time: every lease is a cold start
+        if mode == "fork":  # the template's own start is not one of the samples
+            await pool.keep_warm(FunctionSpec(name="cold", runtime="python3.10", handler="index.handler",
+                                              timeout_s=10, code_dir=code, code_checksum="v"), 1)
+            times.clear()
+        for i in range(count):
+            version = "v" if mode == "fork" else f"v{i}"  # a new code version: every lease is a cold start
             spec = FunctionSpec(name="cold", runtime="python3.10", handler="index.handler", timeout_s=10,
-                                code_dir=code, code_checksum=f"v{i}")
+                                code_dir=code, code_checksum=version)
             async with pool.lease(spec) as instance:
-                assert (await instance.invoke(b"x", InvokeContext(request_id="r", task_id="t"))).ok
+                result = await instance.invoke(b"x", InvokeContext(request_id="r", task_id="t"))
+                assert result.ok, result.error_message
+                if mode == "fork":
+                    await instance.kill()  # not kept idle: the next lease starts one
     finally:
         await pool.close()
     return times
+
+
+async def print_cold_starts(count: int, work: Path) -> None:
+    print(f"\n== cold start of a Python instance, {count} each (start until it serves, ms) ==")
+    for sandboxed in (True, False):
+        for mode, label in (("first", "first of a function (template + fork)"), ("fork", "further (fork)"),
+                            ("direct", "templates off (a new process)")):
+            times = await cold_starts(count, sandboxed=sandboxed, work=work / f"{sandboxed}-{mode}", mode=mode)
+            where = "sandbox" if sandboxed else "plain  "
+            print(f"{where} {label:38} {fmt_ms(times)}")
 
 
 # --- helpers over the running stack --------------------------------------------------------------
@@ -186,6 +215,7 @@ async def flooded_neighbour(fc: FcClient, js: JetStreamContext, events: EventSto
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cold", type=int, default=40)
+    parser.add_argument("--cold-only", action="store_true", help="only the cold starts (no services)")
     parser.add_argument("--lone", type=int, default=40)
     parser.add_argument("--due", type=int, default=10_000)
     parser.add_argument("--cap", type=int, default=4)
@@ -194,11 +224,9 @@ async def main() -> None:
     parser.add_argument("--probes", type=int, default=50)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        sandboxed = await cold_starts(args.cold, sandboxed=True, work=Path(tmp) / "sandboxed")
-        bare = await cold_starts(args.cold, sandboxed=False, work=Path(tmp) / "bare")
-        print(f"\n== cold start of a Python instance, {args.cold} each (start until it serves) ==")
-        print(f"in the sandbox (bubblewrap)  {fmt_ms(sandboxed)}")
-        print(f"unsandboxed                  {fmt_ms(bare)}")
+        await print_cold_starts(args.cold, Path(tmp))
+        if args.cold_only:
+            return
         stack, fc, _ = start_stack(Path(tmp) / "stack")
         user, password = stack.nats_credentials("admin") or (None, None)
         nc = await nats.connect(stack.nats_url, user=user, password=password)

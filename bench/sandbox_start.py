@@ -1,7 +1,9 @@
 """What the sandbox costs an instance: cold start (start + first invocation) and a warm call,
 sandboxed and not, for a no-op Python handler and a Python custom runtime.
 
-`.venv/bin/python -m bench.sandbox_start [--n 10]`. Figures, not assertions.
+`.venv/bin/python -m bench.sandbox_start [--n 10]`. Figures, not assertions. Every sample is a new
+code version, so a Python start here includes its template's (see `bench.flow_control --cold` for
+starts forked from a warm template).
 """
 
 from __future__ import annotations

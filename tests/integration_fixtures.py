@@ -13,6 +13,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from shared import natsauth
+from services.executor.python_template import SPARE_NAME, TEMPLATE_NAME
 from shared.devstack import Stack, free_port
 from tests.fc_client import FcClient
 
@@ -73,15 +74,21 @@ def stubborn(event, context):
 
 def function_processes(function: str, *, argv0: str = "") -> list[psutil.Process]:
     """The host's processes of `function`'s instances (found by the FC_FUNCTION_NAME they carry;
-    a sandboxed instance cannot tell the host its pids itself)."""
+    a sandboxed instance cannot tell the host its pids itself). Not its template's: the template
+    (its sandbox, itself and its spare) outlives the instances by design."""
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
+    for proc in psutil.process_iter(["cmdline", "name"]):
         with contextlib.suppress(psutil.Error):
             cmdline = proc.info["cmdline"] or []
             if argv0 and (not cmdline or cmdline[0] != argv0):
                 continue
-            if proc.environ().get("FC_FUNCTION_NAME") == function and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
+            environ = proc.environ()
+            if environ.get("FC_FUNCTION_NAME") != function or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if proc.info["name"] in (TEMPLATE_NAME, SPARE_NAME) or (
+                    proc.info["name"] == "bwrap" and "-template-" in environ.get("FC_INSTANCE_ID", "")):
+                continue
+            found.append(proc)
     return found
 
 

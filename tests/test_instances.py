@@ -62,6 +62,11 @@ def handler(event, context):
         sys.stdout.buffer.write(b"raw bytes on stdout\\n")
         os.write(1, b"written to fd 1\\n")
         return "still fine"
+    if event == b"spin":  # some CPU time (a forked instance may have used less than a clock tick)
+        deadline = time.process_time() + 0.05
+        while time.process_time() < deadline:
+            pass
+        return "spun"
     if event == b"raise":
         raise ValueError("bad input")
     if event == b"exit":
@@ -384,7 +389,7 @@ async def test_idle_instances_are_reaped(tmp_path: Path, code_dir: Path) -> None
 
 async def test_usage_reports_the_process_tree(pool: InstancePool, code_dir: Path) -> None:
     async with pool.lease(python_spec(code_dir)) as instance:
-        assert (await instance.invoke(b"dict", CTX)).ok
+        assert (await instance.invoke(b"spin", CTX)).ok
         cpu_s, rss = instance.usage()
     assert 0 < cpu_s < 60
     assert 1 << 20 < rss < 1 << 31

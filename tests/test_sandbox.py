@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -63,11 +64,19 @@ def fill_tmp(mb):
             f.write(b"\\0" * (1 << 20))
     return mb
 
+def cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\\0", b" ").decode(errors="replace").strip()
+    except OSError as exc:
+        return f"unreadable: {exc}"
+
 def handler(event, context):
     request = json.loads(event)
     attack, arg = request["attack"], request.get("arg")
     if attack == "whoami":
         return {"uid": os.getuid(), "gid": os.getgid(), "pids": [p for p in os.listdir("/proc") if p.isdigit()],
+                "cmdlines": [cmdline(p) for p in os.listdir("/proc") if p.isdigit()],
                 "env": dict(os.environ), "root": sorted(os.listdir("/"))}
     if attack == "read":
         return attempt(lambda: read(arg))
@@ -137,8 +146,11 @@ async def test_a_different_uid_no_services_processes_and_no_executor_environment
     monkeypatch.setenv("SOME_SECRET", "s3cret")
     seen = await attack(pool, spec(code_root), "whoami")
     assert seen["uid"] != os.getuid() and seen["uid"] != 0
-    # Its own PID namespace: the sandbox's init and the worker, nothing of the host.
-    assert len(seen["pids"]) <= 3
+    # Its own PID namespace: the sandbox's init and the worker, nothing of the host. Forked from its
+    # function's template (template.py), it also sees the template and the spare the template
+    # forked ahead: processes of this function only, never the services' or another function's.
+    assert len(seen["pids"]) <= 4, seen["cmdlines"]
+    assert all(line.split()[0] in (shutil.which("bwrap"), sys.executable) for line in seen["cmdlines"]), seen
     assert not {"NATS_URL", "TASKMODE_ACCESS_KEYS", "SOME_SECRET"} & set(seen["env"])
     own = await attack(pool, spec(code_root), "read", f"/proc/{os.getpid()}/environ")
     assert not own["ok"]

@@ -20,13 +20,14 @@ from collections.abc import Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 import msgspec
 import psutil
 
 from services.executor import orphans
 from services.executor.sandbox import Confinement, Launch, Sandbox, die_with_parent
+from services.executor.template import ForkedProcess
 
 logger = logging.getLogger(__name__)
 output_logger = logging.getLogger(f"{__name__}.output")  # what user code prints, per instance
@@ -124,6 +125,22 @@ def _describe_exit(code: int | None) -> str:
     return f"exited with code {code}"
 
 
+class Process(Protocol):
+    """What an instance needs of its process: a started one, or one forked from a template."""
+
+    stdin: asyncio.StreamWriter | None
+    stdout: asyncio.StreamReader | None
+    stderr: asyncio.StreamReader | None
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+
 class Instance:
     """One process serving one invocation at a time; subclasses speak the runtime's protocol."""
 
@@ -135,7 +152,7 @@ class Instance:
         self._tmp_dir = work_dir / self.instance_id  # on the host: scratch, sockets
         self.paths = sandbox.paths(code_dir=spec.code_dir, instance_dir=self._tmp_dir)
         self._launched: Launch | None = None
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: Process | None = None
         self._exited: asyncio.Task[int] | None = None
         self._drain: asyncio.Task[None] | None = None
         self._tail = bytearray()
@@ -314,6 +331,9 @@ class Instance:
 
     def _signal_group(self, signum: signal.Signals) -> None:
         assert self._proc is not None
+        if isinstance(self._proc, ForkedProcess):
+            self._proc.signal_group(signum)
+            return
         with suppress(ProcessLookupError, PermissionError):
             os.killpg(self._proc.pid, signum)  # start_new_session: pgid == pid
 
@@ -339,19 +359,30 @@ class Instance:
             confinement=Confinement(memory_mb=spec.memory_mb, tmp_mb=spec.disk_mb, internet=spec.internet_access),
         )
         pipe = asyncio.subprocess.PIPE
-        self._proc = await asyncio.create_subprocess_exec(
+        self._proc = proc = await asyncio.create_subprocess_exec(
             *launch.argv, cwd=launch.cwd, env=launch.env, pass_fds=launch.pass_fds,
             start_new_session=True,  # own group: kill reaches the tree
             preexec_fn=die_with_parent,
             stdin=pipe if framed else asyncio.subprocess.DEVNULL, stdout=pipe,
             stderr=pipe if framed else asyncio.subprocess.STDOUT,
         )
-        self._exited = asyncio.ensure_future(self._proc.wait())
-        await launch.started(self._proc.pid)
+        self._exited = asyncio.ensure_future(proc.wait())
+        await launch.started(proc.pid)
+        output = proc.stderr if framed else proc.stdout
+        assert output is not None
+        self._watch(output)
+
+    def _adopt(self, proc: ForkedProcess) -> None:
+        """Serve from a process forked from a template (framed, like `_spawn(framed=True)`)."""
+        self._proc = proc
+        self._exited = asyncio.ensure_future(proc.wait())
+        assert proc.stderr is not None
+        self._watch(proc.stderr)
+
+    def _watch(self, output: asyncio.StreamReader) -> None:
+        assert self._proc is not None and self._exited is not None
         group_file = orphans.register(self._tmp_dir.parent, pgid=self._proc.pid, instance_id=self.instance_id)
         self._exited.add_done_callback(lambda _: orphans.unregister(group_file))
-        output = self._proc.stderr if framed else self._proc.stdout
-        assert output is not None
         self._drain = asyncio.ensure_future(self._collect_output(output))
         logger.info("instance %s started (pid %d)", self.instance_id, self._proc.pid)
 

@@ -21,15 +21,17 @@ from services.executor.node_instance import WORKER_FILE as NODE_WORKER_FILE
 from services.executor.node_instance import NodeInstance
 from services.executor.python_instance import WORKER_FILE, PythonInstance
 from services.executor.sandbox import Sandbox, SandboxSettings
+from services.executor.template import TEMPLATE_FILE, Templates
 from shared.errors import InvalidArgument, ServiceUnavailable
 
 logger = logging.getLogger(__name__)
 
 
-def new_instance(spec: FunctionSpec, *, work_dir: Path, sandbox: Sandbox) -> Instance:
-    """An instance of the class that serves `spec.runtime` (not started yet)."""
+def new_instance(spec: FunctionSpec, *, work_dir: Path, sandbox: Sandbox, templates: Templates | None = None) -> Instance:
+    """An instance of the class that serves `spec.runtime` (not started yet); Python instances
+    are forked from `templates` when given."""
     if spec.runtime.startswith("python3"):
-        return PythonInstance(spec, work_dir=work_dir, sandbox=sandbox)
+        return PythonInstance(spec, work_dir=work_dir, sandbox=sandbox, templates=templates)
     if spec.runtime.startswith("nodejs"):
         return NodeInstance(spec, work_dir=work_dir, sandbox=sandbox)
     if spec.runtime.startswith("custom"):
@@ -40,7 +42,7 @@ def new_instance(spec: FunctionSpec, *, work_dir: Path, sandbox: Sandbox) -> Ins
 def new_sandbox(settings: SandboxSettings, *, work_dir: Path) -> Sandbox:
     """The sandbox instances of this pool run in, with the worker scripts every runtime needs."""
     return Sandbox(settings, support_dir=work_dir / ".sandbox",
-                   worker_files={path.name: path for path in (WORKER_FILE, NODE_WORKER_FILE, RELAY_FILE)})
+                   worker_files={path.name: path for path in (WORKER_FILE, TEMPLATE_FILE, NODE_WORKER_FILE, RELAY_FILE)})
 
 
 @dataclass
@@ -106,6 +108,9 @@ class InstancePool:
         self._limits = limits or (lambda _name: None)
         self._minimum = minimum or (lambda _name: 0)
         self._observer = observer or (lambda _name, _direction, _cold_s: None)
+        # Python instances fork from a template per function spec; it outlives its last instance
+        # by the idle timeout, so a function that scales to zero and back still starts by fork.
+        self.templates = Templates(self.sandbox, work_dir=work_dir, instances_per_template=max_instances_per_function)
 
     def max_instances(self, function: str) -> int:
         """How many instances of `function` may be leased at once now."""
@@ -179,6 +184,7 @@ class InstancePool:
             slots.wake_all()
         doomed, self._live = list(self._live), set()
         await asyncio.gather(*(instance.kill() for instance in doomed))
+        await self.templates.close()
 
     async def _acquire(self, slots: _Slots, spec: FunctionSpec, *, reuse_idle: bool = True) -> Instance:
         slots.current = spec
@@ -187,7 +193,7 @@ class InstancePool:
         await asyncio.gather(*(self._discard(instance) for instance in stale))
         if slots.idle and reuse_idle:
             return slots.idle.pop()
-        instance = new_instance(spec, work_dir=self._work_dir, sandbox=self.sandbox)
+        instance = new_instance(spec, work_dir=self._work_dir, sandbox=self.sandbox, templates=self.templates)
         self._live.add(instance)
         began = time.monotonic()
         try:
@@ -239,3 +245,7 @@ class InstancePool:
             for outcome in await asyncio.gather(*map(self._discard, expired), return_exceptions=True):
                 if isinstance(outcome, Exception):
                     logger.error("reaping an idle instance failed", exc_info=outcome)
+            try:
+                await self.templates.reap(self._idle_timeout_s)
+            except Exception:
+                logger.exception("reaping idle templates failed")

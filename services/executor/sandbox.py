@@ -18,6 +18,13 @@ future way of starting instances is wrapped the same way):
 - a network namespace of its own: just a loopback when `internetAccess` is false; otherwise
   slirp4netns gives it outbound access with the host's loopback (where NATS and MongoDB listen)
   out of reach.
+
+Python instances are forked from a template (`template.py`, `python_template.py`): the template,
+one per function spec, is what is launched here, and each instance forked from it adds a user,
+PID, mount and IPC namespace of its own (it is PID 1 there, so the kernel still kills whatever it
+started when it dies), a private `/tmp` and its own process limit, with no capabilities. Its
+instances share the template's uid, network namespace and limits' totals: they are all of one
+function (one code version, one configuration), never of another.
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ class SandboxSettings:
     uid_count: int = 1000
     max_processes: int = 64  # per instance
     max_open_files: int = 1024  # per process
+    fork_templates: bool = True  # Python instances are forked from a warm template (template.py)
 
     @classmethod
     def from_env(cls) -> SandboxSettings:
@@ -78,6 +86,7 @@ class SandboxSettings:
             uid_count=env_int("TASKMODE_SANDBOX_UID_COUNT", 1000),
             max_processes=env_int("TASKMODE_SANDBOX_MAX_PROCESSES", 64),
             max_open_files=env_int("TASKMODE_SANDBOX_MAX_OPEN_FILES", 1024),
+            fork_templates=env_bool("TASKMODE_FORK_TEMPLATES", True),
         )
 
 
@@ -88,6 +97,7 @@ class Confinement:
     memory_mb: int
     tmp_mb: int
     internet: bool
+    processes: int = 0  # the process limit, when not the settings' per-instance one (a template's)
 
 
 @dataclass
@@ -431,5 +441,5 @@ class Sandbox:
                      f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
                      "--bounding-set=-all", "--no-new-privs")
         args.add("--", self._prlimit, f"--data={confinement.memory_mb * MIB}",
-                 f"--nproc={settings.max_processes}", f"--nofile={settings.max_open_files}", "--core=0", "--")
+                 f"--nproc={confinement.processes or settings.max_processes}", f"--nofile={settings.max_open_files}", "--core=0", "--")
         return [*args.argv, *command]
