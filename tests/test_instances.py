@@ -789,3 +789,16 @@ async def test_custom_runtime_takes_concurrent_requests(one_instance: InstancePo
     results = [await call for call in calls]
     assert all(result.ok for _, result in results), results
     assert len({result.payload for _, result in results}) == 1 and len({i for i, _ in results}) == 1
+
+
+async def test_many_handler_threads_fit_a_small_memory_size(one_instance: InstancePool, tmp_path: Path) -> None:
+    # 32 threads with the usual 8 MiB stacks would be 256 MiB of mappings against a 128 MB limit.
+    spec = python_spec(write_code(tmp_path, GATED), instance_concurrency=32, memory_mb=128)
+    gate = tmp_path / "code" / "gate"  # seen by the handler (its cwd) as "gate"
+    words = [f"w{i}" for i in range(32)]
+    calls = await _invoke_all(one_instance, spec, [f"gate|{word}".encode() for word in words])
+    await wait_until(started(one_instance, words), timeout_s=15)
+    gate.touch()
+    results = [result for _, result in [await call for call in calls]]
+    assert all(result.ok for result in results), [r.error_message for r in results if not r.ok]
+    assert {json.loads(result.payload)["peak"] for result in results} == {32}

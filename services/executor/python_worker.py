@@ -44,6 +44,9 @@ FRAME_HEADER: Final = struct.Struct(">I")  # body length, big-endian
 END_OF_INVOCATION: Final = "\x1etaskmode-invocation-end\x1e"
 # Where user code appears to live in stack traces, as on FC (the real directory is ours).
 SHOWN_CODE_DIR: Final = "/code"
+MIB: Final = 1024 * 1024
+MIN_THREAD_STACK: Final = 1 * MIB  # a concurrent worker's handler threads: see thread_stack_bytes
+MAX_THREAD_STACK: Final = 8 * MIB
 
 
 class Init(msgspec.Struct, frozen=True, kw_only=True):
@@ -351,10 +354,20 @@ class _TaggedBytes(io.RawIOBase):
         return len(chunk)
 
 
+def thread_stack_bytes(memory_mb: int, concurrency: int) -> int:
+    """The stack each handler thread reserves: a thread stack is a private mapping, which counts
+    against the memory limit (RLIMIT_DATA) whether or not it is touched, so `concurrency` threads
+    of the usual 8 MiB would not fit a small `memorySize`. Half the memory over the threads,
+    between 1 and 8 MiB."""
+    share = memory_mb * MIB // (2 * max(1, concurrency))
+    return max(MIN_THREAD_STACK, min(MAX_THREAD_STACK, share)) // 65536 * 65536
+
+
 def serve_concurrently(handler: Callable[..., Any], init: Init, proto_in: int, proto_out: int,
                        output: TaggedOutput) -> None:
     """Run up to `init.concurrency` requests at once until stdin closes; answer each as it ends."""
     decode_request = msgspec.msgpack.Decoder(Request).decode
+    threading.stack_size(thread_stack_bytes(init.memory_mb, init.concurrency))
     threads = concurrent.futures.ThreadPoolExecutor(max_workers=init.concurrency, thread_name_prefix="handler")
 
     async def one(request: Request) -> None:
