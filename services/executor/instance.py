@@ -379,7 +379,8 @@ class Instance:
         spec = self.spec
         self._launched = launch = self._sandbox.launch(
             argv, env=env, code_dir=spec.code_dir, instance_dir=self._tmp_dir, socket_dir=socket_dir,
-            confinement=Confinement(memory_mb=spec.memory_mb, tmp_mb=spec.disk_mb, internet=spec.internet_access),
+            confinement=Confinement(memory_mb=spec.memory_mb, tmp_mb=spec.disk_mb, internet=spec.internet_access,
+                                    threads=self.concurrency + 1 if self.concurrency > 1 else 0),
         )
         pipe = asyncio.subprocess.PIPE
         self._proc = await asyncio.create_subprocess_exec(

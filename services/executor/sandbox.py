@@ -88,6 +88,9 @@ class Confinement:
     memory_mb: int
     tmp_mb: int
     internet: bool
+    # Threads the runtime itself runs beyond the function's own processes (a concurrent Python
+    # worker's handler threads): the process limit counts threads too.
+    threads: int = 0
 
 
 @dataclass
@@ -431,5 +434,5 @@ class Sandbox:
                      f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
                      "--bounding-set=-all", "--no-new-privs")
         args.add("--", self._prlimit, f"--data={confinement.memory_mb * MIB}",
-                 f"--nproc={settings.max_processes}", f"--nofile={settings.max_open_files}", "--core=0", "--")
+                 f"--nproc={settings.max_processes + confinement.threads}", f"--nofile={settings.max_open_files}", "--core=0", "--")
         return [*args.argv, *command]
