@@ -98,9 +98,10 @@ class _Slots:
         return len(self.leased) + self.warming
 
     def join(self, spec: FunctionSpec) -> _Leased | None:
-        """The fullest leased instance of `spec` with room for one more caller, if any."""
+        """The fullest running instance of `spec` with room for one more caller, else the fullest
+        starting one with room, if any."""
         room = [leased for leased in self.leased.values() if leased.joinable(spec)]
-        return max(room, key=lambda leased: leased.load, default=None)
+        return max(room, key=lambda leased: (leased.ready is None or leased.ready.done(), leased.load), default=None)
 
     def wake_one(self) -> None:
         """Hand a freed instance slot to the longest waiter (FIFO).
