@@ -79,8 +79,9 @@ async def download_code(
     expires: str = "", signature: str = "",
 ) -> Response:
     path = f"{DOWNLOAD_PREFIX}/{quote(function_name, safe='')}/{quote(code_key, safe='')}"
-    if not expires.isdigit() or not hmac.compare_digest(
-        _signature(url_secret(settings), path, int(expires)), signature
+    # compare_digest takes str of ASCII only: a signature of any other characters is compared as bytes.
+    if not (expires.isascii() and expires.isdigit()) or not hmac.compare_digest(
+        _signature(url_secret(settings), path, int(expires)).encode(), signature.encode(errors="replace")
     ):
         raise AccessDenied("the download URL's signature is not valid")
     if int(expires) < time.time():
