@@ -8,6 +8,7 @@ instances scale down within a test, and metrics ports open.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -303,6 +304,58 @@ async def test_instances_scale_up_with_a_backlog_and_down_when_idle(fc: FcClient
 
 async def _count_is(probe: Any, count: int) -> bool:
     return len(await probe()) == count
+
+
+# Holds each task until four run at once in its instance (or a deadline passes), so the
+# overlap does not depend on timing; what each task prints names it.
+CONCURRENT_HANDLER = '''
+import threading, time
+
+lock = threading.Lock()
+seen = {"running": 0, "peak": 0}
+
+def handler(event, context):
+    with lock:
+        seen["running"] += 1
+        seen["peak"] = max(seen["peak"], seen["running"])
+    try:
+        print("begin", context.task_id)
+        deadline = time.monotonic() + 20
+        while seen["peak"] < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        print("done", context.task_id)
+        return {"task": context.task_id, "payload": event.decode(), "peak": seen["peak"]}
+    finally:
+        with lock:
+            seen["running"] -= 1
+'''
+
+
+async def test_instance_concurrency_runs_that_many_tasks_at_once_in_one_instance(fc: FcClient) -> None:
+    name = fresh("shared")
+    created = await fc.create_function(name, code={"index.py": CONCURRENT_HANDLER}, instanceConcurrency=4)
+    assert created.status_code == 200 and created.json()["instanceConcurrency"] == 4, created.text
+    assert (await fc.put_async_config(name, asyncTask=True)).status_code == 200
+    scaling = {"horizontalScalingPolicies": [{"maxInstances": 1}]}
+    assert (await put_json(fc, f"/functions/{name}/scaling-config", scaling)).status_code == 200
+    ids = [f"c{i}" for i in range(6)]
+    for task_id in ids:  # a payload of its own each, so results cannot be mixed up unnoticed
+        assert (await fc.invoke_async(name, f"payload-{task_id}".encode(), task_id=task_id)).status_code == 202
+    tasks = await all_reach(fc, name, ids, {"Succeeded"})
+    # Four ran at once, all in the one instance; the handlers saw four at once and never more
+    # (the events may show a fifth Running before the end of one whose instance slot it took:
+    # an outcome is recorded after its invocation has given the slot back).
+    assert most_at_once(running_intervals(tasks)) >= 4, running_intervals(tasks)
+    assert len({task["instanceId"] for task in tasks}) == 1
+    for task in tasks:
+        task_id = task["taskId"]
+        result = json.loads(task["returnPayload"])
+        assert result == {"task": task_id, "payload": f"payload-{task_id}", "peak": 4}, result
+        logs = (await fc.request("GET", f"/functions/{name}/async-tasks/{task_id}/logs")).json()["logs"]
+        content = logs[0]["content"]
+        own = [line for line in content.splitlines() if line.startswith(("begin", "done"))]
+        assert own == [f"begin {task_id}", f"done {task_id}"], content
+        assert logs[0]["instanceId"] == task["instanceId"]
 
 
 # --- bad input --------------------------------------------------------------------------------

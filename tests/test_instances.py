@@ -548,3 +548,278 @@ async def test_min_instances_are_started_and_kept_and_the_rest_scale_down(tmp_pa
         assert len(pool.instances()) == 1 and [d for _, d in events].count("down") == 2
     finally:
         await pool.close()
+
+
+# --- instanceConcurrency: several invocations at once in one instance -------------------------
+
+GATED = '''
+import asyncio, json, logging, os, pathlib, sys, threading, time
+
+lock = threading.Lock()
+running = 0
+peak = 0
+
+
+def _wait_for(flag, deadline_s=15.0):
+    deadline = time.monotonic() + deadline_s
+    while not pathlib.Path(flag).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the gate never opened")
+        time.sleep(0.005)
+
+
+def _enter():
+    global running, peak
+    with lock:
+        running += 1
+        peak = max(peak, running)
+
+
+def _leave():
+    global running
+    with lock:
+        running -= 1
+
+
+def handler(event, context):
+    """b"<gate file>|<word>": print, wait for the gate file (in the code directory), print again, answer."""
+    flag, _, word = event.decode().partition("|")
+    _enter()
+    try:
+        print("start", word)
+        if not word.startswith("q"):  # q...: quiet, so many start lines fit the output tail
+            logging.info("logged %s", word)
+        if flag:
+            _wait_for(flag)
+        if word == "raise":
+            raise ValueError(word)
+        if word == "hang":
+            time.sleep(60)
+        sys.stdout.write("end " + word)  # no newline: still its own line in its own log
+        return json.dumps({"word": word, "instance": os.environ["FC_INSTANCE_ID"], "pid": os.getpid(),
+                           "request": context.request_id, "peak": peak})
+    finally:
+        _leave()
+
+
+async def ahandler(event, context):
+    flag, _, word = event.decode().partition("|")
+    _enter()
+    try:
+        print("async start", word)
+        deadline = time.monotonic() + 15
+        while flag and not pathlib.Path(flag).exists():
+            assert time.monotonic() < deadline, "the gate never opened"
+            await asyncio.sleep(0.005)
+        return json.dumps({"word": word, "instance": os.environ["FC_INSTANCE_ID"], "peak": peak})
+    finally:
+        _leave()
+'''
+
+
+def started(pool: InstancePool, words: str | list[str]) -> Callable[[], bool]:
+    """Every one of `words` has begun in the worker (printed its start line): they all run."""
+    def begun() -> bool:
+        tails = "".join(instance.output_tail() for instance in pool.instances())
+        return all(f"start {word}\n" in tails for word in words)
+
+    return begun
+
+
+def ctx(word: str) -> InvokeContext:
+    return InvokeContext(request_id=f"req-{word}", task_id=f"task-{word}")
+
+
+async def _invoke_all(pool: InstancePool, spec: FunctionSpec, events: list[bytes]) -> list[Any]:
+    async def one(event: bytes) -> Any:
+        async with pool.lease(spec) as instance:
+            return instance, await instance.invoke(event, ctx(event.decode().rpartition("|")[2]))
+
+    return [asyncio.ensure_future(one(event)) for event in events]
+
+
+@pytest.fixture
+async def one_instance(tmp_path: Path) -> AsyncIterator[InstancePool]:
+    pool = InstancePool(work_dir=tmp_path / "work", max_instances_per_function=1)
+    yield pool
+    await pool.close()
+
+
+async def test_concurrent_invocations_share_one_instance_and_the_next_waits(
+    one_instance: InstancePool, tmp_path: Path
+) -> None:
+    pool = one_instance
+    spec = python_spec(write_code(tmp_path, GATED), instance_concurrency=3)
+    gate = tmp_path / "code" / "gate"  # seen by the handler (its cwd) as "gate"
+    calls = await _invoke_all(pool, spec, [f"gate|{word}".encode() for word in ("a", "b", "c")])
+    # All three are inside the one instance at once, held at the gate.
+    await wait_until(lambda: [i.requests_in_flight for i in pool.instances()] == [3], timeout_s=15)
+    await wait_until(started(pool, "abc"), timeout_s=15)
+    fourth = (await _invoke_all(pool, spec, [b"|d"]))[0]
+    await asyncio.sleep(0.2)  # the fourth had time to start; it must still wait (not a synchronization)
+    assert not fourth.done() and [i.requests_in_flight for i in pool.instances()] == [3]
+    gate.touch()
+    results = [await call for call in [*calls, fourth]]
+    instances = {instance.instance_id for instance, _ in results}
+    assert len(instances) == 1 and len(pool.instances()) == 1
+    answers = {json.loads(result.payload)["word"]: json.loads(result.payload) for _, result in results}
+    assert all(result.ok for _, result in results), [result for _, result in results]
+    assert {a["peak"] for w, a in answers.items() if w != "d"} == {3}
+    assert len({a["pid"] for a in answers.values()}) == 1
+    assert all(answers[word]["request"] == f"req-{word}" for word in answers)
+    # Each log holds its own invocation's lines only, logging stamped with its own request id.
+    for _, result in results:
+        word = json.loads(result.payload)["word"]
+        logs = result.logs.decode()
+        lines = logs.splitlines()
+        assert lines[0] == f"FC Invoke Start RequestId: req-{word}" and lines[-1] == f"FC Invoke End RequestId: req-{word}"
+        assert f"start {word}" in lines and f"end {word}" in lines
+        assert any(line.endswith(f"req-{word} [INFO] logged {word}") for line in lines)
+        others = {"a", "b", "c", "d"} - {word}
+        assert not any(f" {other}" in line for line in lines[1:-1] for other in others), logs
+        assert "\x1e" not in logs
+
+
+async def test_instance_concurrency_one_never_overlaps(one_instance: InstancePool, tmp_path: Path) -> None:
+    spec = python_spec(write_code(tmp_path, GATED))
+    calls = await _invoke_all(one_instance, spec, [f"|{word}".encode() for word in "abcd"])
+    results = [await call for call in calls]
+    assert all(result.ok for _, result in results)
+    assert {json.loads(result.payload)["peak"] for _, result in results} == {1}
+
+
+async def test_async_handlers_run_concurrently_as_tasks(one_instance: InstancePool, tmp_path: Path) -> None:
+    spec = python_spec(write_code(tmp_path, GATED), handler="index.ahandler", instance_concurrency=4)
+    gate = tmp_path / "code" / "gate"  # seen by the handler (its cwd) as "gate"
+    calls = await _invoke_all(one_instance, spec, [f"gate|{word}".encode() for word in "abcd"])
+    await wait_until(lambda: [i.requests_in_flight for i in one_instance.instances()] == [4], timeout_s=15)
+    await wait_until(started(one_instance, "abcd"), timeout_s=15)
+    gate.touch()
+    results = [await call for call in calls]
+    assert all(result.ok for _, result in results)
+    assert {json.loads(result.payload)["peak"] for _, result in results} == {4}
+    assert all(f"async start {json.loads(r.payload)['word']}" in r.logs.decode() for _, r in results)
+
+
+async def test_busy_instances_fill_up_before_another_starts(tmp_path: Path) -> None:
+    pool = InstancePool(work_dir=tmp_path / "work", max_instances_per_function=3)
+    spec = python_spec(write_code(tmp_path, GATED), instance_concurrency=2)
+    gate = tmp_path / "code" / "gate"  # seen by the handler (its cwd) as "gate"
+    try:
+        calls = await _invoke_all(pool, spec, [f"gate|{word}".encode() for word in "abc"])
+        await wait_until(lambda: sum(i.requests_in_flight for i in pool.instances()) == 3, timeout_s=15)
+        await wait_until(started(pool, "abc"), timeout_s=15)
+        assert sorted(i.requests_in_flight for i in pool.instances()) == [1, 2]
+        gate.touch()
+        results = [await call for call in calls]
+        assert all(result.ok for _, result in results)
+        # Idle again, the next callers reuse them.
+        again = [await call for call in await _invoke_all(pool, spec, [b"|d"])]
+        assert again[0][0] in {instance for instance, _ in results} and len(pool.instances()) == 2
+    finally:
+        await pool.close()
+
+
+async def test_a_timeout_beside_others_retires_the_instance_without_failing_them(
+    one_instance: InstancePool, tmp_path: Path
+) -> None:
+    spec = python_spec(write_code(tmp_path, GATED), instance_concurrency=2, timeout_s=3.0)
+    gate = tmp_path / "code" / "gate"  # seen by the handler (its cwd) as "gate"
+    hanging = (await _invoke_all(one_instance, spec, [b"|hang"]))[0]
+    await wait_until(started(one_instance, ["hang"]), timeout_s=15)
+    await asyncio.sleep(1.5)  # staggers the two deadlines (not a synchronization)
+    calls = await _invoke_all(one_instance, spec, [b"gate|ok"])
+    await wait_until(started(one_instance, ["ok"]), timeout_s=15)
+    hung_instance, hung = await hanging
+    assert hung.timed_out and hung.error_message == "Function timed out after 3s" and "start hang" in hung.logs.decode()
+    # Retiring: the other goes on, nothing new joins it.
+    assert hung_instance.pid is not None and not gone(hung_instance.pid) and not hung_instance.alive
+    late = (await _invoke_all(one_instance, spec, [b"|late"]))[0]
+    gate.touch()
+    instance, ok = await calls[0]
+    assert ok.ok and instance is hung_instance
+    late_instance, late_result = await late
+    assert late_result.ok and late_instance is not hung_instance
+    await wait_until(lambda: gone(hung_instance.pid or 0), timeout_s=5)
+
+
+async def test_a_kill_ends_every_invocation_on_the_instance(one_instance: InstancePool, tmp_path: Path) -> None:
+    spec = python_spec(write_code(tmp_path, GATED), instance_concurrency=2, timeout_s=30.0)
+    gate = tmp_path / "code" / "gate"  # seen by the handler (its cwd) as "gate"
+    calls = await _invoke_all(one_instance, spec, [b"gate|x", b"gate|y"])
+    await wait_until(started(one_instance, "xy"), timeout_s=15)
+    instance = one_instance.instances()[0]
+    await instance.kill()
+    results = [result for _, result in [await call for call in calls]]
+    assert all(result.killed and not result.ok for result in results)
+
+
+async def test_a_handler_error_fails_only_its_own_invocation(one_instance: InstancePool, tmp_path: Path) -> None:
+    spec = python_spec(write_code(tmp_path, GATED), instance_concurrency=2)
+    gate = tmp_path / "code" / "gate"  # seen by the handler (its cwd) as "gate"
+    calls = await _invoke_all(one_instance, spec, [b"gate|raise", b"gate|fine"])
+    await wait_until(started(one_instance, ["raise", "fine"]), timeout_s=15)
+    gate.touch()
+    (_, failed), (_, fine) = [await call for call in calls]
+    assert not failed.ok and failed.error_message == "ValueError: raise" and "ValueError: raise" in failed.logs.decode()
+    assert fine.ok and "ValueError" not in fine.logs.decode()
+
+
+THREADED_SERVER = '''
+import os, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+barrier = threading.Barrier(3)
+
+class Handler(BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        barrier.wait(timeout=15)  # three requests in at once, or none passes
+        body = str(os.getpid()).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer(("127.0.0.1", int(os.environ["FC_SERVER_PORT"])), Handler).serve_forever()
+'''
+
+
+async def test_custom_runtime_takes_concurrent_requests(one_instance: InstancePool, tmp_path: Path) -> None:
+    (web_dir(tmp_path) / "threaded.py").write_text(THREADED_SERVER)
+    spec = custom_spec(tmp_path, [sys.executable, "threaded.py"], instance_concurrency=3)
+    calls = await _invoke_all(one_instance, spec, [b"a", b"b", b"c"])
+    results = [await call for call in calls]
+    assert all(result.ok for _, result in results), results
+    assert len({result.payload for _, result in results}) == 1 and len({i for i, _ in results}) == 1
+
+
+async def test_many_handler_threads_fit_a_small_memory_size(one_instance: InstancePool, tmp_path: Path) -> None:
+    # 32 threads with the usual 8 MiB stacks would be 256 MiB of mappings against a 128 MB limit.
+    spec = python_spec(write_code(tmp_path, GATED), instance_concurrency=32, memory_mb=128)
+    gate = tmp_path / "code" / "gate"  # seen by the handler (its cwd) as "gate"
+    words = [f"q{i}" for i in range(32)]
+    calls = await _invoke_all(one_instance, spec, [f"gate|{word}".encode() for word in words])
+    await wait_until(started(one_instance, words), timeout_s=15)
+    gate.touch()
+    results = [result for _, result in [await call for call in calls]]
+    assert all(result.ok for result in results), [r.error_message for r in results if not r.ok]
+    assert {json.loads(result.payload)["peak"] for result in results} == {32}
+
+
+async def test_handler_threads_do_not_count_against_the_process_limit(
+    one_instance: InstancePool, tmp_path: Path
+) -> None:
+    # 80 threads: more than TASKMODE_SANDBOX_MAX_PROCESSES (64), which the kernel counts them in.
+    spec = python_spec(write_code(tmp_path, GATED), instance_concurrency=80, memory_mb=512, timeout_s=30.0)
+    gate = tmp_path / "code" / "gate"  # seen by the handler (its cwd) as "gate"
+    words = [f"q{i}" for i in range(80)]
+    calls = await _invoke_all(one_instance, spec, [f"gate|{word}".encode() for word in words])
+    await wait_until(started(one_instance, words), timeout_s=15)
+    gate.touch()
+    results = [result for _, result in [await call for call in calls]]
+    assert all(result.ok for result in results), {r.error_message for r in results if not r.ok}
+    assert {json.loads(result.payload)["peak"] for result in results} == {80}

@@ -142,7 +142,8 @@ async def run(settings: ExecutorSettings, stop: asyncio.Event, stack: AsyncExitS
     background(stack, periodically(collect_code, every_s=min(60.0, max(settings.code_gc_grace_s / 4, 0.5)),
                                    stop=stop, what="code directory garbage collection"))
     dispatcher = Dispatcher(bus.js, catalog=catalog, pool=pool, runner=runner, settings=settings,
-                            blocked=lambda name: blocked(catalog, flow, name), spawn=spawn)
+                            blocked=lambda name: blocked(catalog, flow, name), spawn=spawn,
+                            cap=lambda name: reserved_concurrency(flow, name))
     await dispatcher.run(stop)
 
 
@@ -167,8 +168,10 @@ def reserved_concurrency(flow: FlowConfigs, function: str) -> int | None:
 def instance_limit(flow: FlowConfigs, function: str) -> int | None:
     """The most instances of `function` this executor may run at once (None: its own default).
 
-    One task per instance, so a reservedConcurrency of N caps the function's running tasks here
-    at N; the scaling config's maxInstances caps its instances.
+    The scaling config's maxInstances caps its instances. A reservedConcurrency of N caps the
+    function's running tasks (over every executor, by running slots); as an instance limit it is
+    exact at an instanceConcurrency of 1 and loose above (N tasks fill at most ceil(N/C)
+    instances: the pool fills busy instances before starting another).
     """
     limits = []
     scaling = flow.scaling(function)

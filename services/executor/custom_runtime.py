@@ -39,8 +39,13 @@ def free_port(taken: set[int]) -> int:
 
 
 class CustomRuntimeInstance(Instance):
-    """`spec.custom_command` in its code directory, served over HTTP through the relay's socket."""
+    """`spec.custom_command` in its code directory, served over HTTP through the relay's socket.
 
+    With an instanceConcurrency above 1 that many requests are sent at once, each on a connection
+    of its own through the relay; whether they run at once is up to the user's server, as on FC.
+    """
+
+    max_concurrency = 200  # FC's most
     port = 0
     _client: httpx.AsyncClient | None = None
     # Unsandboxed, instances share the host's network: two starting at once must not get the same
@@ -70,9 +75,12 @@ class CustomRuntimeInstance(Instance):
             if self._exited.done():
                 return await self._exited_early(self._exited.result())
         # trust_env=False: a proxy from the environment must never sit between us and the instance.
+        # At least a connection per request in flight (httpx's defaults: 100, 20 kept open).
+        limits = httpx.Limits(max_connections=max(100, self.concurrency),
+                              max_keepalive_connections=max(20, self.concurrency))
         self._client = httpx.AsyncClient(
             base_url="http://instance", timeout=None, trust_env=False,
-            transport=httpx.AsyncHTTPTransport(uds=str(host_socket)),
+            transport=httpx.AsyncHTTPTransport(uds=str(host_socket), limits=limits),
         )
         return None
 
@@ -85,7 +93,7 @@ class CustomRuntimeInstance(Instance):
             kind="InitializationError",
         )
 
-    async def _call(self, payload: bytes, context: InvokeContext) -> InvocationResult:
+    async def _call(self, payload: bytes, context: InvokeContext, number: int) -> InvocationResult:
         assert self._client is not None
         headers = {
             wire.FC_REQUEST_ID_HEADER: context.request_id,

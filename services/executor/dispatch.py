@@ -2,7 +2,8 @@
 
 A function's queue is a durable consumer over its Processed and Retrying events, shared by every
 executor. Each executor takes from a queue no more than the function can start here (its
-instance limit plus a small prefetch) and no more than its own free slots
+instance limit times its instanceConcurrency, within its reservedConcurrency, plus a small
+prefetch) and no more than its own free slots
 (`TASKMODE_EXECUTOR_CONCURRENCY`), and nothing while the function is paused or blocked: the
 rest waits in the function's own consumer, in order, holding nothing, so a flooded function's
 backlog never stands in front of another function's task.
@@ -19,7 +20,7 @@ from typing import Any, Final
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from services.executor.pool import InstancePool
+from services.executor.pool import InstancePool, tasks_per_instance
 from services.executor.runner import TaskRunner
 from services.executor.settings import ExecutorSettings
 from shared import wire
@@ -41,7 +42,8 @@ UNCAPPED: Final = 100_000
 
 class Dispatcher:
     def __init__(self, js: JetStreamContext, *, catalog: Catalog, pool: InstancePool, runner: TaskRunner,
-                 settings: ExecutorSettings, blocked: Callable[[str], str | None], spawn: Spawn) -> None:
+                 settings: ExecutorSettings, blocked: Callable[[str], str | None], spawn: Spawn,
+                 cap: Callable[[str], int | None] = lambda _function: None) -> None:
         self._js = js
         self._catalog = catalog
         self._pool = pool
@@ -49,6 +51,7 @@ class Dispatcher:
         self._settings = settings
         self._blocked = blocked
         self._spawn = spawn
+        self._cap = cap  # the function's reservedConcurrency (None: uncapped)
         self._held: dict[str, int] = {}
         self._total = 0
         self.queues = FunctionQueues(js, durable_of=lambda function: f"{wire.DISPATCH_DURABLE_PREFIX}{function}",
@@ -58,7 +61,11 @@ class Dispatcher:
         """How many more of the function's dispatches this executor takes now."""
         if self._blocked(function) is not None:
             return 0
-        limit = self._pool.max_instances(function) + PREFETCH_PER_FUNCTION
+        # Each instance runs up to instanceConcurrency tasks at once; reservedConcurrency caps
+        # the function's running tasks however many instances could take them.
+        can_run = self._pool.max_instances(function) * tasks_per_instance(self._catalog.cached_function(function))
+        cap = self._cap(function)
+        limit = (can_run if cap is None else min(can_run, cap)) + PREFETCH_PER_FUNCTION
         return max(0, min(self._settings.concurrency - self._total, limit - self._held.get(function, 0)))
 
     async def on_batch(self, function: str, msgs: list[Msg]) -> None:

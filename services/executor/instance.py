@@ -1,16 +1,28 @@
-"""A function instance: one worker process that runs user handlers, one invocation at a time.
+"""A function instance: one worker process that runs user handlers.
 
 An `Instance` is one OS process (a session leader, so a kill reaches the whole tree) that serves
-one invocation at a time, started inside the sandbox `sandbox.py` builds; subclasses speak a
-runtime's protocol (`python_instance.py`, `custom_runtime.py`) and `pool.py` leases them.
+up to `concurrency` invocations at a time (FC's instanceConcurrency; one unless the function
+asks for more and the runtime can), started inside the sandbox `sandbox.py` builds; subclasses
+speak a runtime's protocol (`python_instance.py`, `custom_runtime.py`) and `pool.py` leases them.
 Nothing here knows about NATS or MongoDB; the executor service drives it.
+
+With several invocations in flight on one instance:
+- output a runtime attributes to one invocation (the Python worker tags each line) goes to that
+  invocation's log; output it cannot attribute goes to the log of every invocation in flight;
+- a timed-out invocation fails at once, and the instance *retires*: it takes no new invocation
+  and is killed as soon as the others have ended (each is bounded by the same timeout), so they
+  are not failed for their neighbour's fault;
+- `kill` (a stop) ends the whole process, as FC stops the instance: every invocation in flight
+  on it ends as killed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -20,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Final, Protocol
+from typing import ClassVar, Final, Protocol
 
 import msgspec
 import psutil
@@ -42,6 +54,9 @@ INVOCATION_LOG_BYTES: Final = 256 * 1024
 END_OF_INVOCATION: Final = b"\x1etaskmode-invocation-end\x1e"
 # How long output may trail an answer from a runtime that writes no END_OF_INVOCATION (custom).
 _UNMARKED_OUTPUT_GRACE_S: Final = 0.05
+# With several invocations in flight, a worker that tags its output (Python) starts each line
+# with \x1e<invocation number>\x1e: the line belongs to that invocation. Never shown.
+_INVOCATION_TAG: Final = re.compile(rb"\x1e(\d+)\x1e")
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,7 @@ class FunctionSpec:
     custom_port: int = 9000  # custom runtime: where its server listens (in its own network namespace)
     disk_mb: int = 512  # the size of its /tmp
     internet_access: bool = True
+    instance_concurrency: int = 1  # FC's instanceConcurrency: invocations one instance runs at once
 
 
 @dataclass(frozen=True)
@@ -142,7 +158,11 @@ class Process(Protocol):
 
 
 class Instance:
-    """One process serving one invocation at a time; subclasses speak the runtime's protocol."""
+    """One process serving up to `concurrency` invocations at a time; subclasses speak the runtime's
+    protocol."""
+
+    # The most invocations at once the runtime's protocol can carry (1: one after the other).
+    max_concurrency: ClassVar[int] = 1
 
     def __init__(self, spec: FunctionSpec, *, work_dir: Path, sandbox: Sandbox) -> None:
         self.spec = spec
@@ -159,17 +179,23 @@ class Instance:
         self._init_failure: InvocationResult | None = None
         self._stop_reason = ""  # "killed" | "timeout" | "crashed" | "init"
         self._stopping: asyncio.Task[None] | None = None
-        self._busy = asyncio.Lock()
+        self._busy = asyncio.Semaphore(self.concurrency)
         self._cpu_s = 0.0
-        self._capture: _Capture | None = None
+        self._captures: dict[int, _Capture] = {}  # invocations in flight, by their number
+        self._numbers = itertools.count(1)
+        # A timed-out invocation left others running: no new ones, killed once they are done.
+        self._retiring = False
         # Whether the runtime marks the end of each invocation's output (END_OF_INVOCATION).
         self.marks_output = False
+        # Whether the runtime tags each line of output with its invocation (_INVOCATION_TAG).
+        self.tags_output = False
 
     async def _launch(self) -> InvocationResult | None:
         """Start the process and wait until it serves; return a failure if it cannot."""
         raise NotImplementedError
 
-    async def _call(self, payload: bytes, context: InvokeContext) -> InvocationResult:
+    async def _call(self, payload: bytes, context: InvokeContext, number: int) -> InvocationResult:
+        """One invocation; `number` identifies it among those in flight (protocol, output tags)."""
         raise NotImplementedError
 
     async def _release_resources(self) -> None:
@@ -180,15 +206,21 @@ class Instance:
         return None if self._proc is None else self._proc.pid
 
     @property
+    def concurrency(self) -> int:
+        """How many invocations this instance runs at once: the function's instanceConcurrency,
+        as far as the runtime can (the pool leases it to that many callers)."""
+        return max(1, min(self.spec.instance_concurrency, self.max_concurrency))
+
+    @property
     def requests_in_flight(self) -> int:
-        """Invocations running on this instance now (one at most: calls are serialized)."""
-        return 1 if self._busy.locked() else 0
+        """Invocations running on this instance now (at most `concurrency`)."""
+        return len(self._captures)
 
     @property
     def alive(self) -> bool:
-        """Running, started successfully and not stopped: fit to serve another invocation."""
+        """Running, started successfully, not stopped nor retiring: fit to serve another invocation."""
         running = self._proc is not None and self._proc.returncode is None
-        return running and not self._stop_reason and self._init_failure is None
+        return running and not self._stop_reason and self._init_failure is None and not self._retiring
 
     def output_tail(self) -> str:
         """The last few KB the process wrote to stdout/stderr (for error messages and tests)."""
@@ -219,18 +251,22 @@ class Instance:
                 killed = self._stop_reason == "killed"
                 return failure("Function instance is not running", kind="InstanceStopped", killed=killed)
             started = time.perf_counter()
-            capture = self._capture = _Capture(context.request_id, context.task_id)
+            number = next(self._numbers)
+            capture = self._captures[number] = _Capture(context.request_id, context.task_id)
             try:
-                result = await self._invoke_once(payload, context)
+                result = await self._invoke_once(payload, context, number)
                 await self._await_output(capture, ok=result.ok or not result.killed)
             finally:
-                self._capture = None
+                del self._captures[number]
+                if self._retiring and not self._captures:
+                    await self._stop("timeout")  # the last one out of a retiring instance
             return replace(result, duration_ms=(time.perf_counter() - started) * 1000, logs=capture.close(),
                            output_bytes=capture.written, logs_truncated=capture.truncated)
 
     async def _await_output(self, capture: _Capture, *, ok: bool) -> None:
         """Let the invocation's last output arrive: up to its end mark, or a short grace."""
-        if not self.alive or not ok:
+        running = self._proc is not None and self._proc.returncode is None and not self._stop_reason
+        if not running or not ok:
             return  # the process is gone: what it wrote has been drained already
         if self.marks_output:
             with suppress(TimeoutError):
@@ -264,9 +300,9 @@ class Instance:
         self._cpu_s = max(self._cpu_s, cpu_s)
         return self._cpu_s, rss
 
-    async def _invoke_once(self, payload: bytes, context: InvokeContext) -> InvocationResult:
+    async def _invoke_once(self, payload: bytes, context: InvokeContext, number: int) -> InvocationResult:
         assert self._exited is not None
-        call = asyncio.ensure_future(self._call(payload, context))
+        call = asyncio.ensure_future(self._call(payload, context, number))
         try:
             either = {call, self._exited}
             done, _ = await asyncio.wait(either, timeout=self.spec.timeout_s, return_when=asyncio.FIRST_COMPLETED)
@@ -279,7 +315,14 @@ class Instance:
             return call.result()
         call.cancel()
         if not done:
-            await self._stop("timeout")
+            if len(self._captures) > 1:
+                # Others run beside it: they may finish; the instance takes nothing new, and the
+                # last of them to end stops it (invoke), the timed-out handler with it.
+                self._retiring = True
+                logger.info("instance %s retiring: an invocation timed out beside %d others", self.instance_id,
+                            len(self._captures) - 1)
+            else:
+                await self._stop("timeout")
             return failure(f"Function timed out after {self.spec.timeout_s:g}s", kind="FunctionTimeout", timed_out=True)
         return await self._ended("during the invocation")
 
@@ -356,7 +399,8 @@ class Instance:
         spec = self.spec
         self._launched = launch = self._sandbox.launch(
             argv, env=env, code_dir=spec.code_dir, instance_dir=self._tmp_dir, socket_dir=socket_dir,
-            confinement=Confinement(memory_mb=spec.memory_mb, tmp_mb=spec.disk_mb, internet=spec.internet_access),
+            confinement=Confinement(memory_mb=spec.memory_mb, tmp_mb=spec.disk_mb, internet=spec.internet_access,
+                                    threads=self.concurrency + 1 if self.concurrency > 1 else 0),
         )
         pipe = asyncio.subprocess.PIPE
         self._proc = proc = await asyncio.create_subprocess_exec(
@@ -392,34 +436,41 @@ class Instance:
             *lines, partial = (partial + chunk).split(b"\n")
             for line in lines:
                 self._output_line(line)
-            if self._capture is not None and not self.marks_output:
-                # Unmarked output is captured as it comes; marked output line by line, above.
-                self._capture.add(chunk)
+            if not self.marks_output:
+                # Unmarked output is captured as it comes (by every invocation in flight: nothing
+                # says whose it is); marked output line by line, above.
+                for capture in list(self._captures.values()):
+                    capture.add(chunk)
         if partial:
             self._output_line(partial, complete=False)
 
     def _output_line(self, line: bytes, *, complete: bool = True) -> None:
-        """One line of the process's output: to the tail, the executor's log and the capture."""
+        """One line of the process's output: to the tail, the executor's log and the capture(s)."""
+        captures = list(self._captures.values())  # untagged: every invocation in flight (one or none at C=1)
+        if self.tags_output and (tag := _INVOCATION_TAG.match(line)) is not None:
+            line = line[tag.end():]
+            owner = self._captures.get(int(tag[1]))
+            captures = [owner] if owner is not None else []
         ended = self.marks_output and line.endswith(END_OF_INVOCATION)
         if ended:
             line = line[: -len(END_OF_INVOCATION)]
             if not line:
-                if self._capture is not None:
-                    self._capture.ended.set()
+                for capture in captures:
+                    capture.ended.set()
                 return
         text = line + b"\n" if complete else line
         self._tail += text
         del self._tail[:-OUTPUT_TAIL_BYTES]
         # What a handler prints carries the task (and request) it printed during, so one task's
         # lines can be followed across services; output between invocations carries neither.
-        current = self._capture
+        current = captures[0] if len(captures) == 1 else None
         extra = {"task_id": current.task_id, "request_id": current.request_id} if current and current.task_id else {}
         output_logger.info("%s: %s", self.instance_id, line.decode(errors="replace"), extra=extra)
-        if self._capture is not None:
+        for capture in captures:
             if self.marks_output:
-                self._capture.add(text)
+                capture.add(text)
             if ended:
-                self._capture.ended.set()
+                capture.ended.set()
 
 
 def base_environment(*, home: str) -> dict[str, str]:

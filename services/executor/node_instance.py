@@ -29,7 +29,11 @@ def node_binary() -> str | None:
 
 
 class NodeInstance(Instance):
-    """`node node_worker.js` speaking length-prefixed JSON frames over its stdio."""
+    """`node node_worker.js` speaking length-prefixed JSON frames over its stdio.
+
+    One request at a time whatever the function's instanceConcurrency (the worker answers in
+    order, one after the other): `max_concurrency` stays 1, so the pool scales out instead.
+    """
 
     async def _launch(self) -> InvocationResult | None:
         node = node_binary()
@@ -53,7 +57,7 @@ class NodeInstance(Instance):
         return InvocationResult(ok=False, payload=base64.b64decode(ready.get("errorPayload", "")),
                                 error_message=str(ready.get("errorMessage", "")), error_type=UNHANDLED)
 
-    async def _call(self, payload: bytes, context: InvokeContext) -> InvocationResult:
+    async def _call(self, payload: bytes, context: InvokeContext, number: int) -> InvocationResult:
         response = await self._exchange({
             "requestId": context.request_id, "taskId": context.task_id, "attempt": context.attempt,
             "payload": base64.b64encode(payload).decode(),

@@ -1,7 +1,13 @@
-"""The instance pool: warm instances per function, leased one invocation at a time.
+"""The instance pool: warm instances per function, each leased to up to its concurrency callers.
 
 `InstancePool` reuses an idle instance of the same code version, bounds the instances of a
 function and reaps the idle ones; `new_instance` picks the instance class for a runtime.
+
+An instance runs up to `Instance.concurrency` invocations at once (the function's
+instanceConcurrency, as far as its runtime can). As on FC, a lease joins an instance that is
+already busy but has room (the fullest such, so the rest stay idle and can be reaped), or one
+that is still starting; it takes an idle one, or starts a new one, only when every instance is
+full; and it waits when the function is at its instance limit.
 """
 
 from __future__ import annotations
@@ -22,9 +28,21 @@ from services.executor.node_instance import NodeInstance
 from services.executor.python_instance import WORKER_FILE, PythonInstance
 from services.executor.sandbox import Sandbox, SandboxSettings
 from services.executor.template import TEMPLATE_FILE, Templates
+from shared.catalog import FunctionRecord
 from shared.errors import InvalidArgument, ServiceUnavailable
 
 logger = logging.getLogger(__name__)
+
+
+def instance_class(runtime: str) -> type[Instance]:
+    """The class of the instances that serve `runtime`."""
+    if runtime.startswith("python3"):
+        return PythonInstance
+    if runtime.startswith("nodejs"):
+        return NodeInstance
+    if runtime.startswith("custom"):
+        return CustomRuntimeInstance
+    raise InvalidArgument(f"unsupported runtime {runtime!r}")
 
 
 def new_instance(spec: FunctionSpec, *, work_dir: Path, sandbox: Sandbox, templates: Templates | None = None) -> Instance:
@@ -32,11 +50,19 @@ def new_instance(spec: FunctionSpec, *, work_dir: Path, sandbox: Sandbox, templa
     are forked from `templates` when given."""
     if spec.runtime.startswith("python3"):
         return PythonInstance(spec, work_dir=work_dir, sandbox=sandbox, templates=templates)
-    if spec.runtime.startswith("nodejs"):
-        return NodeInstance(spec, work_dir=work_dir, sandbox=sandbox)
-    if spec.runtime.startswith("custom"):
-        return CustomRuntimeInstance(spec, work_dir=work_dir, sandbox=sandbox)
-    raise InvalidArgument(f"unsupported runtime {spec.runtime!r}")
+    return instance_class(spec.runtime)(spec, work_dir=work_dir, sandbox=sandbox)
+
+
+def tasks_per_instance(function: FunctionRecord | None) -> int:
+    """How many invocations of `function` one instance runs at once: its instanceConcurrency, as
+    far as its runtime can (1 for a function not known here)."""
+    if function is None:
+        return 1
+    try:
+        runtime_most = instance_class(function.runtime).max_concurrency
+    except InvalidArgument:
+        return 1
+    return max(1, min(function.instance_concurrency, runtime_most))
 
 
 def new_sandbox(settings: SandboxSettings, *, work_dir: Path) -> Sandbox:
@@ -45,14 +71,41 @@ def new_sandbox(settings: SandboxSettings, *, work_dir: Path) -> Sandbox:
                    worker_files={path.name: path for path in (WORKER_FILE, TEMPLATE_FILE, NODE_WORKER_FILE, RELAY_FILE)})
 
 
+@dataclass(eq=False)
+class _Leased:
+    """An instance leased to `load` callers; `ready` while it starts (shared by whoever joins)."""
+
+    instance: Instance
+    load: int = 1
+    ready: asyncio.Future[None] | None = None
+
+    def joinable(self, spec: FunctionSpec) -> bool:
+        starting = self.ready is not None and not self.ready.done()
+        return (self.load < self.instance.concurrency and self.instance.spec == spec
+                and (starting or self.instance.alive))
+
+
 @dataclass
 class _Slots:
-    """The instances of one function: idle ones (most recent last), how many are leased."""
+    """The instances of one function: idle ones (most recent last), leased ones (starting ones
+    included) with their callers, and those keep_warm is starting."""
 
     current: FunctionSpec | None = None  # the newest spec leased; other versions are not kept
     idle: list[Instance] = field(default_factory=list)
-    busy: int = 0
+    leased: dict[Instance, _Leased] = field(default_factory=dict)
+    warming: int = 0
     waiters: collections.deque[asyncio.Future[None]] = field(default_factory=collections.deque)
+
+    @property
+    def busy(self) -> int:
+        """Instances counted against the function's limit: leased or starting."""
+        return len(self.leased) + self.warming
+
+    def join(self, spec: FunctionSpec) -> _Leased | None:
+        """The fullest running instance of `spec` with room for one more caller, else the fullest
+        starting one with room, if any."""
+        room = [leased for leased in self.leased.values() if leased.joinable(spec)]
+        return max(room, key=lambda leased: (leased.ready is None or leased.ready.done(), leased.load), default=None)
 
     def wake_one(self) -> None:
         """Hand a freed instance slot to the longest waiter (FIFO).
@@ -119,10 +172,13 @@ class InstancePool:
 
     @asynccontextmanager
     async def lease(self, spec: FunctionSpec) -> AsyncIterator[Instance]:
-        """An instance for `spec`, exclusively; reused when idle and of the same spec."""
+        """An instance for `spec`, shared with at most `concurrency - 1` other callers (exclusive at
+        an instanceConcurrency of 1); a busy one with room first, else an idle one of the same
+        spec, else a new one."""
         # Per version: a canary alias alternates between two, which must not evict each other.
         slots = self._functions.setdefault((spec.name, spec.version), _Slots())
-        while slots.busy >= self.max_instances(spec.name) and not self._closed:
+        while (slots.join(spec) is None and slots.busy >= self.max_instances(spec.name)
+               and not self._closed):
             waiter = asyncio.get_running_loop().create_future()
             slots.waiters.append(waiter)
             try:
@@ -137,17 +193,21 @@ class InstancePool:
             raise ServiceUnavailable("the instance pool is closed")
         if self._reaper is None:
             self._reaper = asyncio.create_task(self._reap_forever())
-        slots.busy += 1
+        leased = slots.join(spec)
+        if leased is not None:
+            leased.load += 1
+        else:
+            leased = self._claim(slots, spec)
         try:
-            instance = await self._acquire(slots, spec)
+            if leased.ready is not None:
+                await asyncio.shield(leased.ready)  # the start, whoever began it
         except BaseException:
-            slots.busy -= 1
-            slots.wake_one()
+            await self._give_back(slots, leased, cancel_start=True)
             raise
         try:
-            yield instance
+            yield leased.instance
         finally:
-            await self._give_back(slots, instance)
+            await self._give_back(slots, leased)
 
     async def keep_warm(self, spec: FunctionSpec, count: int) -> int:
         """Start idle instances of `spec` until the function has `count` (minInstances, within
@@ -157,11 +217,12 @@ class InstancePool:
         while (not self._closed and slots.busy + sum(1 for i in slots.idle if i.alive) < min(count, self.max_instances(spec.name))):
             if self._reaper is None:
                 self._reaper = asyncio.create_task(self._reap_forever())
-            slots.busy += 1  # counted while it starts, so a concurrent lease does not overshoot
+            slots.warming += 1  # counted while it starts, so a concurrent lease does not overshoot
             try:
-                instance = await self._acquire(slots, spec, reuse_idle=False)
+                instance = new_instance(spec, work_dir=self._work_dir, sandbox=self.sandbox, templates=self.templates)
+                await self._start(slots, spec, instance, self._forget_stale(slots, spec))
             finally:
-                slots.busy -= 1
+                slots.warming -= 1
             instance.idle_since = time.monotonic()
             slots.idle.insert(0, instance)  # the idle least recently used end: leased last
             slots.wake_one()
@@ -186,14 +247,34 @@ class InstancePool:
         await asyncio.gather(*(instance.kill() for instance in doomed))
         await self.templates.close()
 
-    async def _acquire(self, slots: _Slots, spec: FunctionSpec, *, reuse_idle: bool = True) -> Instance:
+    def _forget_stale(self, slots: _Slots, spec: FunctionSpec) -> list[Instance]:
+        """`spec` is the function's newest: idle instances of other specs (or dead) are taken out
+        of the pool, to be discarded by the caller."""
         slots.current = spec
         stale = [i for i in slots.idle if i.spec != spec or not i.alive]
         slots.idle = [i for i in slots.idle if i not in stale]
-        await asyncio.gather(*(self._discard(instance) for instance in stale))
-        if slots.idle and reuse_idle:
-            return slots.idle.pop()
-        instance = new_instance(spec, work_dir=self._work_dir, sandbox=self.sandbox, templates=self.templates)
+        return stale
+
+    def _claim(self, slots: _Slots, spec: FunctionSpec) -> _Leased:
+        """An instance for a caller no busy instance has room for: an idle one, else a new one
+        (started by `ready`). No await: the limit checked by the caller still holds."""
+        stale = self._forget_stale(slots, spec)
+        if slots.idle:
+            leased = _Leased(slots.idle.pop())
+            if stale:
+                leased.ready = asyncio.ensure_future(self._discard_all(stale))
+        else:
+            instance = new_instance(spec, work_dir=self._work_dir, sandbox=self.sandbox, templates=self.templates)
+            leased = _Leased(instance)
+            leased.ready = asyncio.ensure_future(self._start(slots, spec, instance, stale))
+        slots.leased[leased.instance] = leased
+        return leased
+
+    async def _discard_all(self, instances: list[Instance]) -> None:
+        await asyncio.gather(*(self._discard(instance) for instance in instances))
+
+    async def _start(self, slots: _Slots, spec: FunctionSpec, instance: Instance, stale: list[Instance]) -> None:
+        await self._discard_all(stale)
         self._live.add(instance)
         began = time.monotonic()
         try:
@@ -206,17 +287,28 @@ class InstancePool:
         logger.info("scaled up", extra={"function": spec.name, "instance_id": instance.instance_id,
                                         "cold_start_ms": round(cold_s * 1000, 1), "busy": slots.busy,
                                         "idle": len(slots.idle)})
-        return instance
 
-    async def _give_back(self, slots: _Slots, instance: Instance) -> None:
+    async def _give_back(self, slots: _Slots, leased: _Leased, *, cancel_start: bool = False) -> None:
+        """One caller is done with `leased`; the last one out makes it idle (or discards it).
+        `cancel_start`: the caller gave up while it started (a start nobody waits for is stopped)."""
+        leased.load -= 1
         try:
-            if instance.alive and not self._closed and instance.spec == slots.current:
+            if leased.load > 0:
+                return
+            del slots.leased[leased.instance]
+            instance = leased.instance
+            if leased.ready is not None and not leased.ready.done() and cancel_start:
+                leased.ready.cancel()
+                with suppress(BaseException):
+                    await leased.ready
+            started = leased.ready is None or (leased.ready.done() and not leased.ready.cancelled()
+                                               and leased.ready.exception() is None)
+            if started and instance.alive and not self._closed and instance.spec == slots.current:
                 instance.idle_since = time.monotonic()
                 slots.idle.append(instance)
             else:
                 await self._discard(instance)
         finally:
-            slots.busy -= 1
             slots.wake_one()
 
     async def _discard(self, instance: Instance) -> None:

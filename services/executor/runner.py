@@ -18,7 +18,7 @@ from nats.aio.msg import Msg
 
 from services.executor.code_cache import CodeCache
 from services.executor.instance import Instance, InvocationResult, InvokeContext
-from services.executor.pool import InstancePool
+from services.executor.pool import InstancePool, tasks_per_instance
 from services.executor.metrics import ExecutorMetrics
 from services.executor.settings import ExecutorSettings
 from services.executor.slots import ClusterSlots
@@ -125,7 +125,9 @@ class TaskRunner:
             return Nak(self._settings.saturated_retry_s)
         parked = False
         holding = self._holding.get(event.function, 0)
-        if holding >= self._settings.max_instances_per_function + self._settings.max_queued_per_function:
+        can_run = self._settings.max_instances_per_function * tasks_per_instance(
+            self._catalog.cached_function(event.function))
+        if holding >= can_run + self._settings.max_queued_per_function:
             # Its instances are all busy and enough dispatches already wait for them with a slot
             # each: wait without one (up to max_parked), so other functions' tasks get fetched;
             # past that, hand it back for a while.

@@ -98,6 +98,9 @@ class Confinement:
     tmp_mb: int
     internet: bool
     processes: int = 0  # the process limit, when not the settings' per-instance one (a template's)
+    # Threads the runtime itself runs beyond the function's own processes (a concurrent Python
+    # worker's handler threads): the process limit counts threads too.
+    threads: int = 0
 
 
 @dataclass
@@ -441,5 +444,6 @@ class Sandbox:
                      f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
                      "--bounding-set=-all", "--no-new-privs")
         args.add("--", self._prlimit, f"--data={confinement.memory_mb * MIB}",
-                 f"--nproc={confinement.processes or settings.max_processes}", f"--nofile={settings.max_open_files}", "--core=0", "--")
+                 f"--nproc={(confinement.processes or settings.max_processes) + confinement.threads}",
+                 f"--nofile={settings.max_open_files}", "--core=0", "--")
         return [*args.argv, *command]

@@ -29,4 +29,6 @@ async def function_spec(function: FunctionRecord, code: CodeCache, *, version: s
         disk_mb=function.disk_size,
         # FC's default is on: only an explicit false cuts the network.
         internet_access=function.settings.internet_access is not False,
+        instance_concurrency=function.instance_concurrency,
     )
+

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 TEMPLATE_FILE: Final = Path(proto.__file__).resolve()
 _CREDENTIALS: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _EXIT_AFTER_TEMPLATE_S: Final = 5.0  # an instance outlives its dead template by this at most
+MAX_WORKER_CONCURRENCY: Final = 200  # invocations at once a Python worker takes (FC's most instanceConcurrency)
 _HELLO_TIMEOUT_S: Final = 30.0  # a template that has not greeted by then is given up on
 
 
@@ -58,12 +59,17 @@ class TemplateKey:
     disk_mb: int
     internet: bool
     environment: tuple[tuple[str, str], ...]
+    # Process-limit room each instance needs beyond its own processes: a concurrent worker's
+    # handler threads (RLIMIT_NPROC counts threads), as for an instance started on its own.
+    threads: int = 0
 
     @classmethod
     def of(cls, spec: FunctionSpec) -> TemplateKey:
+        concurrency = max(1, min(spec.instance_concurrency, MAX_WORKER_CONCURRENCY))
         return cls(name=spec.name, version=spec.version, runtime=spec.runtime, code_checksum=spec.code_checksum,
                    code_dir=str(spec.code_dir), memory_mb=spec.memory_mb, disk_mb=spec.disk_mb,
-                   internet=spec.internet_access, environment=tuple(sorted(spec.environment.items())))
+                   internet=spec.internet_access, environment=tuple(sorted(spec.environment.items())),
+                   threads=concurrency + 1 if concurrency > 1 else 0)
 
 
 async def _ready(fd: int, *, write: bool = False) -> None:
@@ -245,7 +251,7 @@ class Template:
         self._dir.mkdir(parents=True, exist_ok=True)
         own = {**env, "FC_INSTANCE_ID": self.template_id, "TMPDIR": paths.tmp_dir, "HOME": paths.tmp_dir}
         argv = [sys.executable, "-P", f"{paths.runtime_dir}/{TEMPLATE_FILE.name}",
-                f"--tmp-mb={self.key.disk_mb}", f"--processes={sandbox.settings.max_processes}"]
+                f"--tmp-mb={self.key.disk_mb}", f"--processes={sandbox.settings.max_processes + self.key.threads}"]
         if sandbox.enabled:
             argv.append("--isolate")
         confinement = Confinement(memory_mb=self.key.memory_mb, tmp_mb=self.key.disk_mb, internet=self.key.internet,
@@ -384,7 +390,7 @@ class Templates:
         self._sandbox = sandbox
         self._work_dir = work_dir
         # The template's process limit bounds all its instances together; each gets its own.
-        self._processes = sandbox.settings.max_processes * (instances_per_template + 1)
+        self._instances_per_template = instances_per_template
         self._templates: dict[TemplateKey, Template] = {}
         self._closed = False
         self._refused = False  # forks cannot be confined here: instances start on their own
@@ -407,8 +413,9 @@ class Templates:
             if template is None or (template.settled and not template.alive):
                 if template is not None:
                     await self._drop(template)
+                processes = (self._sandbox.settings.max_processes + key.threads) * (self._instances_per_template + 1)
                 template = self._templates[key] = Template(key, sandbox=self._sandbox, work_dir=self._work_dir,
-                                                           processes=self._processes)
+                                                           processes=processes)
                 self._retire_others(key)
             try:
                 await template.ready(env)
