@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,54 @@ def test_compose_holds_no_secret() -> None:
     assert "alert-webhook-url" in compose()["secrets"]
 
 
+def test_compose_mongodb_requires_authentication() -> None:
+    """The replica set's members share a key file and clients log in: a container on the compose
+    network that holds no credentials can read or write nothing."""
+    services = compose()["services"]
+    for node in ("mongo-1", "mongo-2", "mongo-3"):
+        command, env = services[node]["command"], services[node]["environment"]
+        assert command[command.index("--keyFile") + 1] == "/tmp/mongo-keyfile", command
+        assert "--noauth" not in command
+        assert env["MONGO_INITDB_ROOT_USERNAME"] == "root"
+        assert re.fullmatch(r"\$\{MONGO_ROOT_PASSWORD:\?[^}]*\}", env["MONGO_INITDB_ROOT_PASSWORD"])
+        assert re.fullmatch(r"\$\{MONGO_KEYFILE:\?[^}]*\}", env["TASKMODE_MONGO_KEYFILE"])
+        # The key file is written from the environment, owner-only, before mongod starts.
+        entry = " ".join(services[node]["entrypoint"])
+        assert "umask 077" in entry and "/tmp/mongo-keyfile" in entry and "chown mongodb" in entry
+    for name in TASKMODE_SERVICES:
+        url = services[name]["environment"]["MONGODB_URL"]
+        assert url.startswith("mongodb://taskmode:${MONGO_TASKMODE_PASSWORD:?}@") and "authSource=admin" in url, url
+    init = services["mongo-init"]["environment"]
+    assert {"MONGO_ROOT_PASSWORD", "MONGO_TASKMODE_PASSWORD"} <= set(init)
+    script = (DEPLOY / "mongo" / "init-replica-set.js").read_text()
+    assert 'auth("root", rootPassword)' in script and "createUser" in script and 'role: "readWrite", db: "taskmode"' in script
+
+
+def test_compose_env_generates_every_required_secret(tmp_path: Path) -> None:
+    import base64
+
+    generated = subprocess.run([sys.executable, str(DEPLOY / "compose_env.py")], capture_output=True, text=True,
+                               timeout=60, check=True).stdout
+    values = dict(line.split("=", 1) for line in generated.splitlines())
+    required = set(re.findall(r"\$\{(\w+):\?", (ROOT / "docker-compose.yml").read_text()))
+    assert required <= set(values), required - set(values)
+    key = values["MONGO_KEYFILE"]  # mongod: base64 characters, 6 to 1024 of them
+    assert 6 <= len(key) <= 1024 and base64.b64encode(base64.b64decode(key)).decode() == key
+    assert re.fullmatch(r"[0-9a-f]{32,}", values["MONGO_TASKMODE_PASSWORD"])  # URL-safe as it is
+    env_file = tmp_path / ".env"
+    env_file.write_text(generated)
+    result = subprocess.run([*compose_command(), "--env-file", str(env_file), "-f", str(ROOT / "docker-compose.yml"),
+                             "config", "--format", "json"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    resolved = json.loads(result.stdout)["services"]
+    assert resolved["mongo-2"]["environment"]["TASKMODE_MONGO_KEYFILE"] == key
+    assert f"taskmode:{values['MONGO_TASKMODE_PASSWORD']}@mongo-1" in resolved["projection"]["environment"]["MONGODB_URL"]
+    # The entrypoint's shell expands its own variable ($$: compose leaves it alone), so the key is
+    # not on a command line.
+    entry = " ".join(resolved["mongo-1"]["entrypoint"])
+    assert '"$$TASKMODE_MONGO_KEYFILE"' in entry and key not in entry
+
+
 def test_prometheus_scrapes_every_replica_through_dns() -> None:
     config = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
@@ -93,7 +142,7 @@ def test_docker_compose_config_accepts_the_file_with_the_documented_env_file(tmp
     bare = subprocess.run([*compose_command(), "--env-file", "/dev/null", "-f", str(ROOT / "docker-compose.yml"),
                            "config", "--quiet"], capture_output=True, text=True, timeout=60, cwd=ROOT,
                           env={"PATH": "/usr/bin:/bin"})
-    assert bare.returncode != 0 and re.search(r"TASKMODE_ACCESS_KEYS|GRAFANA_ADMIN_PASSWORD|TASKMODE_DELIVERY_SECRET|NATS_\w+_PASSWORD",
+    assert bare.returncode != 0 and re.search(r"TASKMODE_ACCESS_KEYS|GRAFANA_ADMIN_PASSWORD|TASKMODE_DELIVERY_SECRET|NATS_\w+_PASSWORD|MONGO_\w+",
                                               bare.stderr)
 
 
