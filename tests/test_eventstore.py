@@ -130,3 +130,15 @@ async def test_unacknowledged_pipelined_appends_are_settled_by_reading_back(js: 
     assert outcome_new is None  # stored: read back, it is ours
     assert isinstance(outcome_taken, ConcurrentUpdateError)  # another Enqueued event is there
     assert creator.in_flight == 0
+
+
+async def test_the_stream_is_s2_compressed_and_an_older_uncompressed_one_is_brought_to_it(js: JetStreamContext) -> None:
+    from nats.js.api import StoreCompression
+
+    from shared import wire
+
+    assert (await js.stream_info(wire.EVENT_STREAM)).config.compression == StoreCompression.S2
+    await ensure_stream(js, compressed=False)  # as a stream made before compression was on
+    assert (await js.stream_info(wire.EVENT_STREAM)).config.compression == StoreCompression.NONE
+    await ensure_stream(js)  # what every service does at start
+    assert (await js.stream_info(wire.EVENT_STREAM)).config.compression == StoreCompression.S2

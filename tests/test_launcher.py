@@ -310,3 +310,39 @@ def test_the_banner_says_loudly_that_authentication_is_off(tmp_path: Path) -> No
     assert "AUTHENTICATION IS OFF" in banner and "access secret" not in banner
     assert "http://127.0.0.1:9555/2023-03-30/" in banner
     assert "executor off" in banner and ":9101 scheduler" in banner
+
+
+def _path_without(tmp_path: Path, tool: str) -> str:
+    """A PATH holding every program of /usr/bin and /bin but `tool` (as on a machine without it)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for directory in (Path("/usr/bin"), Path("/bin")):
+        for program in directory.iterdir():
+            if program.name != tool and not os.path.lexists(bin_dir / program.name):
+                (bin_dir / program.name).symlink_to(program)
+    return f"{Path(sys.executable).parent}:{bin_dir}"
+
+
+def test_without_a_sandbox_make_run_says_so_loudly_and_starts_nothing(tmp_path: Path, ports: dict[str, int]) -> None:
+    env = {**launcher_env(tmp_path / "data", ports), "PATH": _path_without(tmp_path, "bwrap")}
+    env.pop("TASKMODE_SANDBOX", None)
+    result = subprocess.run([sys.executable, str(ROOT / "deploy" / "run.py")], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "!" * 40 in result.stderr and "NO SANDBOX FOR FUNCTION INSTANCES: bwrap not found" in result.stderr
+    assert "TASKMODE_SANDBOX=false" in result.stderr
+    assert "taskmode is running" not in result.stdout
+    assert not (tmp_path / "data" / "logs").exists()  # nothing was started
+
+
+def test_running_unsandboxed_takes_an_explicit_setting_and_is_announced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from deploy import run
+
+    monkeypatch.setenv("PATH", _path_without(tmp_path, "bwrap"))
+    monkeypatch.delenv("TASKMODE_SANDBOX", raising=False)
+    assert run._sandbox_ok(tmp_path) is False
+    monkeypatch.setenv("TASKMODE_SANDBOX", "false")
+    assert run._sandbox_ok(tmp_path) is True
+    out = capsys.readouterr().out
+    assert "!" * 40 in out and "FUNCTION INSTANCES RUN UNSANDBOXED" in out

@@ -102,13 +102,14 @@ async def test_launcher_runs_everything_stops_cleanly_and_keeps_data(tmp_path: P
 def test_only_the_gateway_gets_the_access_keys_and_no_service_a_password_in_its_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from shared.devstack import Stack, child_environment
+    from shared.devstack import SERVICES, Stack, child_environment
 
     monkeypatch.setenv("TASKMODE_ACCESS_KEYS", "leaked:secret")
     monkeypatch.setenv("NATS_PASSWORD", "leaked")
     stack = Stack(data_dir=tmp_path, access_keys="id:secret", gateway_port=9999, nats_url="nats://127.0.0.1:1",
                   mongodb_url="mongodb://127.0.0.1:1", nats_passwords={"gateway": "g", "executor": "e"})
-    for service in ("gateway", "scheduler", "executor", "projection"):
+    assert len(SERVICES) == 6
+    for service in SERVICES:  # all six children, triggers and deliverer included
         env = child_environment(stack.env_for(service))
         assert "TASKMODE_ACCESS_KEYS" not in env and "NATS_PASSWORD" not in env, service
         assert ("TASKMODE_ACCESS_KEYS_FILE" in env) == (service == "gateway"), service
