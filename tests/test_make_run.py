@@ -117,6 +117,12 @@ def test_only_the_gateway_gets_the_access_keys_and_no_service_a_password_in_its_
     assert keys_file.read_text().strip() == "id:secret"
     assert keys_file.stat().st_mode & 0o777 == 0o600
     assert child_environment(stack.env_for("executor"))["NATS_USER"] == "executor"
+    # The role passwords make run generates (start_infra): files only the services' user reads.
+    from shared import natsauth
+
+    natsauth.load_or_create_passwords(tmp_path / "generated")
+    for role in natsauth.ROLES:
+        assert natsauth.password_file(tmp_path / "generated", role).stat().st_mode & 0o777 == 0o600, role
 
 
 def test_log_rotation_keeps_a_writer_appending(tmp_path: Path) -> None:
