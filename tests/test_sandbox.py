@@ -90,6 +90,8 @@ def handler(event, context):
         return attempt(lambda: len(bytearray(arg << 20)))
     if attack == "fork":
         return attempt(lambda: spawn_many(arg))
+    if attack == "open_many":
+        return attempt(lambda: len([open("/dev/null") for _ in range(arg)]))
     if attack == "fill_tmp":
         return attempt(lambda: fill_tmp(arg))
     if attack == "interfaces":
@@ -255,3 +257,84 @@ async def test_an_interpreter_installed_under_tmp_still_runs_inside(pool: Instan
         await launch.close()
     assert process.returncode == 0, output.decode(errors="replace")
     assert output.decode().strip() == str(venv)
+
+
+async def test_open_files_are_capped(pool: InstancePool, code_root: Path) -> None:
+    limit = pool.sandbox.settings.max_open_files
+    outcome = await attack(pool, spec(code_root), "open_many", limit + 10)
+    assert not outcome["ok"] and "Too many open files" in outcome["error"], outcome
+
+
+NODE_PROBE = """
+const fs = require("fs");
+exports.handler = async (event) => {
+  const { secret } = JSON.parse(event.toString());
+  let read;
+  try { read = fs.readFileSync(secret, "utf8"); } catch (err) { read = null; }
+  const pids = fs.readdirSync("/proc").filter((name) => /^[0-9]+$/.test(name));
+  let wrote = true;
+  try { fs.writeFileSync("/code/index.js", "pwned"); } catch (err) { wrote = false; }
+  return { uid: process.getuid(), pids, read, wrote, env: Object.keys(process.env) };
+};
+"""
+
+CUSTOM_PROBE = """
+import json, os
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+def probe(secret):
+    try:
+        read = open(secret).read()
+    except OSError:
+        read = None
+    try:
+        open("/code/server.py", "a").close()
+        wrote = True
+    except OSError:
+        wrote = False
+    return {"uid": os.getuid(), "pids": [p for p in os.listdir("/proc") if p.isdigit()], "read": read,
+            "wrote": wrote, "env": sorted(os.environ)}
+
+class Handler(BaseHTTPRequestHandler):
+    def do_POST(self):
+        request = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
+        body = json.dumps(probe(request["secret"])).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+HTTPServer(("127.0.0.1", int(os.environ["FC_SERVER_PORT"])), Handler).serve_forever()
+"""
+
+
+@pytest.mark.parametrize("runtime", ["nodejs20", "custom.debian10"])
+async def test_node_and_custom_instances_are_sandboxed_too(pool: InstancePool, tmp_path: Path, runtime: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOME_SECRET", "s3cret")
+    secret = tmp_path / "work" / "dev-access-key"
+    secret.parent.mkdir(parents=True, exist_ok=True)
+    secret.write_text("id:secret\n")
+    secret.chmod(0o644)  # even readable by anyone, it is not there to read
+    code = tmp_path / runtime
+    code.mkdir(mode=0o755)
+    if runtime == "nodejs20":
+        (code / "index.js").write_text(NODE_PROBE)
+        probe = FunctionSpec(name="node_probe", runtime=runtime, handler="index.handler", timeout_s=20.0,
+                             code_dir=code, code_checksum="n1", memory_mb=128, internet_access=False)
+    else:
+        (code / "server.py").write_text(CUSTOM_PROBE)
+        probe = FunctionSpec(name="custom_probe", runtime=runtime, handler="index.handler", timeout_s=20.0,
+                             code_dir=code, code_checksum="c1", memory_mb=128, internet_access=False,
+                             custom_command=[sys.executable, "server.py"])
+    async with pool.lease(probe) as instance:
+        result = await instance.invoke(json.dumps({"secret": str(secret)}).encode(), CTX)
+    assert result.ok, result.error_message + instance.output_tail()
+    seen = json.loads(result.payload)
+    assert seen["uid"] not in (0, os.getuid()), seen
+    assert len(seen["pids"]) <= 3, seen  # the sandbox's init and the runtime: none of the host's
+    assert seen["read"] is None and seen["wrote"] is False, seen
+    assert "SOME_SECRET" not in seen["env"], seen
