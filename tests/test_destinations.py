@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -14,7 +15,7 @@ from aiohttp import web
 from shared.destinations import destination_task_id, verify_webhook
 from shared.devstack import Stack, free_port
 from tests.fc_client import FcClient
-from tests.integration_fixtures import HANDLERS, publisher
+from tests.integration_fixtures import HANDLERS, StackFactory, publisher
 from tests.test_api_errors import assert_fc_error
 from tests.test_recovery import wait_until
 
@@ -212,3 +213,59 @@ async def test_destinations_that_do_not_parse_or_exist_are_refused(fc: FcClient,
         assert_fc_error(response, 400, "InvalidArgument", "destinationConfig.onFailure", mention)
     config = (await fc.request("GET", f"/functions/{fn_name}/async-invoke-config")).json()
     assert config.get("destinationConfig") is None  # the earlier, valid config is unchanged
+
+
+
+async def test_a_receiver_that_trickles_its_answer_does_not_hold_the_attempt(stack_with: StackFactory) -> None:
+    """An attempt has one deadline (TASKMODE_DELIVERY_TIMEOUT_S) however its receiver answers,
+    instead of httpx's per-read timeout, which a byte every half second never trips: a 2xx
+    status counts as soon as it is in (a body trickled after it is not waited for), and a status
+    line trickled byte by byte fails the attempt on time, to be retried."""
+    stack, fc = stack_with({"TASKMODE_DELIVERY_TIMEOUT_S": "2"})
+    done = asyncio.Event()
+    asked: dict[str, asyncio.Event] = {"body": asyncio.Event(), "status": asyncio.Event()}
+
+    async def trickle(writer: asyncio.StreamWriter, data: bytes) -> None:
+        for byte in data:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(done.wait(), 0.5)  # the receiver's pace, not a test wait
+            if done.is_set():
+                return
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:")))
+            await reader.readexactly(length)
+            if head.startswith(b"POST /body"):
+                asked["body"].set()
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n")
+                await trickle(writer, b" " * 1000)
+            else:
+                asked["status"].set()
+                await trickle(writer, b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n" * 10)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the deliverer gave up on this answer
+        finally:
+            writer.close()
+
+    port = free_port()
+    server = await asyncio.start_server(serve, "127.0.0.1", port)
+    try:
+        await make(fc, "trickled_body", **destinations(f"http://127.0.0.1:{port}/body"))
+        await make(fc, "trickled_status", **destinations(f"http://127.0.0.1:{port}/status"))
+        assert (await fc.invoke_async("trickled_body", b"x", task_id="slow_body")).status_code == 202
+        assert (await fc.invoke_async("trickled_status", b"x", task_id="slow_status")).status_code == 202
+        await asyncio.wait_for(asyncio.gather(asked["body"].wait(), asked["status"].wait()), 60)
+        # Both well within the deliverer's ack wait (30 s): no redelivery is involved.
+        await wait_until(lambda: destination_status(fc, "trickled_body", "slow_body", "Delivered"), deadline_s=15,
+                         what="the 2xx status counted without the trickled body")
+        await wait_until(lambda: destination_status(fc, "trickled_status", "slow_status", "Delivering"),
+                         deadline_s=15, what="the trickled status line failed the attempt on its deadline")
+    finally:
+        done.set()
+        server.close()
+        await server.wait_closed()

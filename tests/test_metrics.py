@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
 import pytest
+from nats.errors import NoRespondersError
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared.devstack import free_port
-from tests.integration_fixtures import StackFactory
+from tests.integration_fixtures import StackFactory, publisher
 from tests.test_lifecycle import make_function
+from tests.test_recovery import wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -144,3 +147,81 @@ async def test_the_figures_match_the_api_with_two_executors_and_two_schedulers(s
     assert await summed("taskmode_async_dequeued_total", function="counted", qualifier="LATEST") == len(ids)
     assert await summed("taskmode_async_retries_total", function="counted") == retried
     assert await summed("taskmode_async_backlog", function="counted", qualifier="LATEST") == 0
+
+
+async def test_trigger_events_and_destination_outcomes_are_counted(stack_with: StackFactory) -> None:
+    """FC's "Asynchronous Invocation Trigger Events" per function and trigger (nats, http,
+    timer), and the destination figures (FunctionDestinationSucceeded / Errors, attempts)."""
+    ports = {service: free_port() for service in ("TRIGGERS", "DELIVERER")}
+    stack, fc = stack_with({**{f"TASKMODE_{s}_METRICS_PORT": str(p) for s, p in ports.items()},
+                            "TASKMODE_DELIVERY_MAX_ATTEMPTS": "1"})
+    await make_function(fc, "counted")  # echoes its event: every trigger's task succeeds
+    assert (await fc.put_async_config("counted", asyncTask=True, destinationConfig={
+        "onSuccess": {"destination": "nats:results.counted"}})).status_code == 200
+    await make_function(fc, "broken", handler="index.fail")
+    nobody = f"http://127.0.0.1:{free_port()}/hook"  # refused: the one attempt fails
+    assert (await fc.put_async_config("broken", asyncTask=True, maxAsyncRetryAttempts=0, destinationConfig={
+        "onFailure": {"destination": nobody}})).status_code == 200
+    urls = {}
+    for name, trigger_type, config in [("intake", "nats", {"subject": "counted.in"}),
+                                       ("web", "http", {"authType": "anonymous", "methods": ["POST"]}),
+                                       ("tick", "timer", {"cronExpression": "@every 1s", "payload": "0"})]:
+        created = await fc.request("POST", "/functions/counted/triggers", json={
+            "triggerName": name, "triggerType": trigger_type, "triggerConfig": json.dumps(config)})
+        assert created.status_code == 200, created.text
+        urls[name] = created.json().get("httpTrigger", {}).get("urlInternet", "")
+
+    nc = await publisher(stack)
+    try:
+        async def ask(task_id: str) -> dict[str, object]:
+            reply = await nc.request("counted.in", b"0", timeout=10, headers={"x-fc-async-task-id": task_id})
+            return dict(json.loads(reply.data))
+
+        async def subscribed() -> bool:
+            try:
+                return "taskId" in await ask("warmup")
+            except NoRespondersError:
+                return False
+
+        await wait_until(subscribed, deadline_s=30, what="trigger subscribed")
+        assert await ask("ok_1") == {"taskId": "ok_1"}
+        assert (await ask("ok_1"))["HttpStatus"] == 409
+        assert (await ask("9bad"))["HttpStatus"] == 400
+    finally:
+        await nc.close()
+    async with httpx.AsyncClient(timeout=60) as http:
+        assert (await http.post(urls["web"], content=b"0")).status_code == 200
+        assert (await http.post(urls["web"], content=b"0", headers={"x-fc-invocation-type": "Async",
+                                                           "x-fc-async-task-id": "web_1"})).status_code == 202
+        gateway = samples((await http.get(f"http://127.0.0.1:{stack.gateway_port}/metrics")).text)
+    labels = {"function": "counted", "trigger": "web", "trigger_type": "http"}
+    assert value(gateway, "taskmode_trigger_events_total", **labels, outcome="invoked") == 1
+    assert value(gateway, "taskmode_trigger_events_total", **labels, outcome="submitted") == 1
+
+    nats_labels = {"function": "counted", "trigger": "intake", "trigger_type": "nats"}
+    timer_labels = {"function": "counted", "trigger": "tick", "trigger_type": "timer"}
+    triggers = await scrape_until(
+        f"http://127.0.0.1:{ports['TRIGGERS']}/metrics",
+        lambda f: value(f, "taskmode_trigger_events_total", **nats_labels, outcome="rejected") >= 1
+        and value(f, "taskmode_trigger_events_total", **timer_labels, outcome="submitted") >= 1)
+    assert value(triggers, "taskmode_trigger_events_total", **nats_labels, outcome="submitted") == 2  # warmup, ok_1
+    assert value(triggers, "taskmode_trigger_events_total", **nats_labels, outcome="duplicate") == 1
+    assert value(triggers, "taskmode_trigger_events_total", **nats_labels, outcome="rejected") == 1
+    assert value(triggers, "taskmode_trigger_events_total", **timer_labels, outcome="submitted") >= 1
+
+    assert (await fc.invoke_async("broken", b"x", task_id="fails_1")).status_code == 202
+    await fc.wait_for("broken", "fails_1", {"Failed"}, deadline_s=60)
+    deliverer = await scrape_until(
+        f"http://127.0.0.1:{ports['DELIVERER']}/metrics",
+        lambda f: value(f, "taskmode_destination_succeeded_total", function="counted", condition="Success") >= 1
+        and value(f, "taskmode_destination_errors_total", function="broken", condition="RetriesExhausted") >= 1,
+        deadline_s=60)
+    assert value(deliverer, "taskmode_destination_errors_total", function="broken", condition="RetriesExhausted") == 1
+    assert value(deliverer, "taskmode_destination_attempts_total", kind="webhook", outcome="failed") == 1
+    assert value(deliverer, "taskmode_destination_attempts_total", kind="nats", outcome="delivered") >= 1
+    assert value(deliverer, "taskmode_destination_errors_total", function="counted", condition="Success") == 0
+
+    async def given_up() -> bool:
+        return bool((await fc.get_task("broken", "fails_1")).json().get("destinationStatus") == "DeliveryFailed")
+
+    await wait_until(given_up, deadline_s=30, what="destinationStatus DeliveryFailed")

@@ -15,8 +15,9 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from shared.acs3 import sign_request
 from shared.devstack import Stack
-from tests.fc_client import FcClient
-from tests.integration_fixtures import ACCESS_KEY_ID, ACCESS_KEY_SECRET, publisher
+from shared.wire import partition_of
+from tests.fc_client import FcClient, zip_code
+from tests.integration_fixtures import ACCESS_KEY_ID, ACCESS_KEY_SECRET, StackFactory, publisher
 from tests.test_api_errors import assert_fc_error
 from tests.test_lifecycle import make_function
 from tests.test_recovery import list_all, wait_until
@@ -228,3 +229,75 @@ async def test_timer_fires_once_per_tick_across_a_restart(fc: FcClient, fn_name:
     assert json.loads(task["taskPayload"]) == {"triggerTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(after[0])),
                                                "triggerName": "tick", "payload": "beat"}
 
+
+
+async def test_an_http_trigger_fires_on_its_qualifier_sync_and_async(fc: FcClient, fn_name: str) -> None:
+    """A trigger on version 1 runs version 1's code, called synchronously or as a task, after
+    LATEST's code has changed; a trigger on a qualifier that names nothing answers 404."""
+    def code(tag: str) -> dict[str, str]:
+        return {"index.py": f"def handler(event, context):\n    return {tag!r}\n"}
+
+    assert (await fc.create_function(fn_name, code=code("version one"))).status_code == 200
+    published = await fc.request("POST", f"/functions/{fn_name}/versions", json={})
+    assert published.status_code == 200 and published.json()["versionId"] == "1", published.text
+    updated = await fc.request("PUT", f"/functions/{fn_name}", json={"code": {"zipFile": zip_code(code("latest"))}})
+    assert updated.status_code == 200, updated.text
+    pinned = await create_trigger(fc, fn_name, "pinned", "http", {"authType": "anonymous", "methods": ["POST"]},
+                                  qualifier="1")
+    assert pinned.status_code == 200 and pinned.json()["qualifier"] == "1", pinned.text
+    latest = await create_trigger(fc, fn_name, "latest", "http", {"authType": "anonymous", "methods": ["POST"]})
+    ghost = await create_trigger(fc, fn_name, "ghost", "http", {"authType": "anonymous", "methods": ["POST"]},
+                                 qualifier="7")
+    async with httpx.AsyncClient(timeout=60) as http:
+        sync = await http.post(pinned.json()["httpTrigger"]["urlInternet"], content=b"x")
+        assert (sync.status_code, sync.text) == (200, "version one")
+        sync_latest = await http.post(latest.json()["httpTrigger"]["urlInternet"], content=b"x")
+        assert (sync_latest.status_code, sync_latest.text) == (200, "latest")
+        accepted = await http.post(pinned.json()["httpTrigger"]["urlInternet"], content=b"x",
+                                   headers={"x-fc-invocation-type": "Async", "x-fc-async-task-id": "pinned_1"})
+        assert accepted.status_code == 202, accepted.text
+        if ghost.status_code == 200:  # a trigger on a qualifier that names nothing (if it could be made)
+            url = ghost.json()["httpTrigger"]["urlInternet"]
+            assert_fc_error(await http.post(url, content=b"x"), 404, "VersionNotFound")
+            assert_fc_error(await http.post(url, content=b"x", headers={"x-fc-invocation-type": "Async"}),
+                            404, "VersionNotFound")
+    task = await fc.wait_for(fn_name, "pinned_1", {"Succeeded"})
+    assert task["returnPayload"] == "version one" and task["qualifier"] == "1"
+
+
+async def test_timer_fires_once_per_tick_with_two_instances_and_one_killed(stack_with: StackFactory) -> None:
+    """Two triggers-service instances split the timers by partition leases; whichever holds a
+    timer's partition fires it, the other takes over when the holder dies: every tick from the
+    first to the last is one task, none lost in the handover, none run twice."""
+    stack, fc = stack_with({"TASKMODE_LEASE_S": "2"})
+    stack.start_service("triggers", name="triggers2")
+    await make_function(fc, "ticking")
+    response = await create_trigger(fc, "ticking", "tick", "timer", {"cronExpression": "@every 1s", "payload": "p"})
+    assert response.status_code == 200, response.text
+
+    async def ticks(at_least: int) -> list[int] | None:
+        listed = await list_all(fc, "ticking")
+        found = sorted(int(task_id.rsplit("-", 1)[1]) for task_id in listed)
+        return found if len(found) >= at_least else None
+
+    before = await wait_until(lambda: ticks(3), deadline_s=60, what="three ticks")
+    # Kill the instance that fires the timer: the one whose log last claimed its partition.
+    partition = partition_of("ticking", "tick", 4)
+
+    def holds(label: str) -> bool:
+        held = False
+        for line in (stack.data_dir / "logs" / f"{label}.log").read_text().splitlines():
+            record = json.loads(line) if line.startswith("{") else {}
+            if record.get("group") == "timers" and record.get("partition") == partition:
+                held = record["msg"] == "partition claimed"
+        return held
+
+    [holder] = [label for label in ("triggers", "triggers2") if holds(label)]
+    stack.kill_service(holder)
+    after = await wait_until(lambda: ticks(len(before) + 6), deadline_s=90, what="ticks after the kill")
+    await fc.request("PUT", "/functions/ticking/triggers/tick",
+                     json={"triggerConfig": {"cronExpression": "@every 1s", "enable": False}})
+    assert after == list(range(after[0], after[-1] + 1)), after
+    for tick in after[:: max(1, len(after) // 4)]:
+        task = await fc.wait_for("ticking", f"tick-{tick}", {"Succeeded"})
+        assert [e["status"] for e in task["events"]].count("Running") == 1

@@ -41,7 +41,8 @@ async def run(settings: DelivererSettings, stop: asyncio.Event, stack: AsyncExit
     catalog = await open_catalog(bus, stack)
     http = httpx.AsyncClient(timeout=settings.timeout_s, follow_redirects=False)
     stack.push_async_callback(http.aclose)
-    senders = Senders(http=http, nc=bus.nc, events=bus.events, catalog=catalog, secret=settings.secret)
+    senders = Senders(http=http, nc=bus.nc, events=bus.events, catalog=catalog, secret=settings.secret,
+                      timeout_s=settings.timeout_s)
     deliverer = Deliverer(events=bus.events, deliveries=DeliveryLog(bus.js, partitions=settings.common.partitions),
                           catalog=catalog, senders=senders, metrics=metrics, settings=settings)
     leases = PartitionLeases(await open_leases(bus.js, replicas=settings.common.stream_replicas),

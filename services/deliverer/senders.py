@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import httpx
@@ -31,8 +32,9 @@ def kind_of(target: Target) -> str:
 
 class Senders:
     def __init__(self, *, http: httpx.AsyncClient, nc: Client, events: EventLog, catalog: FunctionCatalog,
-                 secret: str) -> None:
+                 secret: str, timeout_s: float) -> None:
         self._http = http
+        self._timeout_s = timeout_s
         self._nc = nc
         self._events = events
         self._catalog = catalog
@@ -61,12 +63,19 @@ class Senders:
             wire.WEBHOOK_SIGNATURE_HEADER: sign_webhook(self._secret, timestamp=timestamp, body=record),
             wire.DELIVERY_ID_HEADER: delivery_id,
         }
+        # One deadline for the whole attempt (httpx's timeout bounds each read, so a receiver
+        # that trickles its answer would hold the attempt, and its partition's next deliveries,
+        # for ever); only the status counts, the answer's body is never read.
         try:
-            response = await self._http.post(url, content=record, headers=headers)
+            async with asyncio.timeout(self._timeout_s):
+                async with self._http.stream("POST", url, content=record, headers=headers) as response:
+                    status = response.status_code
+        except TimeoutError as err:
+            raise DeliveryFailed(f"POST {url} did not answer within {self._timeout_s:g} s") from err
         except httpx.HTTPError as err:
             raise DeliveryFailed(f"POST {url} failed: {type(err).__name__}: {err}") from err
-        if not 200 <= response.status_code < 300:
-            raise DeliveryFailed(f"POST {url} answered {response.status_code}")
+        if not 200 <= status < 300:
+            raise DeliveryFailed(f"POST {url} answered {status}")
 
     async def _submit(self, target: FunctionTarget, record: bytes, *, function: str, task_id: str) -> None:
         if await self._catalog.find_function(target.function) is None:

@@ -25,7 +25,8 @@ from services.gateway.deps import metrics_of, resources_of, settings_of
 from services.gateway.flow_control import refuse_if_blocked
 from services.gateway.invocations import call_function
 from shared import wire
-from shared.errors import FunctionNotFound, TaskmodeError, TriggerNotFound
+from shared.errors import TaskmodeError, TriggerNotFound
+from shared.qualifiers import MAIN_VERSION_DRAW, resolve
 from shared.submission import MAX_ASYNC_PAYLOAD_BYTES, Admission, check_payload_size, choose_task_id, parse_delay, submit
 from shared.transitions import Status
 from shared.triggers import TRIGGER_NAME_RE, HttpAuthType, HttpTriggerConfig, TriggerRecord, TriggerType
@@ -137,9 +138,9 @@ async def http_trigger(function_name: str, trigger_name: str, request: Request, 
         body = await signed_body(request, limit=limit)  # headers and nonce before the body, as the API
     else:
         body = await read_body(request, limit=limit)
-    function = await resources.catalog.find_function(function_name)
-    if function is None:
-        raise FunctionNotFound(f"function {function_name} does not exist")
+    # The trigger fires on its qualifier, sync or async, as InvokeFunction with that qualifier
+    # would: which version an alias picks is drawn when the invocation runs.
+    resolved = await resolve(resources.catalog, function_name, record.qualifier, draw=lambda: MAIN_VERSION_DRAW)
     request_id = request_id_of(request)
     event = http_event(request, path="/" + path, body=body, trigger=trigger_name,
                        account_id=settings.common.account_id, request_id=request_id)
@@ -147,7 +148,8 @@ async def http_trigger(function_name: str, trigger_name: str, request: Request, 
     invocation = params.parse_invocation_type(request.headers.get(wire.FC_INVOCATION_TYPE_HEADER))
     if invocation == "Sync":
         await refuse_if_blocked(resources, function_name)
-        result, headers = await call_function(function, event, nc=resources.nc, request_id=request_id, metrics=metrics)
+        result, headers = await call_function(resolved.function, event, nc=resources.nc, request_id=request_id,
+                                              metrics=metrics, qualifier=resolved.qualifier)
         metrics.trigger_events.labels(**labels, outcome="invoked").inc()
         if wire.FC_ERROR_TYPE_HEADER in headers:
             # The handler failed: FC's error JSON, with a status a browser or client treats as one.
@@ -159,7 +161,7 @@ async def http_trigger(function_name: str, trigger_name: str, request: Request, 
                                  request_id_header=request.headers.get(wire.FC_REQUEST_ID_HEADER))
         note_task_id(request, task_id)  # on every answer from here on, as InvokeFunction's
         admission = Admission(function=function_name, task_id=task_id, payload=event, request_id=request_id,
-                              qualifier=record.qualifier, delay_s=parse_delay(request.headers.get(wire.FC_DELAY_HEADER)))
+                              qualifier=resolved.qualifier, delay_s=parse_delay(request.headers.get(wire.FC_DELAY_HEADER)))
         await submit(resources.events, admission, await resources.catalog.find_async_config(function_name))
     except TaskmodeError as err:
         metrics.trigger_events.labels(**labels, outcome="duplicate" if err.http_status == 409 else "rejected").inc()
