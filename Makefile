@@ -57,6 +57,8 @@ bench: $(BENCH_STAMP)
 	$(PY) -m bench.cpu_per_task
 	$(PY) -m bench.compare
 	$(PY) -m bench.stream_size
+	$(PY) -m bench.bus_messages
+	$(PY) -m bench.hop_cost
 
 # The soak test for longer: submissions at a steady rate while every process is killed in turn.
 soak: install

@@ -137,12 +137,14 @@ def start_program(name: str, argv: Sequence[str], *, log_path: Path, env: dict[s
 NATS_MAX_PAYLOAD_BYTES = 40 * 1024 * 1024
 
 
-def nats_config(*, port: int, store: Path, authorization: str = "") -> str:
+def nats_config(*, port: int, store: Path, authorization: str = "", monitor_port: int | None = None) -> str:
     """The nats-server configuration taskmode runs with (JetStream on, loopback only), with the
-    roles' users and permissions when `authorization` is given (`natsauth.render_authorization`)."""
+    roles' users and permissions when `authorization` is given (`natsauth.render_authorization`),
+    and nats-server's HTTP monitoring (/varz, /connz, /jsz) on loopback with `monitor_port`."""
     return (
         f"listen: 127.0.0.1:{port}\n"
-        f"max_payload: {NATS_MAX_PAYLOAD_BYTES}\n"
+        + (f"http: 127.0.0.1:{monitor_port}\n" if monitor_port else "")
+        + f"max_payload: {NATS_MAX_PAYLOAD_BYTES}\n"
         f"jetstream {{\n  store_dir: {json.dumps(str(store))}\n}}\n"
         f"{authorization}"
     )
@@ -190,7 +192,7 @@ def start_nats_with(
 
 
 def start_nats(data_dir: Path, *, port: int = -1, deadline_s: float = 20.0,
-               passwords: dict[str, str] | None = None) -> ChildProcess:
+               passwords: dict[str, str] | None = None, monitor_port: int | None = None) -> ChildProcess:
     """A JetStream-enabled nats-server storing under `data_dir/nats`; port -1 lets it choose.
 
     With `passwords` (role -> password) it asks every client for a role's credentials; its
@@ -200,7 +202,8 @@ def start_nats(data_dir: Path, *, port: int = -1, deadline_s: float = 20.0,
     store.mkdir(parents=True, exist_ok=True)
     config = data_dir / "nats-server.conf"
     authorization = natsauth.render_authorization(passwords) if passwords else ""
-    natsauth.write_private(config, nats_config(port=port, store=store, authorization=authorization))
+    natsauth.write_private(config, nats_config(port=port, store=store, authorization=authorization,
+                                               monitor_port=monitor_port))
     return start_nats_with(config, log_path=data_dir / "logs" / "nats-server.log", deadline_s=deadline_s)
 
 
@@ -369,6 +372,7 @@ class Stack:
     # role -> password: generated for our own nats-server, or given with `nats_url` for one that
     # asks for them (a NatsCluster's).
     nats_passwords: dict[str, str] = field(default_factory=dict)
+    nats_monitor_port: int | None = None  # nats-server's HTTP monitoring, for benches
     infra: list[ChildProcess] = field(default_factory=list)
     services: dict[str, ChildProcess] = field(default_factory=dict)
 
@@ -376,7 +380,8 @@ class Stack:
         """Start nats-server (unless `nats_url` is set) and the MongoDB-wire server (unless `mongodb_url` is)."""
         if not self.nats_url:
             self.nats_passwords = natsauth.load_or_create_passwords(self.secrets_dir)
-            nats = start_nats(self.data_dir, port=nats_port, passwords=self.nats_passwords)
+            nats = start_nats(self.data_dir, port=nats_port, passwords=self.nats_passwords,
+                              monitor_port=self.nats_monitor_port)
             self.infra.append(nats)
             self.nats_url = nats.url
         elif self.nats_passwords:  # someone else's server that asks for them: hand them over as files

@@ -21,7 +21,7 @@ import pytest
 
 from shared.devstack import free_port, start_mongo_wire
 from shared.errors import InvalidArgument, InvalidNextToken, ServiceUnavailable
-from shared.taskstore import TaskQuery, TaskStore, prefix_upper_bound
+from shared.taskstore import REDUNDANT_UNIQUE_KEYS, TaskQuery, TaskStore, prefix_upper_bound
 from shared.taskview import INTERNAL_FIELDS, document_id, expire_at
 from shared.wire import RETENTION_S
 
@@ -224,8 +224,20 @@ class TestTaskStoreContract:
 
         ttl = by_key[(("expireAt", 1),)]
         assert ttl["expireAfterSeconds"] == 0
-        assert by_key[(("functionName", 1), ("taskId", 1))]["unique"] is True
         assert (("functionName", 1), ("submitTime", 1), ("taskId", 1)) in by_key
+        assert (("functionName", 1), ("taskId", 1)) not in by_key  # `_id` keeps a task unique
+
+    async def test_the_unique_index_of_older_stores_is_dropped(self, task_store: TaskStore) -> None:
+        await task_store.collection.create_index(REDUNDANT_UNIQUE_KEYS, unique=True, name="functionName_taskId_unique")
+        assert await self._keys(task_store) >= {tuple(REDUNDANT_UNIQUE_KEYS)}
+        await task_store.ensure_indexes()
+        keys = await self._keys(task_store)
+        assert tuple(REDUNDANT_UNIQUE_KEYS) not in keys
+        assert (("functionName", 1), ("submitTime", 1), ("taskId", 1)) in keys
+
+    @staticmethod
+    async def _keys(task_store: TaskStore) -> set[tuple[tuple[str, int], ...]]:
+        return {tuple(ix["key"].items()) async for ix in await task_store.collection.list_indexes()}
 
     @pytest.mark.parametrize("descending", [False, True], ids=["asc", "desc"])
     async def test_order_breaks_ties_by_task_id(self, task_store: TaskStore, descending: bool) -> None:
