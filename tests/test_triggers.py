@@ -96,6 +96,35 @@ async def test_trigger_api_and_refusals(fc: FcClient, fn_name: str) -> None:
     assert (await fc.request("GET", f"/functions/{fn_name}/triggers")).json()["triggers"] == []
 
 
+async def test_a_trigger_qualifier_must_name_a_version_or_alias(fc: FcClient, fn_name: str) -> None:
+    """CreateTrigger and UpdateTrigger refuse a qualifier that names nothing, as InvokeFunction
+    does (404 VersionNotFound / AliasNotFound), and store nothing when they do."""
+    await make_function(fc, fn_name)
+    http = {"authType": "anonymous", "methods": ["POST"]}
+    assert_fc_error(await create_trigger(fc, fn_name, "ghost", "http", http, qualifier="7"), 404, "VersionNotFound")
+    assert_fc_error(await create_trigger(fc, fn_name, "ghost", "nats", {"subject": "ghost.a"}, qualifier="prod"),
+                    404, "AliasNotFound")
+    assert (await fc.request("GET", f"/functions/{fn_name}/triggers")).json()["triggers"] == []
+
+    assert (await fc.request("POST", f"/functions/{fn_name}/versions", json={})).json()["versionId"] == "1"
+    alias = await fc.request("POST", f"/functions/{fn_name}/aliases", json={"aliasName": "prod", "versionId": "1"})
+    assert alias.status_code == 200, alias.text
+    for name, qualifier in (("on_latest", "LATEST"), ("on_version", "1"), ("on_alias", "prod")):
+        created = await create_trigger(fc, fn_name, name, "http", http, qualifier=qualifier)
+        assert created.status_code == 200 and created.json()["qualifier"] == qualifier, created.text
+
+    for qualifier, code in (("2", "VersionNotFound"), ("staging", "AliasNotFound")):
+        refused = await fc.request("PUT", f"/functions/{fn_name}/triggers/on_version",
+                                   json={"qualifier": qualifier, "description": "changed"})
+        assert_fc_error(refused, 404, code)
+    unchanged = (await fc.request("GET", f"/functions/{fn_name}/triggers/on_version")).json()
+    assert unchanged["qualifier"] == "1" and unchanged["description"] == ""
+    moved = await fc.request("PUT", f"/functions/{fn_name}/triggers/on_version", json={"qualifier": "prod"})
+    assert moved.status_code == 200 and moved.json()["qualifier"] == "prod", moved.text
+    back = await fc.request("PUT", f"/functions/{fn_name}/triggers/on_version", json={"qualifier": "LATEST"})
+    assert back.status_code == 200 and back.json()["qualifier"] == "LATEST", back.text
+
+
 async def test_nats_publishers_messages_become_tasks_deduplicated(
         fc: FcClient, fn_name: str, shared_stack: Stack) -> None:
     await make_function(fc, fn_name, handler="index.info")
@@ -233,7 +262,7 @@ async def test_timer_fires_once_per_tick_across_a_restart(fc: FcClient, fn_name:
 
 async def test_an_http_trigger_fires_on_its_qualifier_sync_and_async(fc: FcClient, fn_name: str) -> None:
     """A trigger on version 1 runs version 1's code, called synchronously or as a task, after
-    LATEST's code has changed; a trigger on a qualifier that names nothing answers 404."""
+    LATEST's code has changed; a trigger whose qualifier names nothing (any more) answers 404."""
     def code(tag: str) -> dict[str, str]:
         return {"index.py": f"def handler(event, context):\n    return {tag!r}\n"}
 
@@ -246,8 +275,15 @@ async def test_an_http_trigger_fires_on_its_qualifier_sync_and_async(fc: FcClien
                                   qualifier="1")
     assert pinned.status_code == 200 and pinned.json()["qualifier"] == "1", pinned.text
     latest = await create_trigger(fc, fn_name, "latest", "http", {"authType": "anonymous", "methods": ["POST"]})
-    ghost = await create_trigger(fc, fn_name, "ghost", "http", {"authType": "anonymous", "methods": ["POST"]},
-                                 qualifier="7")
+    assert_fc_error(await create_trigger(fc, fn_name, "ghost", "http", {"authType": "anonymous", "methods": ["POST"]},
+                                         qualifier="7"), 404, "VersionNotFound")
+    # A trigger whose alias is deleted afterwards answers as InvokeFunction on that alias would.
+    alias = await fc.request("POST", f"/functions/{fn_name}/aliases", json={"aliasName": "gone", "versionId": "1"})
+    assert alias.status_code == 200, alias.text
+    orphan = await create_trigger(fc, fn_name, "orphan", "http", {"authType": "anonymous", "methods": ["POST"]},
+                                  qualifier="gone")
+    assert orphan.status_code == 200, orphan.text
+    assert (await fc.request("DELETE", f"/functions/{fn_name}/aliases/gone")).status_code == 204
     async with httpx.AsyncClient(timeout=60) as http:
         sync = await http.post(pinned.json()["httpTrigger"]["urlInternet"], content=b"x")
         assert (sync.status_code, sync.text) == (200, "version one")
@@ -256,11 +292,10 @@ async def test_an_http_trigger_fires_on_its_qualifier_sync_and_async(fc: FcClien
         accepted = await http.post(pinned.json()["httpTrigger"]["urlInternet"], content=b"x",
                                    headers={"x-fc-invocation-type": "Async", "x-fc-async-task-id": "pinned_1"})
         assert accepted.status_code == 202, accepted.text
-        if ghost.status_code == 200:  # a trigger on a qualifier that names nothing (if it could be made)
-            url = ghost.json()["httpTrigger"]["urlInternet"]
-            assert_fc_error(await http.post(url, content=b"x"), 404, "VersionNotFound")
-            assert_fc_error(await http.post(url, content=b"x", headers={"x-fc-invocation-type": "Async"}),
-                            404, "VersionNotFound")
+        url = orphan.json()["httpTrigger"]["urlInternet"]
+        assert_fc_error(await http.post(url, content=b"x"), 404, "AliasNotFound")
+        assert_fc_error(await http.post(url, content=b"x", headers={"x-fc-invocation-type": "Async"}),
+                        404, "AliasNotFound")
     task = await fc.wait_for(fn_name, "pinned_1", {"Succeeded"})
     assert task["returnPayload"] == "version one" and task["qualifier"] == "1"
 

@@ -2,7 +2,8 @@
 
 Bodies are FC 3.0's `CreateTriggerInput` / `UpdateTriggerInput`; answers are its `Trigger`, with
 `httpTrigger.urlInternet`/`urlIntranet` for an http trigger. A config is checked in full for its
-type before anything is written.
+type, and the qualifier must name a version or alias of the function (as for InvokeFunction),
+before anything is written.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from services.gateway.schemas import decode_json
 from services.gateway.settings import GatewaySettings
 from shared import wire
 from shared.errors import ConcurrentUpdateError, InvalidArgument, InvalidNextToken, ServiceUnavailable
+from shared.qualifiers import MAIN_VERSION_DRAW, resolve
 from shared.triggers import (
     TriggerCatalog,
     TriggerRecord,
@@ -96,6 +98,12 @@ def _decode_token(token: str | None) -> str | None:
     return name
 
 
+async def _check_exists(resources: Resources, function_name: str, qualifier: str) -> None:
+    """Refuse a qualifier that names no version or alias of the function, as InvokeFunction
+    does (404 VersionNotFound / AliasNotFound); LATEST always resolves."""
+    await resolve(resources.catalog, function_name, qualifier, draw=lambda: MAIN_VERSION_DRAW)
+
+
 def _status(config_enabled: bool) -> str:
     return "Enabled" if config_enabled else "Disabled"
 
@@ -112,6 +120,7 @@ async def create_trigger(function_name: str, request: Request, resources: Resour
     config = parse_config(trigger_type, body.trigger_config)
     qualifier = params.check_qualifier(body.qualifier)
     function = await resources.catalog.get_function(function_name)
+    await _check_exists(resources, function_name, qualifier)
     now = params.format_time()
     record = TriggerRecord(
         trigger_name=body.trigger_name,
@@ -151,6 +160,8 @@ async def update_trigger(function_name: str, trigger_name: str, request: Request
     body = decode_json(raw, UpdateTriggerInput)
     qualifier = params.check_qualifier(body.qualifier) if body.qualifier is not None else None
     await resources.catalog.get_function(function_name)
+    if qualifier is not None:
+        await _check_exists(resources, function_name, qualifier)
     catalog = _catalog(resources)
     for attempt in range(_UPDATE_ATTEMPTS):
         current, revision = await catalog.get_versioned(function_name, trigger_name)
