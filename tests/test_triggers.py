@@ -260,6 +260,61 @@ async def test_timer_fires_once_per_tick_across_a_restart(fc: FcClient, fn_name:
 
 
 
+async def test_a_disabled_timer_stops_firing_and_fires_again_when_enabled(fc: FcClient, fn_name: str) -> None:
+    """`enable: false` stops a timer; `enable: true` starts it again from that moment (the ticks
+    it missed while disabled are not caught up). A second timer on the function, never disabled,
+    is the service's clock: once it has fired ticks several periods after the disable, the
+    disabled timer must have fired none of them."""
+    await make_function(fc, fn_name)
+    every_1s = {"cronExpression": "@every 1s", "payload": "beat"}
+    for name in ("tick", "clock"):
+        response = await create_trigger(fc, fn_name, name, "timer", {**every_1s, "enable": True})
+        assert response.status_code == 200, response.text
+
+    async def ticks() -> dict[str, list[int]]:
+        found: dict[str, list[int]] = {"tick": [], "clock": []}
+        for task_id in await list_all(fc, fn_name):
+            name, at = task_id.rsplit("-", 1)
+            found[name].append(int(at))
+        return {name: sorted(times) for name, times in found.items()}
+
+    async def clock_past(moment: float) -> dict[str, list[int]] | None:
+        found = await ticks()
+        return found if found["clock"] and found["clock"][-1] >= moment else None
+
+    started = time.time()
+    await wait_until(lambda: clock_past(started + 2), deadline_s=60, what="the timers ticking")
+    assert (await ticks())["tick"], "the timer to disable never fired"
+
+    disable = await fc.request("PUT", f"/functions/{fn_name}/triggers/tick",
+                               json={"triggerConfig": {**every_1s, "enable": False}})
+    disabled_at = time.time()
+    assert disable.status_code == 200 and disable.json()["status"] == "Disabled", disable.text
+    # Two clock ticks later the service has seen the disable: the timer's last tick is known.
+    seen = await wait_until(lambda: clock_past(disabled_at + 2), deadline_s=60, what="clock ticks after the disable")
+    last = seen["tick"][-1]
+    assert last <= disabled_at + 2, (disabled_at, seen["tick"])
+    # Over several more periods of the clock, the disabled timer fires nothing.
+    quiet = await wait_until(lambda: clock_past(disabled_at + 7), deadline_s=60, what="five more clock ticks")
+    assert quiet["tick"][-1] == last, (disabled_at, quiet["tick"])
+
+    enable = await fc.request("PUT", f"/functions/{fn_name}/triggers/tick",
+                              json={"triggerConfig": {**every_1s, "enable": True}})
+    enabled_at = time.time()
+    assert enable.status_code == 200 and enable.json()["status"] == "Enabled", enable.text
+
+    async def fired_again() -> list[int] | None:
+        found = (await ticks())["tick"]
+        return found if found[-1] > enabled_at + 1 else None
+
+    again = await wait_until(fired_again, deadline_s=60, what="the re-enabled timer firing")
+    resumed = [at for at in again if at > last]
+    # From the re-enable on (its lastModifiedTime has whole seconds), nothing of the gap before it.
+    assert resumed and resumed[0] >= int(enabled_at) - 1, (disabled_at, enabled_at, again)
+    assert resumed == list(range(resumed[0], resumed[-1] + 1)), again
+    await fc.request("DELETE", f"/functions/{fn_name}")
+
+
 async def test_an_http_trigger_fires_on_its_qualifier_sync_and_async(fc: FcClient, fn_name: str) -> None:
     """A trigger on version 1 runs version 1's code, called synchronously or as a task, after
     LATEST's code has changed; a trigger whose qualifier names nothing (any more) answers 404."""
