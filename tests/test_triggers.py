@@ -235,6 +235,30 @@ async def test_http_trigger_runs_the_function_sync_and_async(fc: FcClient, fn_na
     assert json.loads(task["returnPayload"])["statusCode"] == 201
 
 
+async def test_disable_url_internet_leaves_only_the_intranet_url(fc: FcClient, fn_name: str) -> None:
+    """FC's `disableURLInternet`: the trigger has no urlInternet any more; the gateway's one URL
+    is its urlIntranet, and requests to it are served as before."""
+    assert (await fc.create_function(fn_name, code={"index.py": HTTP_HANDLER})).status_code == 200
+    config = {"authType": "anonymous", "methods": ["POST"], "disableURLInternet": True}
+    created = await create_trigger(fc, fn_name, "inside", "http", config)
+    assert created.status_code == 200, created.text
+    assert json.loads(created.json()["triggerConfig"])["disableURLInternet"] is True
+    urls = created.json()["httpTrigger"]
+    assert "urlInternet" not in urls and urls["urlIntranet"].endswith(f"/http-triggers/{fn_name}/inside/"), urls
+    listed = (await fc.request("GET", f"/functions/{fn_name}/triggers")).json()["triggers"]
+    assert [t["httpTrigger"] for t in listed] == [urls]
+    async with httpx.AsyncClient(timeout=60) as http:
+        served = await http.post(urls["urlIntranet"] + "in", content=b"hi")
+        assert served.status_code == 201 and served.json()["body"] == "hi", served.text
+
+    enabled = await fc.request("PUT", f"/functions/{fn_name}/triggers/inside",
+                               json={"triggerConfig": {**config, "disableURLInternet": False}})
+    assert enabled.status_code == 200, enabled.text
+    assert enabled.json()["httpTrigger"] == {"urlInternet": urls["urlIntranet"], "urlIntranet": urls["urlIntranet"]}
+    got = (await fc.request("GET", f"/functions/{fn_name}/triggers/inside")).json()
+    assert got["httpTrigger"] == enabled.json()["httpTrigger"]
+
+
 async def test_timer_fires_once_per_tick_across_a_restart(fc: FcClient, fn_name: str, shared_stack: Stack) -> None:
     await make_function(fc, fn_name)
     response = await create_trigger(fc, fn_name, "tick", "timer",

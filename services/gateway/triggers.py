@@ -1,9 +1,9 @@
 """CreateTrigger, GetTrigger, UpdateTrigger, DeleteTrigger, ListTriggers.
 
 Bodies are FC 3.0's `CreateTriggerInput` / `UpdateTriggerInput`; answers are its `Trigger`, with
-`httpTrigger.urlInternet`/`urlIntranet` for an http trigger. A config is checked in full for its
-type, and the qualifier must name a version or alias of the function (as for InvokeFunction),
-before anything is written.
+`httpTrigger.urlInternet`/`urlIntranet` for an http trigger (no `urlInternet` when its config
+has `disableURLInternet`). A config is checked in full for its type, and the qualifier must
+name a version or alias of the function (as for InvokeFunction), before anything is written.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from shared import wire
 from shared.errors import ConcurrentUpdateError, InvalidArgument, InvalidNextToken, ServiceUnavailable
 from shared.qualifiers import MAIN_VERSION_DRAW, resolve
 from shared.triggers import (
+    HttpTriggerConfig,
     TriggerCatalog,
     TriggerRecord,
     TRIGGER_NAME_RE,
@@ -76,8 +77,13 @@ def trigger_view(record: TriggerRecord, *, function: str, base: str) -> dict[str
     """The `Trigger` JSON FC answers with."""
     view: dict[str, Any] = msgspec.to_builtins(record)
     if record.trigger_type == TriggerType.HTTP:
+        config = record.config()
+        assert isinstance(config, HttpTriggerConfig)
         url = http_trigger_url(base, function, record.trigger_name)
-        view["httpTrigger"] = {"urlInternet": url, "urlIntranet": url}
+        # The gateway's one URL is both; disableURLInternet takes the internet one away and
+        # leaves the trigger served at its intranet URL (taskmode cannot tell the two apart).
+        view["httpTrigger"] = {"urlIntranet": url} if config.disable_url_internet else {"urlInternet": url,
+                                                                                        "urlIntranet": url}
     return view
 
 
