@@ -96,6 +96,35 @@ async def test_trigger_api_and_refusals(fc: FcClient, fn_name: str) -> None:
     assert (await fc.request("GET", f"/functions/{fn_name}/triggers")).json()["triggers"] == []
 
 
+async def test_a_trigger_qualifier_must_name_a_version_or_alias(fc: FcClient, fn_name: str) -> None:
+    """CreateTrigger and UpdateTrigger refuse a qualifier that names nothing, as InvokeFunction
+    does (404 VersionNotFound / AliasNotFound), and store nothing when they do."""
+    await make_function(fc, fn_name)
+    http = {"authType": "anonymous", "methods": ["POST"]}
+    assert_fc_error(await create_trigger(fc, fn_name, "ghost", "http", http, qualifier="7"), 404, "VersionNotFound")
+    assert_fc_error(await create_trigger(fc, fn_name, "ghost", "nats", {"subject": "ghost.a"}, qualifier="prod"),
+                    404, "AliasNotFound")
+    assert (await fc.request("GET", f"/functions/{fn_name}/triggers")).json()["triggers"] == []
+
+    assert (await fc.request("POST", f"/functions/{fn_name}/versions", json={})).json()["versionId"] == "1"
+    alias = await fc.request("POST", f"/functions/{fn_name}/aliases", json={"aliasName": "prod", "versionId": "1"})
+    assert alias.status_code == 200, alias.text
+    for name, qualifier in (("on_latest", "LATEST"), ("on_version", "1"), ("on_alias", "prod")):
+        created = await create_trigger(fc, fn_name, name, "http", http, qualifier=qualifier)
+        assert created.status_code == 200 and created.json()["qualifier"] == qualifier, created.text
+
+    for qualifier, code in (("2", "VersionNotFound"), ("staging", "AliasNotFound")):
+        refused = await fc.request("PUT", f"/functions/{fn_name}/triggers/on_version",
+                                   json={"qualifier": qualifier, "description": "changed"})
+        assert_fc_error(refused, 404, code)
+    unchanged = (await fc.request("GET", f"/functions/{fn_name}/triggers/on_version")).json()
+    assert unchanged["qualifier"] == "1" and unchanged["description"] == ""
+    moved = await fc.request("PUT", f"/functions/{fn_name}/triggers/on_version", json={"qualifier": "prod"})
+    assert moved.status_code == 200 and moved.json()["qualifier"] == "prod", moved.text
+    back = await fc.request("PUT", f"/functions/{fn_name}/triggers/on_version", json={"qualifier": "LATEST"})
+    assert back.status_code == 200 and back.json()["qualifier"] == "LATEST", back.text
+
+
 async def test_nats_publishers_messages_become_tasks_deduplicated(
         fc: FcClient, fn_name: str, shared_stack: Stack) -> None:
     await make_function(fc, fn_name, handler="index.info")
@@ -206,6 +235,30 @@ async def test_http_trigger_runs_the_function_sync_and_async(fc: FcClient, fn_na
     assert json.loads(task["returnPayload"])["statusCode"] == 201
 
 
+async def test_disable_url_internet_leaves_only_the_intranet_url(fc: FcClient, fn_name: str) -> None:
+    """FC's `disableURLInternet`: the trigger has no urlInternet any more; the gateway's one URL
+    is its urlIntranet, and requests to it are served as before."""
+    assert (await fc.create_function(fn_name, code={"index.py": HTTP_HANDLER})).status_code == 200
+    config = {"authType": "anonymous", "methods": ["POST"], "disableURLInternet": True}
+    created = await create_trigger(fc, fn_name, "inside", "http", config)
+    assert created.status_code == 200, created.text
+    assert json.loads(created.json()["triggerConfig"])["disableURLInternet"] is True
+    urls = created.json()["httpTrigger"]
+    assert "urlInternet" not in urls and urls["urlIntranet"].endswith(f"/http-triggers/{fn_name}/inside/"), urls
+    listed = (await fc.request("GET", f"/functions/{fn_name}/triggers")).json()["triggers"]
+    assert [t["httpTrigger"] for t in listed] == [urls]
+    async with httpx.AsyncClient(timeout=60) as http:
+        served = await http.post(urls["urlIntranet"] + "in", content=b"hi")
+        assert served.status_code == 201 and served.json()["body"] == "hi", served.text
+
+    enabled = await fc.request("PUT", f"/functions/{fn_name}/triggers/inside",
+                               json={"triggerConfig": {**config, "disableURLInternet": False}})
+    assert enabled.status_code == 200, enabled.text
+    assert enabled.json()["httpTrigger"] == {"urlInternet": urls["urlIntranet"], "urlIntranet": urls["urlIntranet"]}
+    got = (await fc.request("GET", f"/functions/{fn_name}/triggers/inside")).json()
+    assert got["httpTrigger"] == enabled.json()["httpTrigger"]
+
+
 async def test_timer_fires_once_per_tick_across_a_restart(fc: FcClient, fn_name: str, shared_stack: Stack) -> None:
     await make_function(fc, fn_name)
     response = await create_trigger(fc, fn_name, "tick", "timer",
@@ -231,9 +284,64 @@ async def test_timer_fires_once_per_tick_across_a_restart(fc: FcClient, fn_name:
 
 
 
+async def test_a_disabled_timer_stops_firing_and_fires_again_when_enabled(fc: FcClient, fn_name: str) -> None:
+    """`enable: false` stops a timer; `enable: true` starts it again from that moment (the ticks
+    it missed while disabled are not caught up). A second timer on the function, never disabled,
+    is the service's clock: once it has fired ticks several periods after the disable, the
+    disabled timer must have fired none of them."""
+    await make_function(fc, fn_name)
+    every_1s = {"cronExpression": "@every 1s", "payload": "beat"}
+    for name in ("tick", "clock"):
+        response = await create_trigger(fc, fn_name, name, "timer", {**every_1s, "enable": True})
+        assert response.status_code == 200, response.text
+
+    async def ticks() -> dict[str, list[int]]:
+        found: dict[str, list[int]] = {"tick": [], "clock": []}
+        for task_id in await list_all(fc, fn_name):
+            name, at = task_id.rsplit("-", 1)
+            found[name].append(int(at))
+        return {name: sorted(times) for name, times in found.items()}
+
+    async def clock_past(moment: float) -> dict[str, list[int]] | None:
+        found = await ticks()
+        return found if found["clock"] and found["clock"][-1] >= moment else None
+
+    started = time.time()
+    await wait_until(lambda: clock_past(started + 2), deadline_s=60, what="the timers ticking")
+    assert (await ticks())["tick"], "the timer to disable never fired"
+
+    disable = await fc.request("PUT", f"/functions/{fn_name}/triggers/tick",
+                               json={"triggerConfig": {**every_1s, "enable": False}})
+    disabled_at = time.time()
+    assert disable.status_code == 200 and disable.json()["status"] == "Disabled", disable.text
+    # Two clock ticks later the service has seen the disable: the timer's last tick is known.
+    seen = await wait_until(lambda: clock_past(disabled_at + 2), deadline_s=60, what="clock ticks after the disable")
+    last = seen["tick"][-1]
+    assert last <= disabled_at + 2, (disabled_at, seen["tick"])
+    # Over several more periods of the clock, the disabled timer fires nothing.
+    quiet = await wait_until(lambda: clock_past(disabled_at + 7), deadline_s=60, what="five more clock ticks")
+    assert quiet["tick"][-1] == last, (disabled_at, quiet["tick"])
+
+    enable = await fc.request("PUT", f"/functions/{fn_name}/triggers/tick",
+                              json={"triggerConfig": {**every_1s, "enable": True}})
+    enabled_at = time.time()
+    assert enable.status_code == 200 and enable.json()["status"] == "Enabled", enable.text
+
+    async def fired_again() -> list[int] | None:
+        found = (await ticks())["tick"]
+        return found if found[-1] > enabled_at + 1 else None
+
+    again = await wait_until(fired_again, deadline_s=60, what="the re-enabled timer firing")
+    resumed = [at for at in again if at > last]
+    # From the re-enable on (its lastModifiedTime has whole seconds), nothing of the gap before it.
+    assert resumed and resumed[0] >= int(enabled_at) - 1, (disabled_at, enabled_at, again)
+    assert resumed == list(range(resumed[0], resumed[-1] + 1)), again
+    await fc.request("DELETE", f"/functions/{fn_name}")
+
+
 async def test_an_http_trigger_fires_on_its_qualifier_sync_and_async(fc: FcClient, fn_name: str) -> None:
     """A trigger on version 1 runs version 1's code, called synchronously or as a task, after
-    LATEST's code has changed; a trigger on a qualifier that names nothing answers 404."""
+    LATEST's code has changed; a trigger whose qualifier names nothing (any more) answers 404."""
     def code(tag: str) -> dict[str, str]:
         return {"index.py": f"def handler(event, context):\n    return {tag!r}\n"}
 
@@ -246,8 +354,15 @@ async def test_an_http_trigger_fires_on_its_qualifier_sync_and_async(fc: FcClien
                                   qualifier="1")
     assert pinned.status_code == 200 and pinned.json()["qualifier"] == "1", pinned.text
     latest = await create_trigger(fc, fn_name, "latest", "http", {"authType": "anonymous", "methods": ["POST"]})
-    ghost = await create_trigger(fc, fn_name, "ghost", "http", {"authType": "anonymous", "methods": ["POST"]},
-                                 qualifier="7")
+    assert_fc_error(await create_trigger(fc, fn_name, "ghost", "http", {"authType": "anonymous", "methods": ["POST"]},
+                                         qualifier="7"), 404, "VersionNotFound")
+    # A trigger whose alias is deleted afterwards answers as InvokeFunction on that alias would.
+    alias = await fc.request("POST", f"/functions/{fn_name}/aliases", json={"aliasName": "gone", "versionId": "1"})
+    assert alias.status_code == 200, alias.text
+    orphan = await create_trigger(fc, fn_name, "orphan", "http", {"authType": "anonymous", "methods": ["POST"]},
+                                  qualifier="gone")
+    assert orphan.status_code == 200, orphan.text
+    assert (await fc.request("DELETE", f"/functions/{fn_name}/aliases/gone")).status_code == 204
     async with httpx.AsyncClient(timeout=60) as http:
         sync = await http.post(pinned.json()["httpTrigger"]["urlInternet"], content=b"x")
         assert (sync.status_code, sync.text) == (200, "version one")
@@ -256,11 +371,10 @@ async def test_an_http_trigger_fires_on_its_qualifier_sync_and_async(fc: FcClien
         accepted = await http.post(pinned.json()["httpTrigger"]["urlInternet"], content=b"x",
                                    headers={"x-fc-invocation-type": "Async", "x-fc-async-task-id": "pinned_1"})
         assert accepted.status_code == 202, accepted.text
-        if ghost.status_code == 200:  # a trigger on a qualifier that names nothing (if it could be made)
-            url = ghost.json()["httpTrigger"]["urlInternet"]
-            assert_fc_error(await http.post(url, content=b"x"), 404, "VersionNotFound")
-            assert_fc_error(await http.post(url, content=b"x", headers={"x-fc-invocation-type": "Async"}),
-                            404, "VersionNotFound")
+        url = orphan.json()["httpTrigger"]["urlInternet"]
+        assert_fc_error(await http.post(url, content=b"x"), 404, "AliasNotFound")
+        assert_fc_error(await http.post(url, content=b"x", headers={"x-fc-invocation-type": "Async"}),
+                        404, "AliasNotFound")
     task = await fc.wait_for(fn_name, "pinned_1", {"Succeeded"})
     assert task["returnPayload"] == "version one" and task["qualifier"] == "1"
 

@@ -1,8 +1,9 @@
 """CreateTrigger, GetTrigger, UpdateTrigger, DeleteTrigger, ListTriggers.
 
 Bodies are FC 3.0's `CreateTriggerInput` / `UpdateTriggerInput`; answers are its `Trigger`, with
-`httpTrigger.urlInternet`/`urlIntranet` for an http trigger. A config is checked in full for its
-type before anything is written.
+`httpTrigger.urlInternet`/`urlIntranet` for an http trigger (no `urlInternet` when its config
+has `disableURLInternet`). A config is checked in full for its type, and the qualifier must
+name a version or alias of the function (as for InvokeFunction), before anything is written.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from services.gateway.schemas import decode_json
 from services.gateway.settings import GatewaySettings
 from shared import wire
 from shared.errors import ConcurrentUpdateError, InvalidArgument, InvalidNextToken, ServiceUnavailable
+from shared.qualifiers import MAIN_VERSION_DRAW, resolve
 from shared.triggers import (
+    HttpTriggerConfig,
     TriggerCatalog,
     TriggerRecord,
     TRIGGER_NAME_RE,
@@ -74,8 +77,13 @@ def trigger_view(record: TriggerRecord, *, function: str, base: str) -> dict[str
     """The `Trigger` JSON FC answers with."""
     view: dict[str, Any] = msgspec.to_builtins(record)
     if record.trigger_type == TriggerType.HTTP:
+        config = record.config()
+        assert isinstance(config, HttpTriggerConfig)
         url = http_trigger_url(base, function, record.trigger_name)
-        view["httpTrigger"] = {"urlInternet": url, "urlIntranet": url}
+        # The gateway's one URL is both; disableURLInternet takes the internet one away and
+        # leaves the trigger served at its intranet URL (taskmode cannot tell the two apart).
+        view["httpTrigger"] = {"urlIntranet": url} if config.disable_url_internet else {"urlInternet": url,
+                                                                                        "urlIntranet": url}
     return view
 
 
@@ -96,6 +104,12 @@ def _decode_token(token: str | None) -> str | None:
     return name
 
 
+async def _check_exists(resources: Resources, function_name: str, qualifier: str) -> None:
+    """Refuse a qualifier that names no version or alias of the function, as InvokeFunction
+    does (404 VersionNotFound / AliasNotFound); LATEST always resolves."""
+    await resolve(resources.catalog, function_name, qualifier, draw=lambda: MAIN_VERSION_DRAW)
+
+
 def _status(config_enabled: bool) -> str:
     return "Enabled" if config_enabled else "Disabled"
 
@@ -112,6 +126,7 @@ async def create_trigger(function_name: str, request: Request, resources: Resour
     config = parse_config(trigger_type, body.trigger_config)
     qualifier = params.check_qualifier(body.qualifier)
     function = await resources.catalog.get_function(function_name)
+    await _check_exists(resources, function_name, qualifier)
     now = params.format_time()
     record = TriggerRecord(
         trigger_name=body.trigger_name,
@@ -151,6 +166,8 @@ async def update_trigger(function_name: str, trigger_name: str, request: Request
     body = decode_json(raw, UpdateTriggerInput)
     qualifier = params.check_qualifier(body.qualifier) if body.qualifier is not None else None
     await resources.catalog.get_function(function_name)
+    if qualifier is not None:
+        await _check_exists(resources, function_name, qualifier)
     catalog = _catalog(resources)
     for attempt in range(_UPDATE_ATTEMPTS):
         current, revision = await catalog.get_versioned(function_name, trigger_name)
