@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import functools
 import logging
 import time
 from contextlib import AsyncExitStack
@@ -13,7 +14,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy
 from nats.js.errors import NotFoundError
 
-from services.projection.handlers import Projector
+from services.projection.handlers import Projector, WrittenDocuments
 from services.projection.metrics import ProjectionMetrics
 from services.projection.task_gauges import TaskGauges
 from services.projection.settings import ProjectionSettings
@@ -90,8 +91,9 @@ async def run(settings: ProjectionSettings, stop: asyncio.Event, stack: AsyncExi
         # What is unfinished in the partition, before its first new event is folded.
         gauges.seed(partition, await store.unfinished(partition, partitions=partitions))
         try:
+            written = WrittenDocuments()  # fresh with every claim: another owner may have written since
             await consume(bus.js, stream=wire.EVENT_STREAM, durable=_durable(partition), stop=partition_stop,
-                          on_batch=projector.handle_batch, batching=batching)
+                          on_batch=functools.partial(projector.handle_batch, written=written), batching=batching)
         finally:
             gauges.forget(partition)
 

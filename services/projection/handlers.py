@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 
 import msgspec
 from nats.aio.msg import Msg
@@ -23,6 +23,38 @@ from shared.taskview import TaskDocument, document_id, evolve, fold
 log = logging.getLogger(__name__)
 
 
+class WrittenDocuments:
+    """The documents a projection wrote lately for one partition it holds, as written.
+
+    The projection is the only writer of its partition's documents while it holds the
+    partition, so what it wrote is what the store holds: a task's later events fold onto this
+    copy instead of a read of the store (on the embedded server a read costs as much as a
+    write). A fresh copy is made whenever a partition is taken, so another owner's writes in
+    between are never missed. Entries older than `max_age_s` are not trusted (the expiry sweep
+    may have removed the document since); at most `size` are kept, the least recently written
+    going first.
+    """
+
+    def __init__(self, *, size: int = 10_000, max_age_s: float = 300.0) -> None:
+        self._size = size
+        self._max_age_s = max_age_s
+        self._entries: OrderedDict[str, tuple[float, TaskDocument]] = OrderedDict()
+
+    def get(self, doc_id: str) -> TaskDocument | None:
+        entry = self._entries.get(doc_id)
+        if entry is None or time.monotonic() - entry[0] >= self._max_age_s:
+            return None
+        return entry[1]
+
+    def remember(self, docs: dict[str, TaskDocument]) -> None:
+        now = time.monotonic()
+        for doc_id, doc in docs.items():
+            self._entries[doc_id] = (now, doc)
+            self._entries.move_to_end(doc_id)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+
 class Projector:
     def __init__(
         self, *, store: TaskReadModel, events: EventLog, metrics: ProjectionMetrics, settings: CommonSettings,
@@ -37,8 +69,11 @@ class Projector:
     def _arn(self, function: str) -> str:
         return function_arn(region=self._settings.region, account_id=self._settings.account_id, function=function)
 
-    async def handle_batch(self, msgs: list[Msg]) -> None:
-        """Apply a batch in stream order; the consumer policy then acks it with one ack (AckAll)."""
+    async def handle_batch(self, msgs: list[Msg], *, written: WrittenDocuments | None = None) -> None:
+        """Apply a batch in stream order; the consumer policy then acks it with one ack (AckAll).
+
+        `written` (the partition's recent writes) spares the store a read of the documents it has.
+        """
         started = time.perf_counter()
         by_task: dict[str, list[AnyTaskEvent]] = defaultdict(list)
         deliveries: dict[str, list[DeliveryRecorded]] = defaultdict(list)
@@ -65,7 +100,12 @@ class Projector:
         # position), so only the others are read.
         known = [doc_id for doc_id, events in by_task.items() if redelivered or events[0].version > 1]
         known += [doc_id for doc_id in deliveries if doc_id not in by_task]
-        docs = await self._store.load_many(known) if known else {}
+        docs: dict[str, TaskDocument] = {}
+        if written is not None:
+            docs = {doc_id: doc for doc_id in known if (doc := written.get(doc_id)) is not None}
+            known = [doc_id for doc_id in known if doc_id not in docs]
+        if known:
+            docs.update(await self._store.load_many(known))
         changed: dict[str, TaskDocument] = {}
         for doc_id, events in by_task.items():
             doc = await self._apply(docs.get(doc_id), events)
@@ -83,6 +123,8 @@ class Projector:
                 changed[doc_id] = updated
         if changed:
             await self._store.save_many(list(changed.values()))
+            if written is not None:
+                written.remember(changed)
         self._metrics.batch_seconds.observe(time.perf_counter() - started)
 
     async def _apply(self, doc: TaskDocument | None, events: list[AnyTaskEvent]) -> TaskDocument | None:
