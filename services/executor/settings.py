@@ -27,7 +27,7 @@ class ExecutorSettings(msgspec.Struct, frozen=True, kw_only=True):
             common=CommonSettings.from_env(metrics_port_var="TASKMODE_EXECUTOR_METRICS_PORT", metrics_port_default=9102),
             concurrency=env_int("TASKMODE_EXECUTOR_CONCURRENCY", 64),
             account_concurrency=max(0, env_int("TASKMODE_ACCOUNT_CONCURRENCY", 0)),
-            max_instances_per_function=env_int("TASKMODE_EXECUTOR_MAX_INSTANCES", 4),
+            max_instances_per_function=env_int("TASKMODE_EXECUTOR_MAX_INSTANCES", 16),
             max_queued_per_function=env_int("TASKMODE_EXECUTOR_MAX_QUEUED_PER_FUNCTION", 16),
             max_parked=env_int("TASKMODE_EXECUTOR_MAX_PARKED", 1024),
             saturated_retry_s=env_float("TASKMODE_EXECUTOR_SATURATED_RETRY_S", 1.0),
