@@ -213,10 +213,12 @@ async def test_sync_invocation_returns_result_and_flags_errors(fc: FcClient, fn_
 
 
 async def test_stop_processed_task_whose_dispatch_is_in_flight(fc: FcClient, fn_name: str) -> None:
-    # Occupy every instance the function may have (4 by default), so the next task is
-    # dispatched (Processed) and waits, in flight, for an instance.
+    # Occupy every instance the function may have (2, by its scaling config), so the next task
+    # is dispatched (Processed) and waits, in flight, for an instance.
     await make_function(fc, fn_name, handler="index.sleep")
-    busy = [f"busy_{i}" for i in range(4)]
+    scaling = {"horizontalScalingPolicies": [{"maxInstances": 2}]}
+    assert (await fc.request("PUT", f"/functions/{fn_name}/scaling-config", json=scaling)).status_code == 200
+    busy = [f"busy_{i}" for i in range(2)]
     for task_id in busy:
         await fc.invoke_async(fn_name, b"3", task_id=task_id)
     for task_id in busy:
