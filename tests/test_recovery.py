@@ -203,7 +203,8 @@ async def test_nats_server_restart_mid_flow_loses_nothing(own_stack: Stack, own_
 
 async def test_a_busy_function_does_not_hold_up_other_functions(stack_with: StackFactory) -> None:
     # Few dispatch slots, and a function with a backlog longer than its instances can take.
-    _, fc = stack_with({"TASKMODE_EXECUTOR_CONCURRENCY": "8", "TASKMODE_EXECUTOR_MAX_QUEUED_PER_FUNCTION": "2"})
+    _, fc = stack_with({"TASKMODE_EXECUTOR_CONCURRENCY": "8", "TASKMODE_EXECUTOR_MAX_QUEUED_PER_FUNCTION": "2",
+                        "TASKMODE_EXECUTOR_MAX_INSTANCES": "4"})
     await make_function(fc, "backlogged", handler="index.sleep")
     await make_function(fc, "quick")
     busy = [f"slow{i}" for i in range(10)]
