@@ -12,7 +12,6 @@ import base64
 import io
 import json
 import socket
-import time
 import zipfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -77,6 +76,21 @@ def _closed_by_server(sock: socket.socket, *, deadline_s: float) -> bool:
         return True
     except TimeoutError:
         return False
+
+
+def _answered(sock: socket.socket, *, deadline_s: float) -> bool:
+    """Whether a response's head arrives on `sock` within the deadline."""
+    sock.settimeout(deadline_s)
+    received = b""
+    try:
+        while b"\r\n\r\n" not in received:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return False
+            received += chunk
+    except TimeoutError:
+        return False
+    return received.startswith(b"HTTP/1.1 ")
 
 
 def _signed_headers(stack: Stack, method: str, path: str, body: bytes, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -157,8 +171,9 @@ def test_one_client_cannot_hold_more_than_its_share_of_connections(stack: Stack)
     try:
         for _ in range(PER_CLIENT):
             held.append(_connect(stack))
-            held[-1].sendall(b"GET /healthz HTTP/1.1\r\n")  # keep them mid-request
-        time.sleep(0.2)  # let the server register them before the next one arrives
+            # An answer proves the server has counted the connection; keep-alive keeps it open.
+            held[-1].sendall(b"GET /healthz HTTP/1.1\r\nhost: gw\r\n\r\n")
+            assert _answered(held[-1], deadline_s=10), "a connection within the cap was not served"
         extra = _connect(stack)
         assert _closed_by_server(extra, deadline_s=10), "a connection past the cap was kept"
         extra.close()
