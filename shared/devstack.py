@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
 import psutil
 
@@ -174,6 +175,22 @@ def wait_for_log_line(
     raise TimeoutError(f"no {pattern.pattern!r} in {log_path} within {deadline_s}s")
 
 
+# nats-server's Go runtime runs one scheduler thread per core by default. Beside the services on
+# a small machine, those threads spend more CPU looking for work and waking each other than
+# handling messages: with one, nats-server's CPU per task fell by about a third (bench.cpu_per_task).
+EMBEDDED_NATS_GOMAXPROCS: Final = "1"
+
+
+def go_scheduler_env() -> dict[str, str]:
+    """GOMAXPROCS for an embedded nats-server: TASKMODE_NATS_GOMAXPROCS, else 1; 0 is Go's own default."""
+    procs = os.environ.get("TASKMODE_NATS_GOMAXPROCS", EMBEDDED_NATS_GOMAXPROCS).strip() or EMBEDDED_NATS_GOMAXPROCS
+    if procs == "0":
+        return {}
+    if not procs.isdigit():
+        raise ValueError(f"TASKMODE_NATS_GOMAXPROCS must be a whole number, got {procs!r}")
+    return {"GOMAXPROCS": procs}
+
+
 def start_nats_with(
     config: Path, *, log_path: Path, env: dict[str, str] | None = None, name: str = "nats", deadline_s: float = 20.0
 ) -> ChildProcess:
@@ -184,7 +201,7 @@ def start_nats_with(
     """
     offset = _log_offset(log_path)
     argv = [executable("nats-server"), "-c", str(config)]
-    proc = _spawn(name, argv, log_path, child_environment(env or {}))
+    proc = _spawn(name, argv, log_path, child_environment({**go_scheduler_env(), **(env or {})}))
     chosen = int(wait_for_log_line(_NATS_LISTEN, log_path=log_path, offset=offset, process=proc,
                                    deadline_s=deadline_s).group(1))
     wait_for_port(chosen, deadline_s=deadline_s, process=proc)

@@ -49,6 +49,13 @@ def timestamp_s(value: object) -> float:
 
 def configure(service: str, *, level: str = "INFO") -> None:
     """Send JSON lines for `service` to stderr at `level`."""
+    # A JSON line carries none of the record's source, thread or process fields, so the
+    # services skip gathering them (the Logging HOWTO's optimisations): the hot paths log one
+    # line per task event, and findCaller alone walked the stack for each.
+    logging._srcfile = None  # noqa: SLF001 - the documented switch for caller lookup
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(service))
     root = logging.getLogger()

@@ -15,7 +15,7 @@ from typing import Any
 import psutil
 import pytest
 
-from services.executor.instance import FunctionSpec, InvokeContext
+from services.executor.instance import FunctionSpec, InvokeContext, descendants, process_children
 from services.executor.pool import InstancePool
 from shared.errors import ServiceUnavailable
 
@@ -391,8 +391,15 @@ async def test_usage_reports_the_process_tree(pool: InstancePool, code_dir: Path
     async with pool.lease(python_spec(code_dir)) as instance:
         assert (await instance.invoke(b"spin", CTX)).ok
         cpu_s, rss = instance.usage()
-    assert 0 < cpu_s < 60
+        # The exporter's way, one scan of the process table for all instances, sees the same tree.
+        assert instance.pid is not None
+        tree = process_children()
+        assert sorted(descendants(instance.pid, tree)) == sorted(
+            child.pid for child in psutil.Process(instance.pid).children(recursive=True))
+        scanned_cpu_s, scanned_rss = instance.usage(tree)
+    assert 0 < cpu_s <= scanned_cpu_s < 60
     assert 1 << 20 < rss < 1 << 31
+    assert 1 << 20 < scanned_rss < 1 << 31
 
 
 def web_dir(tmp_path: Path) -> Path:

@@ -18,6 +18,7 @@ from nats.aio.msg import Msg
 from services.executor import orphans
 from services.executor.code_cache import CodeCache
 from services.executor.dispatch import Dispatcher
+from services.executor.instance import process_children
 from services.executor.pool import InstancePool, new_sandbox
 from services.executor.sandbox import SandboxUnavailable
 from services.executor.specs import function_spec
@@ -253,12 +254,14 @@ class UsageExporter:
     async def export(self) -> None:
         live: set[tuple[str, str]] = set()
         per_function: dict[str, int] = {}
-        for instance in self._pool.instances():
+        instances = list(self._pool.instances())
+        children = process_children() if instances else {}
+        for instance in instances:
             labels = (instance.spec.name, instance.instance_id)
             live.add(labels)
             per_function[instance.spec.name] = per_function.get(instance.spec.name, 0) + 1
             with contextlib.suppress(Exception):  # the process may exit between listing and reading
-                cpu_s, rss = instance.usage()
+                cpu_s, rss = instance.usage(children)
                 self._metrics.instance_cpu.labels(*labels).set(cpu_s)
                 self._metrics.instance_rss.labels(*labels).set(rss)
                 self._metrics.instance_requests.labels(*labels).set(instance.requests_in_flight)

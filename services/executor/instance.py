@@ -278,13 +278,20 @@ class Instance:
         """Hard stop: SIGTERM to the process group, SIGKILL after a short grace; idempotent."""
         await self._stop("killed")
 
-    def usage(self) -> tuple[float, int]:
-        """(cpu seconds so far, rss bytes) of the process tree; cpu stays at its last value."""
+    def usage(self, children: Mapping[int, Sequence[int]] | None = None) -> tuple[float, int]:
+        """(cpu seconds so far, rss bytes) of the process tree; cpu stays at its last value.
+
+        `children` (pid -> child pids, from `process_children`) spares each instance its own scan
+        of every process on the machine when many are measured at once.
+        """
         if self._proc is None or self._proc.returncode is not None:
             return self._cpu_s, 0
         try:
             root = psutil.Process(self._proc.pid)
-            procs = [root, *root.children(recursive=True)]
+            if children is None:
+                procs = [root, *root.children(recursive=True)]
+            else:
+                procs = [root, *(psutil.Process(pid) for pid in descendants(root.pid, children))]
         except psutil.Error:
             return self._cpu_s, 0
         cpu_s, rss = 0.0, 0
@@ -483,3 +490,22 @@ def base_environment(*, home: str) -> dict[str, str]:
         "HOME": home,
         "PYTHONUNBUFFERED": "1",
     }
+
+
+def process_children() -> dict[int, list[int]]:
+    """Every process's child pids, from one scan of the process table."""
+    children: dict[int, list[int]] = {}
+    for proc in psutil.process_iter(["ppid"]):
+        children.setdefault(proc.info["ppid"], []).append(proc.pid)
+    return children
+
+
+def descendants(pid: int, children: Mapping[int, Sequence[int]]) -> list[int]:
+    """The pids below `pid` in `children` (see `process_children`), at any depth."""
+    found: list[int] = []
+    pending = list(children.get(pid, ()))
+    while pending:
+        child = pending.pop()
+        found.append(child)
+        pending.extend(children.get(child, ()))
+    return found
