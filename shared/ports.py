@@ -8,7 +8,7 @@ nothing needs to inherit from a protocol.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -117,8 +117,8 @@ class TaskReadModel(Protocol):
         """Whether the store is believed up (without a round trip)."""
         ...
 
-    async def save_many(self, docs: Sequence[TaskDocument]) -> None:
-        """Replace (or insert) whole documents."""
+    async def save_many(self, docs: Sequence[TaskDocument], *, new: Collection[str] = ()) -> None:
+        """Replace (or insert) whole documents; those with an `_id` in `new` are believed not stored yet."""
         ...
 
     def check_query(self, query: TaskQuery) -> None:

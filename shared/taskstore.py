@@ -18,7 +18,7 @@ import contextlib
 import hashlib
 import logging
 import re
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Final, Self, cast
@@ -26,9 +26,9 @@ from typing import Any, Final, Self, cast
 import msgspec
 import pymongo
 from bson.codec_options import CodecOptions
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReplaceOne, uri_parser
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, InsertOne, ReplaceOne, uri_parser
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import PyMongoError
+from pymongo.errors import BulkWriteError, PyMongoError
 
 from shared.errors import InvalidArgument, InvalidNextToken, ServiceUnavailable
 from shared import wire
@@ -39,6 +39,14 @@ from shared.wire import MONGO_DATABASE, TASKS_COLLECTION
 log = logging.getLogger(__name__)
 
 Document = dict[str, Any]
+
+# MongoDB's error code for a unique index (here `_id`) refusing a second document.
+DUPLICATE_KEY: Final = 11000
+
+
+def _replace(doc_id: str, doc: TaskDocument) -> ReplaceOne[Document]:
+    return ReplaceOne({"_id": doc_id}, cast(Document, doc), upsert=True)
+
 
 # Our tokens are a few hundred characters at most (task ids are at most 128); refuse far longer.
 _MAX_TOKEN_CHARS: Final = 4096
@@ -384,12 +392,14 @@ class TaskStore:
             found[doc["_id"]] = cast(TaskDocument, doc)
         return found
 
-    async def save_many(self, docs: Sequence[TaskDocument]) -> None:
+    async def save_many(self, docs: Sequence[TaskDocument], *, new: Collection[str] = ()) -> None:
         """Replace (or insert) whole documents, in one unordered bulk write.
 
         Every document needs `_id == taskview.document_id(functionName, taskId)`. If a batch
         holds the same `_id` twice only the last one is written, because an unordered bulk write
-        does not promise to apply operations in order.
+        does not promise to apply operations in order. Documents whose `_id` is in `new` are
+        inserted plainly, which costs the embedded server a fifth less than an upsert; one that
+        turns out to exist already is replaced after all.
         """
         latest: dict[str, TaskDocument] = {}
         for doc in docs:
@@ -403,11 +413,21 @@ class TaskStore:
             latest[doc_id] = doc
         if not latest:
             return
+        ids = list(latest)
         # A TaskDocument is a dict at run time; the driver's stubs only want the collection's type.
-        await self._tasks.bulk_write(
-            [ReplaceOne({"_id": doc_id}, cast(Document, doc), upsert=True) for doc_id, doc in latest.items()],
-            ordered=False,
-        )
+        writes: list[InsertOne[Document] | ReplaceOne[Document]] = [
+            InsertOne(cast(Document, latest[doc_id])) if doc_id in new else _replace(doc_id, latest[doc_id])
+            for doc_id in ids
+        ]
+        try:
+            await self._tasks.bulk_write(writes, ordered=False)
+        except BulkWriteError as err:
+            failed = err.details.get("writeErrors", [])
+            if not failed or any(e.get("code") != DUPLICATE_KEY or ids[e["index"]] not in new for e in failed):
+                raise
+            # Believed new, yet there: written before a crash, say. The newer fold wins.
+            await self._tasks.bulk_write([_replace(ids[e["index"]], latest[ids[e["index"]]]) for e in failed],
+                                         ordered=False)
 
     async def get(self, function: str, task_id: str) -> Document | None:
         """One task in FC `AsyncTask` shape (with `taskPayload`, without internal fields), or None."""

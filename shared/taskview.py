@@ -8,6 +8,7 @@ Documents carry FC 3.0 `AsyncTask` field names plus `_id`, `functionName`, `vers
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Mapping
 from typing import Any, Final, TypedDict
 
@@ -70,7 +71,9 @@ class TaskDocument(TypedDict):
 
 # Stored for the projection and for expiry, never shown to API callers.
 INTERNAL_FIELDS: Final = ("_id", "functionName", "version", "expireAt")
-_DETAIL_SKIP: Final = {"task_id", "function", "version", "at_ms", "payload", "result"}
+# Not details of the transition: the task's identity, and its payload and result, which the
+# document keeps once (a dispatch's `submission` is the payload again, carried for the executor).
+_DETAIL_SKIP: Final = {"task_id", "function", "version", "at_ms", "payload", "result", "submission"}
 _EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
@@ -93,6 +96,7 @@ def _text(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")
 
 
+@functools.cache  # a handful of field names, converted for every event projected
 def _camel(name: str) -> str:
     head, *rest = name.split("_")
     return head + "".join(part.title() for part in rest)

@@ -82,6 +82,15 @@ def test_fold_builds_the_fc_async_task() -> None:
     assert "taskPayload" not in public_view(doc, include_payload=False)
 
 
+def test_a_dispatch_carrying_the_submission_does_not_repeat_it_in_the_event_detail() -> None:
+    enqueued = ev(TaskEnqueued, 1, 1000, payload=b"secret-ish payload", request_id="r1")
+    doc = fold([enqueued, ev(TaskProcessed, 2, 1001, submission=TaskProcessed.carrying(enqueued))])
+    assert doc is not None
+    detail = public_view(doc)["events"][1]["eventDetail"]
+    assert "submission" not in detail and "payload" not in detail
+    assert doc["taskPayload"] == "secret-ish payload"  # kept once, where it belongs
+
+
 def test_times_of_a_task_that_never_ran_and_of_one_stopped_while_running() -> None:
     never = fold([ev(TaskEnqueued, 1, 1000), ev(TaskStopped, 2, 1400)])
     assert never is not None

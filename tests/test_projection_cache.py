@@ -4,7 +4,7 @@ them back, and the result is what folding from the store gives (real nats-server
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Collection, Iterable, Iterator
 from pathlib import Path
 
 import nats
@@ -38,8 +38,8 @@ class CountingStore:
         self.read += wanted
         return await self._store.load_many(wanted)
 
-    async def save_many(self, docs: list[TaskDocument]) -> None:
-        await self._store.save_many(docs)
+    async def save_many(self, docs: list[TaskDocument], *, new: Collection[str] = ()) -> None:
+        await self._store.save_many(docs, new=new)
 
 
 @pytest.fixture(scope="module")

@@ -173,6 +173,16 @@ class TestTaskStoreContract:
 
         assert await task_store.load_many([second["_id"]]) == {second["_id"]: second}
 
+    async def test_documents_believed_new_are_inserted_and_replace_one_that_exists(self, task_store: TaskStore) -> None:
+        stored = make_task("t1", status="Running", version=3)
+        await task_store.save_many([stored])
+        fresh = make_task("t2", status="Enqueued", version=1)
+        newer = make_task("t1", status="Succeeded", version=4)  # believed new, yet stored already
+
+        await task_store.save_many([fresh, newer], new={fresh["_id"], newer["_id"]})
+
+        assert await task_store.load_many([fresh["_id"], newer["_id"]]) == {fresh["_id"]: fresh, newer["_id"]: newer}
+
     async def test_save_many_keeps_last_duplicate_in_a_batch(self, task_store: TaskStore) -> None:
         docs = [make_task("t1", status="Running", version=v) for v in (2, 3, 4)]
 

@@ -99,6 +99,7 @@ class Projector:
         # document yet (the read model is emptied whenever the projection starts without a
         # position), so only the others are read.
         known = [doc_id for doc_id, events in by_task.items() if redelivered or events[0].version > 1]
+        fresh = {doc_id for doc_id in by_task if doc_id not in known}
         known += [doc_id for doc_id in deliveries if doc_id not in by_task]
         docs: dict[str, TaskDocument] = {}
         if written is not None:
@@ -122,7 +123,7 @@ class Projector:
             if updated is not base:
                 changed[doc_id] = updated
         if changed:
-            await self._store.save_many(list(changed.values()))
+            await self._store.save_many(list(changed.values()), new=fresh)
             if written is not None:
                 written.remember(changed)
         self._metrics.batch_seconds.observe(time.perf_counter() - started)
