@@ -221,10 +221,6 @@ def sync_invoke_subject(function: str) -> str:
     return f"{SYNC_INVOKE_PREFIX}.{function}"
 
 
-def message_id(function: str, task_id: str, version: int) -> str:
-    """Deterministic JetStream de-duplication id of a task's `version`-th event."""
-    return f"{function}:{task_id}:{version}"
-
 # Synchronous invocation reply headers (executor -> gateway over NATS request/reply).
 REPLY_ERROR_TYPE: Final = "Taskmode-Error-Type"  # FC x-fc-error-type of a handler error
 REPLY_INSTANCE_ID: Final = "Taskmode-Instance-Id"

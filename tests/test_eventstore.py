@@ -13,7 +13,10 @@ from nats.js import JetStreamContext
 from shared.devstack import ChildProcess, start_nats
 from shared.errors import ConcurrentUpdateError, TransitionNotAllowed
 from shared.events import TaskEnqueued, TaskProcessed, TaskStarted, TaskStopped, TaskSucceeded
-from shared.eventstore import EventStore, TaskCreator, ensure_stream, follow, now_ms
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from shared.eventstore import EventStore, TaskCreator, _AckInbox, ensure_stream, follow, now_ms
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -44,6 +47,30 @@ async def test_first_event_is_unique_per_task(js: JetStreamContext) -> None:
     with pytest.raises(ConcurrentUpdateError):
         await store.append(enqueued("a"), expected_seq=0)
     await store.append(enqueued("b"), expected_seq=0)  # another task id is independent
+
+
+async def test_an_append_whose_answer_was_lost_lands_once(js: JetStreamContext, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first try is stored but its answer never reaches us (a reconnect, say): the retry is
+    # refused by the expected sequence and recognised as ours, so the event is stored once.
+    deliver = _AckInbox.request
+    lost: list[Msg] = []
+
+    async def lose_the_first_answer(self: _AckInbox, subject: str, data: bytes, headers: bytes, *,
+                                    timeout_s: float) -> Msg:
+        answer = await deliver(self, subject, data, headers, timeout_s=timeout_s)
+        if not lost:
+            lost.append(answer)
+            raise NatsTimeoutError
+        return answer
+
+    monkeypatch.setattr(_AckInbox, "request", lose_the_first_answer)
+    store = EventStore(js, partitions=4)
+    event = enqueued("lost-answer")
+
+    seq = await store.append(event, expected_seq=0)
+
+    assert len(lost) == 1
+    assert [(stored.seq, stored.event) for stored in await store.history("f", "lost-answer")] == [(seq, event)]
 
 
 async def test_racing_writers_on_one_task_exactly_one_wins(js: JetStreamContext) -> None:
