@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 import msgspec
-from nats.aio.client import Client
-from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RawStreamMsg, StorageType, StoreCompression, StreamConfig
@@ -28,6 +26,7 @@ from nats.aio.subscription import Subscription
 from nats.js.errors import APIError, NotFoundError
 
 from shared import wire
+from shared.acks import AckInbox, decode_pub_ack, expected_seq_headers, read_pub_ack
 from shared.bus import publish_prepared
 from shared.errors import ConcurrentUpdateError, ServiceUnavailable
 from shared.events import AnyTaskEvent, TaskEvent, decode_event, encode_event
@@ -44,84 +43,6 @@ class StoredEvent:
 
     seq: int
     event: AnyTaskEvent
-
-
-class _AckError(msgspec.Struct):
-    code: int = 0
-    err_code: int = 0
-    description: str = ""
-
-
-class _PubAck(msgspec.Struct):
-    """JetStream's answer to a publish or an atomic batch's commit (the fields we read)."""
-
-    seq: int = 0
-    error: _AckError | None = None
-
-
-_pub_ack: Final = msgspec.json.Decoder(_PubAck)
-_EXPECTED_SEQ_HEADER: Final = f"NATS/1.0\r\n{wire.HEADER_EXPECTED_LAST_SUBJECT_SEQ}: ".encode()
-
-
-def _read_ack(answer: Msg) -> _PubAck:
-    """The stream's acknowledgement; a status message (no stream listening) is NoRespondersError."""
-    try:
-        return _pub_ack.decode(answer.data)
-    except msgspec.DecodeError:
-        if answer.headers and answer.headers.get("Status") == "503":
-            raise NoRespondersError from None
-        raise ServiceUnavailable("event store answered the append with something else") from None
-
-
-class _AckInbox:
-    """Acknowledgements of appends in flight, received on one inbox subscription.
-
-    nats-py's `js.publish` makes each append a request of its own (a token, header checks and
-    encoding, `wait_for`, a PubAck built through json and a dataclass): on the hot paths, three
-    appends per task, that was most of an append's CPU in py-spy. Here an append is one
-    prepared publish and a future that the shared subscription settles.
-    """
-
-    def __init__(self, nc: Client) -> None:
-        self._nc = nc
-        self._prefix = ""
-        self._waiting: dict[str, asyncio.Future[Msg]] = {}
-        self._tokens = itertools.count()
-        self._sub: Subscription | None = None
-        self._starting = asyncio.Lock()
-
-    async def _start(self) -> None:
-        async with self._starting:
-            if self._sub is None:
-                prefix = f"{self._nc.new_inbox()}."
-                self._sub = await self._nc.subscribe(f"{prefix}*", cb=self._on_answer,
-                                                     pending_msgs_limit=0, pending_bytes_limit=0)
-                self._prefix = prefix
-
-    async def _on_answer(self, msg: Msg) -> None:
-        waiting = self._waiting.pop(msg.subject[len(self._prefix):], None)
-        if waiting is not None and not waiting.done():
-            waiting.set_result(msg)
-
-    async def request(self, subject: str, data: bytes, headers: bytes, *, timeout_s: float) -> Msg:
-        """Publish with a reply subject of ours; the answer, or NatsTimeoutError after `timeout_s`."""
-        if self._sub is None:
-            await self._start()
-        token = str(next(self._tokens))
-        answer: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
-        self._waiting[token] = answer
-        timer = asyncio.get_running_loop().call_later(timeout_s, _expire, answer)
-        try:
-            await publish_prepared(self._nc, subject, data, reply=f"{self._prefix}{token}", headers=headers)
-            return await answer
-        finally:
-            timer.cancel()
-            self._waiting.pop(token, None)
-
-
-def _expire(answer: asyncio.Future[Msg]) -> None:
-    if not answer.done():
-        answer.set_exception(NatsTimeoutError())
 
 
 def now_ms() -> int:
@@ -182,7 +103,7 @@ class EventStore:
         self._nc = js._nc  # appends are plain publishes, acknowledged to inboxes of our own
         self._partitions = partitions
         self._timeout_s = publish_timeout_s
-        self._acks = _AckInbox(self._nc)
+        self._acks = AckInbox(self._nc)
 
     @property
     def partitions(self) -> int:
@@ -201,9 +122,7 @@ class EventStore:
         # No Nats-Msg-Id: the expected sequence already makes a retried append land once (a
         # retry of one that landed is refused, and recognised below); a message id would cost
         # nats-server an entry in its duplicate window per event and every consumer a header.
-        headers = b"%s%d\r\n%s: %s\r\n\r\n" % (
-            _EXPECTED_SEQ_HEADER, expected_seq, wire.HEADER_EXPECTED_LAST_SUBJECT_SEQ_SUBJECT.encode(),
-            wire.task_subjects(event.function, event.task_id).encode())
+        headers = expected_seq_headers(expected_seq, wire.task_subjects(event.function, event.task_id))
         subject = self._subject(event)
         data = encode_event(event)
         for attempt in range(3):
@@ -213,7 +132,7 @@ class EventStore:
                 log.warning("append timed out", extra={"task_id": event.task_id, "attempt": attempt})
                 last_err: Exception = err
                 continue
-            ack = _read_ack(answer)
+            ack = read_pub_ack(answer)
             if ack.error is None:
                 return ack.seq
             if ack.error.err_code == wire.JS_ERR_WRONG_LAST_SEQUENCE:
@@ -374,7 +293,7 @@ class TaskCreator:
                 self._drained.set()
         done = entry[1]
         try:
-            ack = _pub_ack.decode(msg.data)
+            ack = decode_pub_ack(msg.data)
         except msgspec.DecodeError:
             # No JSON: a status message (no responders while the stream is unavailable).
             await done(ServiceUnavailable("event store did not take the append"))

@@ -16,7 +16,8 @@ from shared.events import TaskEnqueued, TaskProcessed, TaskStarted, TaskStopped,
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from shared.eventstore import EventStore, TaskCreator, _AckInbox, ensure_stream, follow, now_ms
+from shared.acks import AckInbox
+from shared.eventstore import EventStore, TaskCreator, ensure_stream, follow, now_ms
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -52,10 +53,10 @@ async def test_first_event_is_unique_per_task(js: JetStreamContext) -> None:
 async def test_an_append_whose_answer_was_lost_lands_once(js: JetStreamContext, monkeypatch: pytest.MonkeyPatch) -> None:
     # The first try is stored but its answer never reaches us (a reconnect, say): the retry is
     # refused by the expected sequence and recognised as ours, so the event is stored once.
-    deliver = _AckInbox.request
+    deliver = AckInbox.request
     lost: list[Msg] = []
 
-    async def lose_the_first_answer(self: _AckInbox, subject: str, data: bytes, headers: bytes, *,
+    async def lose_the_first_answer(self: AckInbox, subject: str, data: bytes, headers: bytes, *,
                                     timeout_s: float) -> Msg:
         answer = await deliver(self, subject, data, headers, timeout_s=timeout_s)
         if not lost:
@@ -63,7 +64,7 @@ async def test_an_append_whose_answer_was_lost_lands_once(js: JetStreamContext, 
             raise NatsTimeoutError
         return answer
 
-    monkeypatch.setattr(_AckInbox, "request", lose_the_first_answer)
+    monkeypatch.setattr(AckInbox, "request", lose_the_first_answer)
     store = EventStore(js, partitions=4)
     event = enqueued("lost-answer")
 

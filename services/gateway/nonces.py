@@ -20,11 +20,12 @@ from typing import Protocol
 
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import BucketNotFoundError
 from nats.errors import Error as NatsError
 from nats.js.kv import KeyValue
 
 from shared import wire
+from shared.acks import AckInbox, expected_seq_headers, read_pub_ack
 from shared.errors import ServiceUnavailable
 
 
@@ -40,8 +41,16 @@ def _key(access_key_id: str, nonce: str) -> str:
 
 
 class KvNonces:
-    def __init__(self, kv: KeyValue) -> None:
+    """Nonces as keys of the bucket: a key can be created once (an expected last sequence of 0).
+
+    The create is one acknowledged publish of our own (`shared.acks`) rather than nats-py's
+    `KeyValue.create`: one is made for every signed request.
+    """
+
+    def __init__(self, kv: KeyValue, acks: AckInbox, *, timeout_s: float = 5.0) -> None:
         self._kv = kv
+        self._acks = acks
+        self._timeout_s = timeout_s
 
     @classmethod
     async def open(cls, js: JetStreamContext, *, remember_s: int, replicas: int = 1) -> KvNonces:
@@ -50,16 +59,20 @@ class KvNonces:
         except BucketNotFoundError:
             kv = await js.create_key_value(KeyValueConfig(
                 bucket=wire.NONCES_BUCKET, history=1, ttl=remember_s, storage=StorageType.FILE, replicas=replicas))
-        return cls(kv)
+        return cls(kv, AckInbox(js._nc))
 
     async def first_use(self, access_key_id: str, nonce: str) -> bool:
+        subject = f"$KV.{wire.NONCES_BUCKET}.{_key(access_key_id, nonce)}"
         try:
-            await self._kv.create(_key(access_key_id, nonce), b"")
-        except KeyWrongLastSequenceError:
-            return False
-        except (NatsError, asyncio.TimeoutError) as err:
+            ack = read_pub_ack(await self._acks.request(subject, b"", expected_seq_headers(0, subject),
+                                                        timeout_s=self._timeout_s))
+        except (NatsError, asyncio.TimeoutError, ServiceUnavailable) as err:
             raise ServiceUnavailable("the bus did not record the request's nonce; try again") from err
-        return True
+        if ack.error is None:
+            return True
+        if ack.error.err_code == wire.JS_ERR_WRONG_LAST_SEQUENCE:
+            return False
+        raise ServiceUnavailable(f"the bus did not record the request's nonce: {ack.error.description}")
 
 
 class MemoryNonces:
