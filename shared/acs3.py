@@ -156,16 +156,16 @@ def _parse_authorization(value: str) -> tuple[str, list[str], str]:
 
 
 def _parse_date(value: str) -> datetime | None:
-    try:
-        return datetime.strptime(value, DATE_FORMAT).replace(tzinfo=timezone.utc)
-    except ValueError:
-        pass
-    # Non-SDK clients may send fractional seconds or an explicit offset; naive times are refused
-    # because their zone is a guess.
+    # ISO 8601 first: the SDK's form (DATE_FORMAT) is one, and fromisoformat reads it several
+    # times faster than strptime (once per signed request). Non-SDK clients may send fractional
+    # seconds or an explicit offset; naive times are refused because their zone is a guess.
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
-        return None
+        try:  # DATE_FORMAT also takes fields without their leading zeros
+            return datetime.strptime(value, DATE_FORMAT).replace(tzinfo=timezone.utc)
+        except ValueError:
+            return None
     return parsed.astimezone(timezone.utc) if parsed.tzinfo is not None else None
 
 
