@@ -473,6 +473,13 @@ class Catalog:
                 out.append((name, record))
         return out
 
+    async def latest_async_configs(self) -> dict[str, AsyncConfigRecord]:
+        """Each function's LATEST async config, by function name (from the mirror when watched)."""
+        if self._config_mirror is not None:
+            # A LATEST config's key is the bare function name (`async_config_key`).
+            return {key: record for key, record in self._config_mirror.records.items() if "." not in key}
+        return {name: record for name, record in await self.list_async_configs() if record.qualifier == LATEST}
+
     async def list_async_configs_of(self, name: str) -> list[tuple[str, AsyncConfigRecord]]:
         """Every (qualifier, async config) of one function."""
         return [(record.qualifier, record) for owner, record in await self.list_async_configs() if owner == name]

@@ -60,8 +60,11 @@ LATEST: Final = "LATEST"
 # Enqueued events, the executors' over its dispatches (Processed and Retrying).
 DEQUEUE_DURABLE_PREFIX: Final = "taskmode-dequeue-"
 DISPATCH_DURABLE_PREFIX: Final = "taskmode-dispatch-"
+# ... and the deliverer's over the final events of a function with a destination.
+DELIVERY_DURABLE_PREFIX: Final = "taskmode-deliver-"
 PROJECTION_DURABLE: Final = "taskmode-projection"
-DELIVERER_DURABLE: Final = "taskmode-deliverer"
+# The deliverer's per-partition consumers of earlier versions (over every final event): removed.
+OLD_DELIVERER_DURABLE: Final = "taskmode-deliverer"
 # Which instance of a partitioned service owns which partition: leases in this KV bucket.
 LEASES_BUCKET: Final = "taskmode_leases"
 # Signature nonces the gateways have seen (replay protection), kept for twice the clock skew.

@@ -9,9 +9,11 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import nats
 import pytest
 from aiohttp import web
 
+from shared import natsauth, wire
 from shared.destinations import destination_task_id, verify_webhook
 from shared.devstack import Stack, free_port
 from tests.fc_client import FcClient
@@ -269,3 +271,47 @@ async def test_a_receiver_that_trickles_its_answer_does_not_hold_the_attempt(sta
         done.set()
         server.close()
         await server.wait_closed()
+
+
+async def _delivery_queues(stack: Stack) -> set[str]:
+    user, password = stack.nats_credentials(natsauth.ADMIN) or (None, None)
+    nc = await nats.connect(stack.nats_url, user=user, password=password)
+    try:
+        js = nc.jetstream()
+        names = [str(info.name) for info in await js.consumers_info(wire.EVENT_STREAM)]
+    finally:
+        await nc.close()
+    return {name.removeprefix(wire.DELIVERY_DURABLE_PREFIX) for name in names
+            if name.startswith(wire.DELIVERY_DURABLE_PREFIX)}
+
+
+async def test_only_functions_with_a_destination_are_read_and_none_is_missed_while_no_deliverer_runs(
+        stack_with: StackFactory, receiver: Receiver) -> None:
+    """The deliverer reads a function's final events only while its config names a destination,
+    from the time the config was put: a task that ends while no deliverer runs (or before its
+    queue exists) gets its record once one runs; a config without destinations leaves no queue."""
+    stack, fc = stack_with({})
+    await make(fc, "plain")  # an async config without destinations
+    await make(fc, "wired", **destinations(receiver.url("wired")))
+    await wait_until(lambda: _has(stack, {"wired"}), deadline_s=30, what="a queue for the function with a destination")
+    assert (await fc.invoke_async("plain", b"nobody listens", task_id="p1")).status_code == 202
+    await fc.wait_for("plain", "p1", {"Succeeded"})
+
+    stack.kill_service("deliverer")
+    await make(fc, "late", **destinations(receiver.url("late")))  # put while no deliverer runs
+    assert (await fc.invoke_async("late", b"while down", task_id="l1")).status_code == 202
+    await fc.wait_for("late", "l1", {"Succeeded"})
+    stack.start_service("deliverer")
+
+    await wait_until(lambda: destination_status(fc, "late", "l1", "Delivered"), deadline_s=60,
+                     what="the record of a task that ended while no deliverer ran")
+    assert [json.loads(body)["requestPayload"] for _, body in receiver.records("late")] == ["while down"]
+    assert await _delivery_queues(stack) == {"wired", "late"}
+
+    # Destinations removed: the queue goes, and later tasks send nothing.
+    assert (await fc.put_async_config("wired", asyncTask=True)).status_code == 200
+    await wait_until(lambda: _has(stack, {"late"}), deadline_s=30, what="the queue without a destination gone")
+
+
+async def _has(stack: Stack, functions: set[str]) -> bool:
+    return await _delivery_queues(stack) == functions
