@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 Document = dict[str, Any]
 
+# What the embedded server (nx-27017) names itself in `buildInfo`; a MongoDB names no process there.
+EMBEDDED_SERVER_PROCESS: Final = "nx_27017"
 # MongoDB's error code for a unique index (here `_id`) refusing a second document.
 DUPLICATE_KEY: Final = 11000
 
@@ -367,11 +369,22 @@ class TaskStore:
         ]
         if ttl_index:
             models.append(IndexModel([("expireAt", ASCENDING)], name="expireAt_ttl", expireAfterSeconds=0))
+        if await self.is_embedded_server():
+            # The embedded server does not use the listing index for a function's tasks (it
+            # scanned every document: a listing took 29 ms beside 4,000 tasks of another
+            # function), but does use an index on the function alone (3 ms), at no measurable
+            # cost per write. On MongoDB the listing index serves, and this one would be redundant.
+            models.append(IndexModel([("functionName", ASCENDING)], name="functionName"))
         async for index in await self._tasks.list_indexes():
             # By its keys: the embedded server names indexes its own way.
             if list(index["key"].items()) == REDUNDANT_UNIQUE_KEYS:
                 await self._tasks.drop_index(index["name"])
         await self._tasks.create_indexes(models)
+
+    async def is_embedded_server(self) -> bool:
+        """Whether the server is the embedded MongoDB-wire server (nx-27017), not a MongoDB."""
+        info = await self._client.admin.command("buildInfo")
+        return bool(info.get("process") == EMBEDDED_SERVER_PROCESS)
 
     async def purge_expired(self, now: datetime) -> int:
         """Delete tasks whose `expireAt` has passed (the sweep that replaces a TTL index)."""

@@ -237,6 +237,13 @@ class TestTaskStoreContract:
         assert (("functionName", 1), ("submitTime", 1), ("taskId", 1)) in by_key
         assert (("functionName", 1), ("taskId", 1)) not in by_key  # `_id` keeps a task unique
 
+    async def test_a_functions_tasks_are_found_through_an_index(self, task_store: TaskStore) -> None:
+        # MongoDB serves it from the listing index; the embedded server only from one of its own.
+        await task_store.ensure_indexes()
+        plan = str(await task_store.collection.find({"functionName": "f"}).explain())
+        assert "USING INDEX" in plan or "IXSCAN" in plan, plan
+        assert ((("functionName", 1),) in await self._keys(task_store)) == await task_store.is_embedded_server()
+
     async def test_the_unique_index_of_older_stores_is_dropped(self, task_store: TaskStore) -> None:
         await task_store.collection.create_index(REDUNDANT_UNIQUE_KEYS, unique=True, name="functionName_taskId_unique")
         assert await self._keys(task_store) >= {tuple(REDUNDANT_UNIQUE_KEYS)}
