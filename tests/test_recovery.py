@@ -208,8 +208,10 @@ async def test_a_busy_function_does_not_hold_up_other_functions(stack_with: Stac
     await make_function(fc, "backlogged", handler="index.sleep")
     await make_function(fc, "quick")
     busy = [f"slow{i}" for i in range(10)]
+    # 4 s each: room for the quick function's first instance to start on a loaded machine (its
+    # template's cold start), while a quick task held behind the backlog would still end after them.
     for task_id in busy:
-        await fc.invoke_async("backlogged", b"2", task_id=task_id)
+        await fc.invoke_async("backlogged", b"4", task_id=task_id)
     await fc.wait_for("backlogged", busy[0], {"Running"})
     await fc.invoke_async("quick", b"", task_id="fast")
     fast = await fc.wait_for("quick", "fast", {"Succeeded"}, deadline_s=20)
