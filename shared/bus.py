@@ -245,7 +245,7 @@ class Batching:
     """
 
     size: int = 256
-    wait_s: float = 0.5
+    wait_s: float = 0.5  # an idle loop's long poll for its next message
     gather_s: float = 0.0
     busy_rate: float = 50.0
 
@@ -276,12 +276,17 @@ async def consume(
     try:
         while not stop.is_set():
             # Idle: wait for one message, then drain what else is there, so a lone event is
-            # handled at once instead of lingering until a full batch or the fetch timeout.
-            msgs = await fetch(js, sub, stream=stream, durable=durable,
-                               batch=1 if idle else batching.size, wait_s=batching.wait_s)
-            if msgs and idle and batching.size > 1:
-                msgs += await fetch(js, sub, stream=stream, durable=durable,
-                                    batch=batching.size - 1, wait_s=_DRAIN_WAIT_S)
+            # handled at once. Busy: take only what is there (a pull for a whole batch lingers
+            # until the batch is full or the wait is over, holding back what did arrive); an
+            # empty answer makes the loop idle again.
+            if idle:
+                msgs = await fetch(js, sub, stream=stream, durable=durable, batch=1, wait_s=batching.wait_s)
+                if msgs and batching.size > 1:
+                    msgs += await fetch(js, sub, stream=stream, durable=durable,
+                                        batch=batching.size - 1, wait_s=_DRAIN_WAIT_S)
+            else:
+                msgs = await fetch(js, sub, stream=stream, durable=durable,
+                                   batch=batching.size, wait_s=_DRAIN_WAIT_S)
             idle = not msgs
             if not msgs:
                 continue

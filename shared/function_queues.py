@@ -159,11 +159,19 @@ class FunctionQueues:
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(waker.wait(), RECHECK_S)
                     continue
-                msgs = await fetch(self._js, sub, stream=wire.EVENT_STREAM, durable=durable,
-                                   batch=1 if idle else room, wait_s=self._long_poll_s if idle else 0.5)
-                if msgs and idle and room > 1:
-                    msgs += await fetch(self._js, sub, stream=wire.EVENT_STREAM, durable=durable,
-                                        batch=room - 1, wait_s=DRAIN_WAIT_S)
+                # Idle: long-poll one message, then take what else is there. Busy: only take
+                # what is there. A pull for many messages lingers until it has them all or
+                # expires, so a wait of any length here would hold the first message back for
+                # as long as that (it was 0.5 s: a lone task behind a burst waited that out).
+                if idle:
+                    msgs = await fetch(self._js, sub, stream=wire.EVENT_STREAM, durable=durable,
+                                       batch=1, wait_s=self._long_poll_s)
+                    if msgs and room > 1:
+                        msgs += await fetch(self._js, sub, stream=wire.EVENT_STREAM, durable=durable,
+                                            batch=room - 1, wait_s=DRAIN_WAIT_S)
+                else:
+                    msgs = await fetch(self._js, sub, stream=wire.EVENT_STREAM, durable=durable,
+                                       batch=room, wait_s=DRAIN_WAIT_S)
                 idle = not msgs
                 if msgs:
                     await self._on_batch(function, msgs)

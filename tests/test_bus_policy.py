@@ -13,6 +13,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, StreamConfig
 
+from shared import wire
 from shared.bus import (
     ACK,
     Batching,
@@ -27,6 +28,7 @@ from shared.bus import (
 )
 from shared.devstack import ChildProcess, free_port, start_nats
 from shared.events import AnyTaskEvent, TaskEnqueued, encode_event
+from shared.function_queues import FunctionQueues, QueueSpec, queue_start_time
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -165,6 +167,63 @@ async def test_a_failing_batch_is_retried_whole_before_anything_newer(js: JetStr
     assert batches[1] == batches[0]
     assert [data for batch in batches[1:] for data in batch] == [str(i).encode() for i in range(5)]
     assert await pending(js, "batch") == (0, 0)
+
+
+async def handling_delays(js: JetStreamContext, subject: str, handled_at: dict[bytes, float], *,
+                          count: int = 30, gap_s: float = 0.02) -> list[float]:
+    """Publish `count` messages `gap_s` apart to a consumer that is already running; how long
+    each waited between its publish's ack and its handling."""
+    published_at: dict[bytes, float] = {}
+    for i in range(count):
+        body = str(i).encode()
+        await js.publish(subject, body)
+        published_at[body] = time.monotonic()
+        await asyncio.sleep(gap_s)  # the pacing under test, not a synchronisation
+    await until(lambda: len(handled_at) >= count)
+    return [handled_at[body] - published_at[body] for body in published_at]
+
+
+async def test_a_busy_consumer_hands_over_each_message_as_it_arrives(js: JetStreamContext) -> None:
+    handled_at: dict[bytes, float] = {}
+
+    async def note(msg: Msg) -> Verdict:
+        handled_at[msg.data] = time.monotonic()
+        return ACK
+
+    await ensure_consumer(js, stream=STREAM, durable="steady", filter_subjects=["policy.steady.>"],
+                          ack_wait_s=30, max_ack_pending=1000)
+    stop = asyncio.Event()
+    # A long idle poll: a busy loop that waited like an idle one (for a whole batch) would hold
+    # each message back for up to that long.
+    task = asyncio.create_task(consume(js, stream=STREAM, durable="steady", stop=stop, on_message=note,
+                                       batching=Batching(size=64, wait_s=2.0)))
+    _RUNNING.append((stop, task))
+    delays = await handling_delays(js, "policy.steady.x", handled_at)
+    assert max(delays) < 0.4, sorted(delays)[-5:]
+
+
+async def test_a_busy_function_queue_hands_over_each_message_as_it_arrives(js: JetStreamContext) -> None:
+    handled_at: dict[bytes, float] = {}
+
+    async def on_batch(function: str, msgs: list[Msg]) -> None:
+        for msg in msgs:
+            handled_at[msg.data] = time.monotonic()
+            await msg.ack()
+
+    # The event stream is the queues' own; here it holds only this test's subjects.
+    await js.add_stream(StreamConfig(name=wire.EVENT_STREAM, subjects=["queuetest.>"]))
+    queues = FunctionQueues(js, durable_of=lambda function: f"q_{function}", room=lambda function: 100,
+                            on_batch=on_batch, long_poll_s=2.0)
+    await queues.ensure("f", QueueSpec(filter_subjects=("queuetest.f.>",), max_ack_pending=100, ack_wait_s=30,
+                                       start_time=queue_start_time("2020-01-01T00:00:00Z")))
+    try:
+        delays = await handling_delays(js, "queuetest.f.x", handled_at)
+    finally:
+        await queues.close()
+        await js.delete_stream(wire.EVENT_STREAM)
+    # Before: a busy puller asked for its whole room with a 0.5 s wait, and arrivals waited for
+    # that request to end (the slowest about 0.37 s at this pace; a few ms now).
+    assert max(delays) < 0.3, sorted(delays)[-5:]
 
 
 async def test_first_connect_gives_up_naming_the_url_and_stops_on_request() -> None:
