@@ -166,20 +166,25 @@ def check_next_token(query: TaskQuery) -> None:
         _decode_token(query, query.next_token)
 
 
-def _list_filters(query: TaskQuery, after: _Cursor | None) -> list[Document]:
-    """The find filters whose concatenated results, in order, are `query`'s next tasks.
+def list_filters(query: TaskQuery) -> list[Document]:
+    """The find filters whose concatenated results, in order, are `query`'s next tasks (after
+    its `next_token`, which must be valid: InvalidNextToken otherwise).
 
     Without a token that is one filter. After a token at (submitTime s, taskId t) it is two,
     both plain index range scans: the rest of the tie at s (taskId beyond t), then every later
     submitTime. This replaces the textbook `$or` keyset, which nx-27017 evaluates about three
     times slower than the two queries together; on MongoDB both are tight scans of the listing
     index. A token positioned outside the time range yields no tie query.
+
+    Equalities are written `{"$eq": v}`: the same match on MongoDB, but the embedded server
+    turns a bare `field: v` into an array-aware subquery that no index serves (it scanned every
+    task of every function), while `$eq` becomes a plain range of the listing index.
     """
-    first: Document = {"functionName": query.function}
+    first: Document = {"functionName": {"$eq": query.function}}
     if query.status:
-        first["status"] = query.status
+        first["status"] = {"$eq": query.status}
     if query.qualifier:
-        first["qualifier"] = query.qualifier
+        first["qualifier"] = {"$eq": query.qualifier}
     task_range: Document = {}
     if query.prefix:
         task_range["$gte"] = query.prefix
@@ -194,8 +199,10 @@ def _list_filters(query: TaskQuery, after: _Cursor | None) -> list[Document]:
         started_range["$lte"] = query.started_time_end
     if started_range:
         first[ORDER_FIELD] = started_range
-    if after is None:
+    if not query.next_token:
         return [first]
+
+    after = _decode_token(query, query.next_token)
 
     at, task_id = after.submit_time, after.task_id
     # Several operators on one field AND together (MongoDB semantics, verified on nx-27017).
@@ -206,7 +213,7 @@ def _list_filters(query: TaskQuery, after: _Cursor | None) -> list[Document]:
     )
     if not in_range:
         return [rest]
-    tie = {**first, ORDER_FIELD: at, "taskId": {**task_range, beyond: task_id}}
+    tie = {**first, ORDER_FIELD: {"$eq": at}, "taskId": {**task_range, beyond: task_id}}
     return [tie, rest]
 
 
@@ -281,6 +288,10 @@ async def _retry(attempt: Callable[[], Awaitable[None]], *, deadline: float, wha
 
 # The keys of the unique index of earlier releases; `_id` already keeps a task unique.
 REDUNDANT_UNIQUE_KEYS = [("functionName", 1), ("taskId", 1)]
+# The index on the function alone that earlier releases made on the embedded server, whose
+# listings could not use the listing index then (`list_filters` says why they can now): one
+# more index to write on every save, for nothing.
+FUNCTION_ONLY_KEYS = [("functionName", 1)]
 
 
 class TaskStore:
@@ -369,15 +380,11 @@ class TaskStore:
         ]
         if ttl_index:
             models.append(IndexModel([("expireAt", ASCENDING)], name="expireAt_ttl", expireAfterSeconds=0))
-        if await self.is_embedded_server():
-            # The embedded server does not use the listing index for a function's tasks (it
-            # scanned every document: a listing took 29 ms beside 4,000 tasks of another
-            # function), but does use an index on the function alone (3 ms), at no measurable
-            # cost per write. On MongoDB the listing index serves, and this one would be redundant.
-            models.append(IndexModel([("functionName", ASCENDING)], name="functionName"))
+        embedded = await self.is_embedded_server()
         async for index in await self._tasks.list_indexes():
             # By its keys: the embedded server names indexes its own way.
-            if list(index["key"].items()) == REDUNDANT_UNIQUE_KEYS:
+            keys = list(index["key"].items())
+            if keys == REDUNDANT_UNIQUE_KEYS or (embedded and keys == FUNCTION_ONLY_KEYS):
                 await self._tasks.drop_index(index["name"])
         await self._tasks.create_indexes(models)
 
@@ -461,7 +468,7 @@ class TaskStore:
         """
         if query.limit < 1:
             raise InvalidArgument(f"limit must be at least 1, got {query.limit}")
-        after = _decode_token(query, query.next_token) if query.next_token else None
+        filters = list_filters(query)
         direction = DESCENDING if query.descending else ASCENDING
         projection = _public_projection(include_payload=query.include_payload)
         sort = [(ORDER_FIELD, direction), ("taskId", direction)]
@@ -469,7 +476,7 @@ class TaskStore:
         # The parts run concurrently; gather (not a TaskGroup) so a failure surfaces as the
         # driver's own error, which callers handle, rather than wrapped in an ExceptionGroup.
         parts = await asyncio.gather(
-            *(self._tasks.find(flt, projection).sort(sort).limit(fetch).to_list() for flt in _list_filters(query, after))
+            *(self._tasks.find(flt, projection).sort(sort).limit(fetch).to_list() for flt in filters)
         )
         docs = [doc for part in parts for doc in part]
         if len(docs) <= query.limit:
@@ -479,7 +486,8 @@ class TaskStore:
 
     async def count_with_status(self, function: str, status: str) -> int:
         """How many of `function`'s tasks are in `status` now (bounded to 2 s of server time)."""
-        return int(await self._tasks.count_documents({"functionName": function, "status": status}, maxTimeMS=2000))
+        return int(await self._tasks.count_documents(
+            {"functionName": {"$eq": function}, "status": {"$eq": status}}, maxTimeMS=2000))
 
     async def reachable(self, *, timeout_s: float = 1.0) -> bool:
         """Whether the server answers a ping within `timeout_s` (for readiness probes)."""
