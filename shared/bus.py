@@ -275,15 +275,11 @@ async def consume(
     rate, rate_at = 0.0, loop.time()  # messages a second lately (decaying over about a second)
     try:
         while not stop.is_set():
-            # Idle: wait for one message, then drain what else is there, so a lone event is
-            # handled at once. Busy: take only what is there (a pull for a whole batch lingers
-            # until the batch is full or the wait is over, holding back what did arrive); an
-            # empty answer makes the loop idle again.
+            # Idle: wait for one message and handle it at once. Busy: take what is there,
+            # lingering at most _DRAIN_WAIT_S (never a long pull for a whole batch, which the
+            # server holds until it is full or expires); an empty answer makes the loop idle.
             if idle:
                 msgs = await fetch(js, sub, stream=stream, durable=durable, batch=1, wait_s=batching.wait_s)
-                if msgs and batching.size > 1:
-                    msgs += await fetch(js, sub, stream=stream, durable=durable,
-                                        batch=batching.size - 1, wait_s=_DRAIN_WAIT_S)
             else:
                 msgs = await fetch(js, sub, stream=stream, durable=durable,
                                    batch=batching.size, wait_s=_DRAIN_WAIT_S)

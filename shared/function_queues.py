@@ -8,8 +8,9 @@ is simply not fetched, its work waiting in the stream in order.
 The owner (the scheduler over a function's Enqueued events, the executor over its dispatches)
 says how each function's consumer is configured (`QueueSpec`), how many messages it may take
 right now (`room`) and what to do with a batch; `wake(function)` tells a waiting puller that its
-room may have grown. A puller long-polls one message when idle and drains more once work
-arrives, so a lone task is handled the moment it is published.
+room may have grown. A puller long-polls one message when idle and hands it over at once, then
+takes whatever has arrived since, as long as work keeps coming: a lone task is handled the
+moment it is published, a burst in batches.
 
 A consumer starts a second before its function was created (`queue_start_time`): its function's
 tasks are all later, and a deleted namesake's leftovers are earlier, so a new consumer never
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 # How long an idle puller's pull request waits on the server before it is renewed.
 LONG_POLL_S: Final = 5.0
-# Once a message arrived, how long to linger for more that are already on their way.
+# How long a busy puller lingers for more messages that are already on their way.
 DRAIN_WAIT_S: Final = 0.002
 # How often a puller whose room is 0 looks again without being woken (a safety net).
 RECHECK_S: Final = 1.0
@@ -159,16 +160,13 @@ class FunctionQueues:
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(waker.wait(), RECHECK_S)
                     continue
-                # Idle: long-poll one message, then take what else is there. Busy: only take
-                # what is there. A pull for many messages lingers until it has them all or
-                # expires, so a wait of any length here would hold the first message back for
-                # as long as that (it was 0.5 s: a lone task behind a burst waited that out).
+                # Idle: long-poll one message and hand it over at once (a lone task waits for
+                # nothing). Busy: take what is there, lingering at most DRAIN_WAIT_S. Never a
+                # long pull for many: the server holds what did arrive until the pull is full or
+                # expires (it was 0.5 s: a task behind a burst waited that out).
                 if idle:
                     msgs = await fetch(self._js, sub, stream=wire.EVENT_STREAM, durable=durable,
                                        batch=1, wait_s=self._long_poll_s)
-                    if msgs and room > 1:
-                        msgs += await fetch(self._js, sub, stream=wire.EVENT_STREAM, durable=durable,
-                                            batch=room - 1, wait_s=DRAIN_WAIT_S)
                 else:
                     msgs = await fetch(self._js, sub, stream=wire.EVENT_STREAM, durable=durable,
                                        batch=room, wait_s=DRAIN_WAIT_S)
