@@ -52,12 +52,12 @@ async def main() -> None:
         try:
             await fc.create_function("bus", code={"index.py": full.NOOP})
             await full.submit_many(base, "bus", ["warm-up"], concurrency=1)
-            await full.wait_all_succeeded(fc, "bus", ["warm-up"])
+            await full.wait_all_succeeded(base, "bus", ["warm-up"])
             sent_before, received_before = per_connection(monitor_port)
             ids = [f"m{i:06d}" for i in range(args.tasks)]
             started = time.perf_counter()
             await full.submit_many(base, "bus", ids, concurrency=32)
-            await full.wait_all_succeeded(fc, "bus", ids)
+            await full.wait_all_succeeded(base, "bus", ids)
             elapsed = time.perf_counter() - started
             sent, received = per_connection(monitor_port)
         finally:

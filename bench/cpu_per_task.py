@@ -35,7 +35,7 @@ async def run_taskmode(tasks: int) -> RunFigures:
             started = time.perf_counter()
             ids = [f"c{i:06d}" for i in range(tasks)]
             submit_s = await full.submit_many(base, "cpu", ids, concurrency=32)
-            await full.wait_all_succeeded(fc, "cpu", ["warm-up", *ids])
+            await full.wait_all_succeeded(base, "cpu", ["warm-up", *ids])
             complete_s = time.perf_counter() - started
             after = cpu_seconds(processes, DESCENDANTS_AS)
         finally:

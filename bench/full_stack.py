@@ -12,13 +12,13 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-import aiohttp
 import nats
 import psutil
 from nats.js.api import StreamConfig
 
-from shared.acs3 import sign_request
+from bench.load_client import LoadClient
 from shared.devstack import Stack, free_port
 from tests.fc_client import FcClient
 
@@ -37,58 +37,63 @@ def fmt_ms(values: list[float]) -> str:
     return f"p50 {pct(values, 50):7.1f} ms   p90 {pct(values, 90):7.1f} ms   p99 {pct(values, 99):7.1f} ms"
 
 
-async def submit_many(base_url: str, name: str, ids: list[str], *, concurrency: int) -> float:
-    """Submit signed async invocations from `concurrency` connections; returns the seconds taken.
+def load_client(base_url: str, *, connections: int = 32) -> LoadClient:
+    """The benchmarks' signed aiohttp client for the stack at `base_url`."""
+    return LoadClient(base_url, access_key_id=KEY_ID, access_key_secret=SECRET, connections=connections)
 
-    aiohttp rather than the tests' httpx client: the load generator shares the machine's two
-    cores with the system under test, so it should cost as little as it can.
-    """
+
+async def submit_many(base_url: str, name: str, ids: list[str], *, concurrency: int) -> float:
+    """Submit signed async invocations from `concurrency` connections; returns the seconds taken."""
     queue: asyncio.Queue[str] = asyncio.Queue()
     for task_id in ids:
         queue.put_nowait(task_id)
-    path = f"/2023-03-30/functions/{name}/invocations"
-    host = base_url.removeprefix("http://")
 
-    async def worker(session: aiohttp.ClientSession) -> None:
+    async def worker(load: LoadClient) -> None:
         while not queue.empty():
-            task_id = queue.get_nowait()
-            headers = {"host": host, "x-fc-invocation-type": "Async", "x-fc-async-task-id": task_id,
-                       "content-type": "application/octet-stream"}
-            headers.update(sign_request(method="POST", path=path, query={}, headers=headers, body=b"{}",
-                                        access_key_id=KEY_ID, access_key_secret=SECRET))
-            async with session.post(base_url + path, data=b"{}", headers=headers) as response:
-                if response.status != 202:
-                    raise RuntimeError(f"submit failed: {response.status} {await response.text()}")
+            await load.submit(name, queue.get_nowait())
 
     started = time.perf_counter()
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector, skip_auto_headers=("User-Agent",)) as session:
-        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+    async with load_client(base_url, connections=concurrency) as load:
+        await asyncio.gather(*(worker(load) for _ in range(concurrency)))
     return time.perf_counter() - started
 
 
-async def count_succeeded(fc: FcClient, name: str) -> int:
+async def count_succeeded(load: LoadClient, name: str) -> int:
     total, token = 0, ""
     while True:
         query = {"limit": "100", "status": "Succeeded"}
         if token:
             query["nextToken"] = token
-        page = (await fc.list_tasks(name, **query)).json()
+        page = await load.list_page(name, **query)
         total += len(page["tasks"])
         token = page["nextToken"]
         if not token:
             return total
 
 
-async def wait_all_succeeded(fc: FcClient, name: str, ids: list[str], *, deadline_s: float = 600) -> None:
+async def wait_succeeded(load: LoadClient, name: str, task_id: str, *, deadline_s: float = 60,
+                         interval_s: float = 0.05) -> dict[str, Any]:
+    """Poll GetAsyncTask until the task is Succeeded; its task record."""
+    end = time.perf_counter() + deadline_s
+    while True:
+        status, task = await load.get_task(name, task_id)
+        if status == 200 and task["status"] == "Succeeded":
+            return task
+        if time.perf_counter() > end:
+            raise TimeoutError(f"task {task_id} did not succeed in {deadline_s} s (last: {status} {task})")
+        await asyncio.sleep(interval_s)  # polling the API, not synchronization
+
+
+async def wait_all_succeeded(base_url: str, name: str, ids: list[str], *, deadline_s: float = 600) -> None:
     """Until every task is Succeeded in the read model (ListAsyncTasks), polling cheaply first:
     the last task through GetAsyncTask, so the benchmark's own reads do not load the store."""
-    await fc.wait_for(name, ids[-1], {"Succeeded"}, deadline_s=deadline_s)
-    end = time.perf_counter() + deadline_s
-    while await count_succeeded(fc, name) < len(ids):
-        if time.perf_counter() > end:
-            raise TimeoutError("tasks did not all succeed")
-        await asyncio.sleep(0.1)
+    async with load_client(base_url, connections=1) as load:
+        await wait_succeeded(load, name, ids[-1], deadline_s=deadline_s, interval_s=0.1)
+        end = time.perf_counter() + deadline_s
+        while await count_succeeded(load, name) < len(ids):
+            if time.perf_counter() > end:
+                raise TimeoutError("tasks did not all succeed")
+            await asyncio.sleep(0.1)
 
 
 async def throughput_phase(fc: FcClient, base_url: str, n: int) -> dict[str, float]:
@@ -97,64 +102,71 @@ async def throughput_phase(fc: FcClient, base_url: str, n: int) -> dict[str, flo
     ids = [f"tp{i:06d}" for i in range(n)]
     started = time.perf_counter()
     submit_s = await submit_many(base_url, name, ids, concurrency=32)
-    await wait_all_succeeded(fc, name, ids)
+    await wait_all_succeeded(base_url, name, ids)
     done_s = time.perf_counter() - started
     return {"submit_per_s": n / submit_s, "complete_per_s": n / done_s, "total_s": done_s}
 
 
-async def paced_phase(fc: FcClient, n: int, rate: float, *, name: str = "bench_latency") -> dict[str, list[float]]:
-    """Submit `n` tasks at `rate` per second (each at its own moment, not waiting for the last
-    answer), then read each task's timeline: submit -> Running and submit -> Succeeded."""
-    await fc.create_function(name, code={"index.py": NOOP})
-    await fc.invoke_async(name, b"{}", task_id="warm")  # a warm instance, as the goal states
-    await fc.wait_for(name, "warm", {"Succeeded"}, deadline_s=60)
-    submitted: dict[str, float] = {}
-    in_flight = asyncio.Semaphore(32)  # within the client's connection pool, however slow answers get
+async def submit_paced(load: LoadClient, name: str, ids: list[str], rate: float) -> dict[str, float]:
+    """Submit `ids` at `rate` per second, each at its own moment (not waiting for earlier
+    answers); when each request was sent, in epoch milliseconds (the events' clock)."""
+    sent_at: dict[str, float] = {}
 
     async def submit(task_id: str) -> None:
-        async with in_flight:
-            submitted[task_id] = time.time() * 1000
-            response = await fc.invoke_async(name, b"{}", task_id=task_id)
-        assert response.status_code == 202, response.text
+        sent_at[task_id] = time.time() * 1000
+        await load.submit(name, task_id)
 
     pending = []
     t0 = time.perf_counter()
-    for i in range(n):
+    for i, task_id in enumerate(ids):
         delay = t0 + i / rate - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)  # pacing the load generator, not synchronization
-        pending.append(asyncio.create_task(submit(f"lat{i:05d}")))
+        pending.append(asyncio.create_task(submit(task_id)))
     await asyncio.gather(*pending)
-    to_running, to_succeeded = [], []
-    for task_id, at_ms in submitted.items():
-        task = await fc.wait_for(name, task_id, {"Succeeded"}, deadline_s=60)
-        events = {e["status"]: e["timestamp"] for e in task["events"]}
-        to_running.append(events["Running"] - at_ms)
-        to_succeeded.append(events["Succeeded"] - at_ms)
-    get_ms = []
-    for task_id in list(submitted)[:500]:
-        started = time.perf_counter()
-        await fc.get_task(name, task_id)
-        get_ms.append((time.perf_counter() - started) * 1000)
+    return sent_at
+
+
+async def paced_phase(fc: FcClient, base_url: str, n: int, rate: float, *, name: str = "bench_latency",
+                      warm_s: float = 0.0) -> dict[str, list[float]]:
+    """Submit `n` tasks at `rate` per second, then read each task's timeline: submit -> Running
+    and submit -> Succeeded. Instances are warm first, as the goals state: one task, or with
+    `warm_s`, that many seconds of tasks at `rate` (as many instances as the rate keeps busy)."""
+    await fc.create_function(name, code={"index.py": NOOP})
+    async with load_client(base_url) as load:
+        warm = [f"warm{i:05d}" for i in range(max(1, int(warm_s * rate)))]
+        await submit_paced(load, name, warm, rate)
+        for task_id in warm:
+            await wait_succeeded(load, name, task_id)
+        sent_at = await submit_paced(load, name, [f"lat{i:05d}" for i in range(n)], rate)
+        to_running, to_succeeded = [], []
+        for task_id, at_ms in sent_at.items():
+            task = await wait_succeeded(load, name, task_id)
+            events = {e["status"]: e["timestamp"] for e in task["events"]}
+            to_running.append(events["Running"] - at_ms)
+            to_succeeded.append(events["Succeeded"] - at_ms)
+        get_ms = []
+        for task_id in list(sent_at)[:500]:
+            started = time.perf_counter()
+            await load.get_task(name, task_id)
+            get_ms.append((time.perf_counter() - started) * 1000)
     return {"to_running": to_running, "to_succeeded": to_succeeded, "get": get_ms}
 
 
-async def projection_lag_phase(fc: FcClient, n: int, *, name: str = "bench_lag") -> list[float]:
+async def projection_lag_phase(fc: FcClient, base_url: str, n: int, *, name: str = "bench_lag") -> list[float]:
     """On an idle system: once GetAsyncTask shows a task Succeeded, how long until
     ListAsyncTasks (the read model) does too. One task at a time."""
     await fc.create_function(name, code={"index.py": NOOP})
     lags = []
-    for i in range(n):
-        task_id = f"lag{i:04d}"
-        await fc.invoke_async(name, b"{}", task_id=task_id)
-        await fc.wait_for(name, task_id, {"Succeeded"}, deadline_s=60, interval_s=0.001)
-        seen_by_get = time.perf_counter()
-        while True:
-            page = (await fc.list_tasks(name, prefix=task_id, status="Succeeded")).json()
-            if page["tasks"]:
-                break
-            await asyncio.sleep(0.001)  # polling the read model, not synchronization
-        lags.append((time.perf_counter() - seen_by_get) * 1000)
+    async with load_client(base_url, connections=1) as load:
+        for i in range(n):
+            task_id = f"lag{i:04d}"
+            await load.submit(name, task_id)
+            await wait_succeeded(load, name, task_id, interval_s=0.001)
+            seen_by_get = time.perf_counter()
+            while not (await load.list_page(name, prefix=task_id, status="Succeeded"))["tasks"]:
+                await asyncio.sleep(0.001)  # polling the read model, not synchronization
+            lags.append((time.perf_counter() - seen_by_get) * 1000)
     return lags
 
 
@@ -215,9 +227,9 @@ async def main() -> None:
         try:
             baseline = await jetstream_baseline(stack.nats_url, args.tasks, credentials=stack.nats_credentials("admin"))
             tp = await throughput_phase(fc, base, args.tasks)
-            lat = await paced_phase(fc, args.paced, args.rate)
-            fast = await paced_phase(fc, args.paced * 5, args.fast_rate, name="bench_latency_fast")
-            lag = await projection_lag_phase(fc, args.lag_samples)
+            lat = await paced_phase(fc, base, args.paced, args.rate)
+            fast = await paced_phase(fc, base, args.paced * 5, args.fast_rate, name="bench_latency_fast", warm_s=2.0)
+            lag = await projection_lag_phase(fc, base, args.lag_samples)
             memory = rss_mb(stack)
         finally:
             await fc.close()

@@ -86,7 +86,7 @@ async def main() -> None:
             }
             ids = [f"p{i:06d}" for i in range(args.tasks)]
             await full.submit_many(base, "prof", ids, concurrency=32)
-            await full.wait_all_succeeded(fc, "prof", ["warm-up", *ids])
+            await full.wait_all_succeeded(base, "prof", ["warm-up", *ids])
             for sampler in samplers.values():
                 sampler.send_signal(2)  # SIGINT: py-spy writes its output and exits
             for sampler in samplers.values():

@@ -40,9 +40,11 @@ async def measure(*, compressed: bool, tasks: int, payload_bytes: int) -> tuple[
             for i in range(tasks):
                 at = now_ms()
                 enqueued = TaskEnqueued(task_id=f"task-{uuid.uuid4().hex}", function="orders", version=1, at_ms=at,
-                                        payload=payload, request_id=str(uuid.uuid4()), due_at_ms=at, dispatched=True)
-                processed = follow(StoredEvent(0, enqueued), TaskProcessed, submission=TaskProcessed.carrying(enqueued))
-                seq = await events.append_together(enqueued, processed, expected_seq=0)
+                                        payload=payload, request_id=str(uuid.uuid4()), due_at_ms=at)
+                seq = await events.append(enqueued, expected_seq=0)
+                processed = follow(StoredEvent(seq, enqueued), TaskProcessed,
+                                   submission=TaskProcessed.carrying(enqueued))
+                seq = await events.append(processed, expected_seq=seq)
                 started = follow(StoredEvent(seq, processed), TaskStarted, instance_id=f"orders-{i % 4:08x}")
                 seq = await events.append(started, expected_seq=seq)
                 done = follow(StoredEvent(seq, started), TaskSucceeded, result=b'{"ok": true}', instance_id=started.instance_id)
