@@ -1,7 +1,7 @@
 """Where each service spends its CPU on the hot path: py-spy samples of every process under load.
 
 Starts a stack, submits N no-op tasks over signed HTTP, and samples the gateway, scheduler,
-executor and projection with py-spy while they work. Prints, per service, the share of samples
+executor, projection and the embedded MongoDB-wire server with py-spy while they work. Prints, per service, the share of samples
 by the innermost frame of our code, library or the interpreter (a flat profile), and writes
 the raw collapsed stacks to --out for flame graphs. Run: `python -m bench.profile_stack`.
 """
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import bench.full_stack as full
 
-SERVICES = ("gateway", "scheduler", "executor", "projection")
+# The embedded MongoDB-wire server (nx-27017) is a Python process too, and among the costliest.
+SAMPLED = ("gateway", "scheduler", "executor", "projection", "mongo")
 
 
 def flat_profile(collapsed: Path, *, top: int) -> list[tuple[str, float]]:
@@ -77,12 +78,13 @@ async def main() -> None:
         try:
             await fc.create_function("prof", code={"index.py": full.NOOP})
             await full.submit_many(base, "prof", ["warm-up"], concurrency=1)
+            children = {**{child.name: child for child in stack.infra}, **stack.services}
             samplers = {
                 name: subprocess.Popen(
-                    [py_spy, "record", "--pid", str(stack.services[name].process.pid), "--rate", "200",
+                    [py_spy, "record", "--pid", str(children[name].process.pid), "--rate", "200",
                      "--format", "raw", "--output", str(args.out / f"{name}.txt"), "--nonblocking"],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                for name in SERVICES
+                for name in SAMPLED
             }
             ids = [f"p{i:06d}" for i in range(args.tasks)]
             await full.submit_many(base, "prof", ids, concurrency=32)
@@ -94,7 +96,7 @@ async def main() -> None:
         finally:
             await fc.close()
             stack.stop()
-    for name in SERVICES:
+    for name in SAMPLED:
         collapsed = args.out / f"{name}.txt"
         if not collapsed.exists():
             print(f"\n== {name}: no samples (py-spy needs ptrace permission)")
